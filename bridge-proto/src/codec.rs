@@ -1,0 +1,200 @@
+//! MessagePack encoding and decoding of bridge messages.
+//!
+//! A message is one MessagePack map: `v` (the protocol version), `kind` (the
+//! message name in snake_case), then the fields of that kind in the order of
+//! the structs in [`crate::messages`]. Decoding reads `v` and `kind` first, so
+//! a peer speaking another version gets a version error rather than a
+//! confusing field error, and then decodes the body of that kind.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{error::DecodeError, messages::*, PROTOCOL_VERSION};
+
+#[derive(Serialize)]
+struct Wire<'a, B: Serialize> {
+    v: u8,
+    kind: &'a str,
+    #[serde(flatten)]
+    body: &'a B,
+}
+
+/// An empty body, for messages with no fields.
+#[derive(Serialize, Deserialize)]
+struct Empty {}
+
+#[derive(Deserialize)]
+struct Header {
+    v: u64,
+    kind: String,
+}
+
+fn encode<B: Serialize>(kind: &str, body: &B) -> Vec<u8> {
+    let wire = Wire {
+        v: PROTOCOL_VERSION,
+        kind,
+        body,
+    };
+    // Invariant: every message type is a struct of maps, strings, numbers,
+    // booleans, byte strings and JSON values with string keys, all of which
+    // rmp-serde can encode into a Vec (which cannot fail to grow).
+    rmp_serde::to_vec_named(&wire).expect("bridge messages are always encodable")
+}
+
+fn header(bytes: &[u8]) -> Result<Header, DecodeError> {
+    let header: Header =
+        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
+    if header.v != u64::from(PROTOCOL_VERSION) {
+        return Err(DecodeError::Version {
+            found: header.v,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    Ok(header)
+}
+
+fn body<B: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<B, DecodeError> {
+    rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Body {
+        kind: kind.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Encodes a router → worker message.
+pub fn encode_to_worker(msg: &ToWorker) -> Vec<u8> {
+    match msg {
+        ToWorker::Welcome(b) => encode("welcome", b),
+        ToWorker::Goodbye(b) => encode("goodbye", b),
+        ToWorker::Heartbeat => encode("heartbeat", &Empty {}),
+        ToWorker::Request(b) => encode("request", b),
+        ToWorker::Event(b) => encode("event", b),
+        ToWorker::Binary(b) => encode("binary", b),
+        ToWorker::Raw(b) => encode("raw", b),
+        ToWorker::Connect(b) => encode("connect", b),
+        ToWorker::Disconnect(b) => encode("disconnect", b),
+        ToWorker::Cancel(b) => encode("cancel", b),
+    }
+}
+
+/// Decodes a router → worker message.
+pub fn decode_to_worker(bytes: &[u8]) -> Result<ToWorker, DecodeError> {
+    let h = header(bytes)?;
+    let k = h.kind.as_str();
+    Ok(match k {
+        "welcome" => ToWorker::Welcome(body(k, bytes)?),
+        "goodbye" => ToWorker::Goodbye(body(k, bytes)?),
+        "heartbeat" => ToWorker::Heartbeat,
+        "request" => ToWorker::Request(body(k, bytes)?),
+        "event" => ToWorker::Event(body(k, bytes)?),
+        "binary" => ToWorker::Binary(body(k, bytes)?),
+        "raw" => ToWorker::Raw(body(k, bytes)?),
+        "connect" => ToWorker::Connect(body(k, bytes)?),
+        "disconnect" => ToWorker::Disconnect(body(k, bytes)?),
+        "cancel" => ToWorker::Cancel(body(k, bytes)?),
+        _ => return Err(DecodeError::UnknownKind { kind: h.kind }),
+    })
+}
+
+/// Encodes a worker → router message.
+pub fn encode_from_worker(msg: &FromWorker) -> Vec<u8> {
+    match msg {
+        FromWorker::Hello(b) => encode("hello", b),
+        FromWorker::Heartbeat => encode("heartbeat", &Empty {}),
+        FromWorker::Reply(b) => encode("reply", b),
+        FromWorker::Error(b) => encode("error", b),
+        FromWorker::Push(b) => encode("push", b),
+        FromWorker::PushBinary(b) => encode("push_binary", b),
+        FromWorker::Raw(b) => encode("raw", b),
+        FromWorker::Close(b) => encode("close", b),
+        FromWorker::Subscribe(b) => encode("subscribe", b),
+        FromWorker::Unsubscribe(b) => encode("unsubscribe", b),
+        FromWorker::Publish(b) => encode("publish", b),
+        FromWorker::Bye(b) => encode("bye", b),
+    }
+}
+
+/// Decodes a worker → router message.
+pub fn decode_from_worker(bytes: &[u8]) -> Result<FromWorker, DecodeError> {
+    let h = header(bytes)?;
+    let k = h.kind.as_str();
+    Ok(match k {
+        "hello" => FromWorker::Hello(body(k, bytes)?),
+        "heartbeat" => FromWorker::Heartbeat,
+        "reply" => FromWorker::Reply(body(k, bytes)?),
+        "error" => FromWorker::Error(body(k, bytes)?),
+        "push" => FromWorker::Push(body(k, bytes)?),
+        "push_binary" => FromWorker::PushBinary(body(k, bytes)?),
+        "raw" => FromWorker::Raw(body(k, bytes)?),
+        "close" => FromWorker::Close(body(k, bytes)?),
+        "subscribe" => FromWorker::Subscribe(body(k, bytes)?),
+        "unsubscribe" => FromWorker::Unsubscribe(body(k, bytes)?),
+        "publish" => FromWorker::Publish(body(k, bytes)?),
+        "bye" => FromWorker::Bye(body(k, bytes)?),
+        _ => return Err(DecodeError::UnknownKind { kind: h.kind }),
+    })
+}
+
+/// Encodes the payload frame of a publication (the topic is the frame before it).
+pub fn encode_publication(p: &Publication) -> Vec<u8> {
+    encode("publication", p)
+}
+
+/// Decodes the payload frame of a publication.
+pub fn decode_publication(bytes: &[u8]) -> Result<Publication, DecodeError> {
+    let h = header(bytes)?;
+    if h.kind != "publication" {
+        return Err(DecodeError::UnknownKind { kind: h.kind });
+    }
+    body("publication", bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn heartbeat_is_a_two_entry_map() {
+        let bytes = encode_to_worker(&ToWorker::Heartbeat);
+        // fixmap(2) "v" 1 "kind" "heartbeat"
+        let mut expected = vec![0x82, 0xa1, b'v', 0x01, 0xa4];
+        expected.extend_from_slice(b"kind");
+        expected.push(0xa9);
+        expected.extend_from_slice(b"heartbeat");
+        assert_eq!(bytes, expected);
+        assert_eq!(decode_to_worker(&bytes).unwrap(), ToWorker::Heartbeat);
+    }
+
+    #[test]
+    fn wrong_version_is_named() {
+        let bytes = rmp_serde::to_vec_named(&json!({"v": 2, "kind": "heartbeat"})).unwrap();
+        let err = decode_from_worker(&bytes).unwrap_err();
+        assert!(matches!(err, DecodeError::Version { found: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_kind_and_bad_field_are_named() {
+        let bytes = rmp_serde::to_vec_named(&json!({"v": 1, "kind": "nope"})).unwrap();
+        assert!(matches!(
+            decode_from_worker(&bytes),
+            Err(DecodeError::UnknownKind { .. })
+        ));
+        let bytes =
+            rmp_serde::to_vec_named(&json!({"v": 1, "kind": "reply", "cid": 5})).unwrap();
+        let err = decode_from_worker(&bytes).unwrap_err().to_string();
+        assert!(err.contains("reply"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let bytes = rmp_serde::to_vec_named(&json!({
+            "v": 1, "kind": "bye", "reason": "stop", "future_field": [1, 2]
+        }))
+        .unwrap();
+        assert_eq!(
+            decode_from_worker(&bytes).unwrap(),
+            FromWorker::Bye(Bye {
+                reason: "stop".into()
+            })
+        );
+    }
+}

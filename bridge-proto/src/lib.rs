@@ -1,0 +1,35 @@
+//! # bridge-proto: the wire protocol between the router and its workers
+//!
+//! Data and codec only: no sockets, no runtime, no behaviour. Both sides of the
+//! bridge (the router, the Rust worker SDK) and the test suites use these types;
+//! the Python SDK implements the same bytes from `PROTOCOL.md` and is checked
+//! against the golden vectors in `vectors/`.
+//!
+//! # Layout
+//! - [`messages`]: every message the router sends to a worker ([`ToWorker`]) and
+//!   every message a worker sends to the router ([`FromWorker`]), plus the
+//!   payload of a topic publication ([`Publication`]).
+//! - [`codec`]: MessagePack encoding and decoding of those messages, with the
+//!   protocol version checked on every decode.
+//! - [`error`]: [`DecodeError`], which names the message kind and field at fault.
+//! - [`codes`]: the stable error codes shared with the client protocol.
+//!
+//! Socket topology (see `PROTOCOL.md` for the byte-level details): the router
+//! binds a ZeroMQ ROUTER socket that workers connect DEALER sockets to, and a
+//! SUB socket that publishers connect PUB sockets to. Every bridge message is a
+//! single ZeroMQ frame holding one MessagePack map.
+
+pub mod codec;
+pub mod codes;
+pub mod error;
+pub mod messages;
+
+pub use codec::{
+    decode_from_worker, decode_publication, decode_to_worker, encode_from_worker,
+    encode_publication, encode_to_worker,
+};
+pub use error::DecodeError;
+pub use messages::*;
+
+/// The protocol version carried in the `v` field of every message.
+pub const PROTOCOL_VERSION: u8 = 1;
