@@ -1,1 +1,35 @@
-//! placeholder
+//! # router: the unified WebSocket router
+//!
+//! Terminates every client WebSocket, matches it to a route of the routes
+//! file, and bridges its messages to workers over ZeroMQ (request/reply with
+//! correlation ids and streamed replies; pub/sub for topic pushes).
+//!
+//! # Layout
+//! - [`settings`]: process settings (CLI flags and environment variables).
+//! - [`config`] and [`routes`]: the routes file (schema, validation) and the
+//!   resolved route table with path matching.
+//! - [`http`]: the HTTP side: health, readiness, discovery, upgrades, refusals.
+//! - [`session`]: one WebSocket session, from welcome to close.
+//! - [`client`]: the client protocol's JSON frames (the public API).
+//! - [`hub`]: live connections, their bounded outbound queues, topics.
+//! - [`broker`]: worker registry, load balancing, credits, deadlines: the
+//!   fate of every request. Pure state, driven by the bridge.
+//! - [`bridge`]: the only module that touches ZeroMQ sockets.
+//! - [`server`]: wiring and the shutdown sequence; [`state`]: shared state.
+//! - [`ids`]: correlation and session ids.
+//!
+//! The binary (`src/main.rs`) only parses settings, sets up logging, loads
+//! the routes, binds the listener and calls [`server::run`].
+
+pub mod bridge;
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod ids;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod settings;
+pub mod state;

@@ -1,0 +1,256 @@
+//! The bridge task: the only code in the router that touches ZeroMQ sockets.
+//!
+//! It binds the ROUTER socket that workers connect to and the SUB socket that
+//! publishers connect to, and runs one owner loop that feeds a [`Broker`] with
+//! session commands, decoded worker frames, heartbeat ticks and deadline
+//! expiries. Sessions talk to it over a bounded channel ([`BridgeHandle`]).
+//! Undecodable frames are logged with their peer and reason and dropped;
+//! they never stop the loop.
+
+use std::{sync::Arc, time::Duration};
+
+use bridge_proto::{decode_from_worker, decode_publication, encode_to_worker, ToWorker};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+use zeromq::{RouterRecvHalf, RouterSendHalf, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::{
+    broker::{Broker, BrokerConfig, Command, Outbox, PeerId, Snapshot},
+    hub::Hub,
+};
+
+/// Commands that may queue up before sessions see `overloaded`.
+const COMMAND_QUEUE: usize = 8192;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("cannot bind the bridge ROUTER socket at {endpoint}: {source}")]
+    BindRouter {
+        endpoint: String,
+        source: zeromq::ZmqError,
+    },
+    #[error("cannot bind the publication SUB socket at {endpoint}: {source}")]
+    BindSub {
+        endpoint: String,
+        source: zeromq::ZmqError,
+    },
+}
+
+/// The sessions' side of the bridge.
+#[derive(Debug, Clone)]
+pub struct BridgeHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The bridge is saturated or gone.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the bridge is not accepting commands")]
+pub struct Busy;
+
+impl BridgeHandle {
+    /// Queues a command without waiting.
+    pub fn try_send(&self, cmd: Command) -> Result<(), Busy> {
+        self.tx.try_send(cmd).map_err(|_| Busy)
+    }
+
+    /// Queues a command that must not be lost (disconnects), waiting for room.
+    pub async fn send(&self, cmd: Command) {
+        let _ = self.tx.send(cmd).await;
+    }
+
+    /// Live workers, for `/routes`.
+    pub async fn snapshot(&self) -> Snapshot {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Snapshot(tx)).await.is_err() {
+            return Snapshot::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// Resolved endpoints, as bound (port 0 replaced by the real port).
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub bridge: String,
+    pub publish: String,
+}
+
+pub struct BridgeConfig {
+    pub bridge_endpoint: String,
+    pub publish_endpoint: String,
+    pub broker: BrokerConfig,
+}
+
+/// Binds both sockets and spawns the bridge tasks on `tracker`. They stop
+/// when `stop` is cancelled (after telling the workers goodbye).
+pub async fn start(
+    cfg: BridgeConfig,
+    hub: Arc<Hub>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<(BridgeHandle, Endpoints), BridgeError> {
+    let mut router = zeromq::RouterSocket::new();
+    let bridge = router
+        .bind(&cfg.bridge_endpoint)
+        .await
+        .map_err(|source| BridgeError::BindRouter {
+            endpoint: cfg.bridge_endpoint.clone(),
+            source,
+        })?
+        .to_string();
+    let mut sub = zeromq::SubSocket::new();
+    let publish = sub
+        .bind(&cfg.publish_endpoint)
+        .await
+        .map_err(|source| BridgeError::BindSub {
+            endpoint: cfg.publish_endpoint.clone(),
+            source,
+        })?
+        .to_string();
+    sub.subscribe("")
+        .await
+        .map_err(|source| BridgeError::BindSub {
+            endpoint: cfg.publish_endpoint.clone(),
+            source,
+        })?;
+
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (send_half, recv_half) = router.split();
+    let heartbeat = cfg.broker.heartbeat;
+    let broker = Broker::new(cfg.broker, hub.clone());
+    tracker.spawn(owner_loop(
+        broker,
+        send_half,
+        recv_half,
+        rx,
+        heartbeat,
+        stop.clone(),
+    ));
+    tracker.spawn(publication_loop(sub, hub, stop));
+    Ok((BridgeHandle { tx }, Endpoints { bridge, publish }))
+}
+
+/// Sends to workers through the ROUTER socket. The zeromq crate queues up
+/// to 100k messages per peer, so `send` only waits on a stuck peer after
+/// that many; credits bound the requests, and heartbeats declare a stuck
+/// worker dead long before.
+struct ZmqOutbox {
+    out: Vec<(PeerId, ToWorker)>,
+}
+
+impl Outbox for ZmqOutbox {
+    fn send(&mut self, peer: &PeerId, msg: ToWorker) {
+        self.out.push((peer.clone(), msg));
+    }
+}
+
+async fn flush(outbox: &mut ZmqOutbox, socket: &mut RouterSendHalf) {
+    for (peer, msg) in outbox.out.drain(..) {
+        let mut frame = ZmqMessage::from(Bytes::from(encode_to_worker(&msg)));
+        frame.push_front(peer);
+        if let Err(e) = socket.send(frame).await {
+            // The peer's connection is gone; the broker will notice its
+            // silence and declare it dead.
+            debug!(error = %e, "send to worker failed");
+        }
+    }
+}
+
+async fn owner_loop(
+    mut broker: Broker,
+    mut send: RouterSendHalf,
+    mut recv: RouterRecvHalf,
+    mut commands: mpsc::Receiver<Command>,
+    heartbeat: Duration,
+    stop: CancellationToken,
+) {
+    let mut outbox = ZmqOutbox { out: Vec::new() };
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(cmd) = commands.recv() => {
+                broker.on_command(cmd, &mut outbox);
+                // Take whatever else is queued before flushing, in one batch.
+                while let Ok(cmd) = commands.try_recv() {
+                    broker.on_command(cmd, &mut outbox);
+                    if outbox.out.len() >= 256 { break; }
+                }
+            }
+            msg = recv.recv() => match msg {
+                Ok(msg) => on_frame(&mut broker, msg, &mut outbox),
+                Err(e) => {
+                    warn!(error = %e, "bridge receive failed");
+                }
+            },
+            Some(expired) = broker.deadlines.next() => {
+                let cid = expired.into_inner();
+                broker.on_deadline(cid, &mut outbox);
+            }
+            _ = ticker.tick() => broker.on_tick(&mut outbox),
+        }
+        flush(&mut outbox, &mut send).await;
+    }
+    broker.goodbye_all(&mut outbox);
+    flush(&mut outbox, &mut send).await;
+    info!("bridge stopped");
+}
+
+fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) {
+    let mut frames = msg.into_vecdeque();
+    let Some(peer) = frames.pop_front() else {
+        return;
+    };
+    // Exactly one payload frame per message (PROTOCOL.md).
+    if frames.len() != 1 {
+        warn!(peer = ?peer, frames = frames.len(), "bridge message with other than one payload frame: dropped");
+        return;
+    }
+    let payload = &frames[0];
+    match decode_from_worker(payload) {
+        Ok(m) => broker.on_worker_message(peer, m, outbox),
+        Err(e) => {
+            warn!(peer = ?peer, bytes = payload.len(), error = %e, "undecodable bridge message: dropped")
+        }
+    }
+}
+
+async fn publication_loop(mut sub: zeromq::SubSocket, hub: Arc<Hub>, stop: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = sub.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "publication receive failed");
+                continue;
+            }
+        };
+        let frames = msg.into_vec();
+        if frames.len() != 2 {
+            warn!(
+                frames = frames.len(),
+                "publication must be [topic, payload]: dropped"
+            );
+            continue;
+        }
+        let Ok(topic) = std::str::from_utf8(&frames[0]) else {
+            warn!("publication topic is not UTF-8: dropped");
+            continue;
+        };
+        match decode_publication(&frames[1]) {
+            Ok(p) => {
+                let n = hub.publish(topic, &p.msg_type, p.data);
+                debug!(topic, subscribers = n, "publication delivered");
+            }
+            Err(e) => warn!(topic, error = %e, "undecodable publication: dropped"),
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The client protocol (SPEC §3): JSON frames between browsers and the router.
+//!
+//! Inbound: `{"type": "...", "id": <optional string|number>, "data": <any>}`.
+//! Outbound: replies, errors, pushes and router frames, all built here so the
+//! shape of the public API lives in one place. `seq` is filled in by the
+//! session writer, the only place that knows the send order.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A well-formed client message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientMessage {
+    pub msg_type: String,
+    /// Present for requests (which get replies), absent for fire-and-forget.
+    pub id: Option<Value>,
+    pub data: Value,
+}
+
+/// Why a text frame is not a valid client message. Carries the `id` when
+/// one could be read, so the client can match the error to its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRequest {
+    pub id: Option<Value>,
+    pub message: String,
+}
+
+/// Longest accepted `type` and string `id`, in bytes: these end up in logs,
+/// metrics labels and every reply frame.
+const MAX_TYPE_LEN: usize = 128;
+const MAX_ID_LEN: usize = 256;
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Result<ClientMessage, BadRequest> {
+    let value: Value = serde_json::from_str(text).map_err(|e| BadRequest {
+        id: None,
+        message: format!("malformed JSON: {e}"),
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(BadRequest {
+            id: None,
+            message: "a message must be a JSON object with a \"type\" field".into(),
+        });
+    };
+    let id = take_id(&mut obj)?;
+    let msg_type = match obj.remove("type") {
+        Some(Value::String(t)) if !t.is_empty() && t.len() <= MAX_TYPE_LEN => t,
+        Some(Value::String(t)) if t.is_empty() => {
+            return Err(bad(id, "\"type\" must not be empty"));
+        }
+        Some(Value::String(_)) => {
+            return Err(bad(
+                id,
+                &format!("\"type\" is longer than {MAX_TYPE_LEN} bytes"),
+            ))
+        }
+        Some(_) => return Err(bad(id, "\"type\" must be a string")),
+        None => return Err(bad(id, "missing \"type\" field")),
+    };
+    let data = obj.remove("data").unwrap_or(Value::Null);
+    Ok(ClientMessage { msg_type, id, data })
+}
+
+fn take_id(obj: &mut Map<String, Value>) -> Result<Option<Value>, BadRequest> {
+    match obj.remove("id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_ID_LEN => Ok(Some(Value::String(s))),
+        Some(Value::String(_)) => Err(bad(
+            None,
+            &format!("\"id\" is longer than {MAX_ID_LEN} bytes"),
+        )),
+        Some(Value::Number(n)) => Ok(Some(Value::Number(n))),
+        Some(_) => Err(bad(None, "\"id\" must be a string or a number")),
+    }
+}
+
+fn bad(id: Option<Value>, message: &str) -> BadRequest {
+    BadRequest {
+        id,
+        message: message.to_owned(),
+    }
+}
+
+/// The `error` object of an error frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// One JSON frame to a client.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutFrame {
+    #[serde(rename = "type")]
+    pub msg_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub done: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// Per-connection sequence number, set by the session writer.
+    pub seq: u64,
+}
+
+impl OutFrame {
+    fn new(msg_type: impl Into<String>) -> Self {
+        Self {
+            msg_type: msg_type.into(),
+            id: None,
+            correlation_id: None,
+            topic: None,
+            data: None,
+            done: None,
+            error: None,
+            seq: 0,
+        }
+    }
+
+    /// A (partial or final) reply to a request.
+    pub fn reply(
+        msg_type: impl Into<String>,
+        id: Option<Value>,
+        cid: Option<&str>,
+        data: Value,
+        done: bool,
+    ) -> Self {
+        Self {
+            id,
+            correlation_id: cid.map(str::to_owned),
+            data: Some(data),
+            done: Some(done),
+            ..Self::new(msg_type)
+        }
+    }
+
+    /// A terminal error frame.
+    pub fn error(
+        id: Option<Value>,
+        cid: Option<&str>,
+        code: &str,
+        message: impl Into<String>,
+        retry_after_ms: Option<u64>,
+    ) -> Self {
+        Self {
+            id,
+            correlation_id: cid.map(str::to_owned),
+            done: Some(true),
+            error: Some(ErrorBody {
+                code: code.to_owned(),
+                message: message.into(),
+                retry_after_ms,
+            }),
+            ..Self::new("error")
+        }
+    }
+
+    /// An unsolicited message (worker push or topic publication).
+    pub fn push(msg_type: impl Into<String>, topic: Option<String>, data: Value) -> Self {
+        Self {
+            topic,
+            data: Some(data),
+            ..Self::new(msg_type)
+        }
+    }
+
+    /// Serializes the frame with its sequence number.
+    pub fn to_json(&mut self, seq: u64) -> String {
+        self.seq = seq;
+        // Invariant: the frame holds only strings, numbers, booleans and JSON
+        // values, which serde_json always serializes.
+        serde_json::to_string(self).expect("client frames are always serializable")
+    }
+}
+
+/// What a session sends to its client; queued on the connection's bounded
+/// outbound channel by the session itself, the bridge and publications.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Frame(Box<OutFrame>),
+    Binary(Bytes),
+    /// A frame of a raw route, passed unchanged.
+    Raw {
+        binary: bool,
+        payload: Bytes,
+    },
+    /// Close the connection with this code and reason.
+    Close {
+        code: u16,
+        reason: String,
+    },
+}
+
+impl From<OutFrame> for Outbound {
+    fn from(f: OutFrame) -> Self {
+        Outbound::Frame(Box::new(f))
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parse_table() {
+        let ok = parse(r#"{"type":"echo","id":"1","data":{"a":1}}"#).unwrap();
+        assert_eq!(ok.msg_type, "echo");
+        assert_eq!(ok.id, Some(json!("1")));
+        assert_eq!(ok.data, json!({"a":1}));
+        let ff = parse(r#"{"type":"note"}"#).unwrap();
+        assert_eq!((ff.id, ff.data), (None, Value::Null));
+        assert_eq!(parse(r#"{"type":"x","id":7}"#).unwrap().id, Some(json!(7)));
+
+        for (input, want_id, fragment) in [
+            ("not json", None, "malformed JSON"),
+            ("[1,2]", None, "JSON object"),
+            (r#"{"id":"9"}"#, Some(json!("9")), "missing \"type\""),
+            (
+                r#"{"type":5,"id":"9"}"#,
+                Some(json!("9")),
+                "must be a string",
+            ),
+            (r#"{"type":""}"#, None, "must not be empty"),
+            (r#"{"type":"x","id":{}}"#, None, "\"id\" must be"),
+        ] {
+            let err = parse(input).unwrap_err();
+            assert_eq!(err.id, want_id, "{input}");
+            assert!(err.message.contains(fragment), "{input}: {}", err.message);
+        }
+        let long = format!(r#"{{"type":"{}"}}"#, "t".repeat(MAX_TYPE_LEN + 1));
+        assert!(parse(&long).is_err());
+    }
+
+    #[test]
+    fn frames_serialize_to_the_documented_shape() {
+        let mut reply = OutFrame::reply("echo", Some(json!("1")), Some("C1"), json!({"x":1}), true);
+        let v: Value = serde_json::from_str(&reply.to_json(4)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"echo","id":"1","correlation_id":"C1","data":{"x":1},"done":true,"seq":4})
+        );
+        let mut err = OutFrame::error(None, None, "bad_request", "nope", Some(10));
+        let v: Value = serde_json::from_str(&err.to_json(0)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"error","done":true,"seq":0,
+                   "error":{"code":"bad_request","message":"nope","retry_after_ms":10}})
+        );
+        let mut push = OutFrame::push("news", Some("room:1".into()), json!(null));
+        let v: Value = serde_json::from_str(&push.to_json(2)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"news","topic":"room:1","data":null,"seq":2})
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! The HTTP side of port 8001: health, readiness, discovery, and the
+//! WebSocket upgrade of every route. Refusals answer with a JSON body that
+//! says exactly why, and are logged the same way.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::{
+        ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade},
+        ConnectInfo, State,
+    },
+    http::{HeaderMap, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use bridge_proto as proto;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::{
+    ids::ConnId,
+    session::{self, SessionStart},
+    state::AppState,
+};
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/routes", get(routes))
+        .fallback(upgrade)
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    if app.is_ready() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else if app.draining.is_cancelled() {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the router is shutting down",
+            json!({}),
+        )
+    } else {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            "the router is starting",
+            json!({}),
+        )
+    }
+}
+
+async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let table = app.route_table();
+    let snapshot = app.bridge.snapshot().await;
+    let routes: Vec<_> = table
+        .routes()
+        .iter()
+        .map(|r| {
+            let workers: Vec<_> = snapshot
+                .workers
+                .iter()
+                .filter(|w| w.services.iter().any(|s| s == &r.service))
+                .map(|w| json!({ "id": w.id, "in_flight": w.in_flight, "capacity": w.capacity, "draining": w.draining, "sdk": w.sdk }))
+                .collect();
+            json!({
+                "path": r.path,
+                "service": r.service,
+                "description": r.description,
+                "capabilities": r.capabilities,
+                "raw": r.raw,
+                "binary": r.binary,
+                "affinity": r.affinity,
+                "request_timeout_ms": r.request_timeout.as_millis() as u64,
+                "max_message_bytes": r.max_message_bytes,
+                "max_in_flight": r.max_in_flight,
+                "live_workers": workers.iter().filter(|w| w["draining"] == false).count(),
+                "workers": workers,
+            })
+        })
+        .collect();
+    Json(json!({ "routes": routes, "connections": app.hub.len() }))
+}
+
+/// A refusal: status, stable error code, human message, extra fields.
+fn refuse(status: StatusCode, code: &str, message: &str, extra: serde_json::Value) -> Response {
+    let mut body = json!({ "error": code, "message": message });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    (status, Json(body)).into_response()
+}
+
+async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let path = uri.path();
+    let table = app.route_table();
+    let Some(found) = table.find(path) else {
+        let hint = table.did_you_mean(path);
+        warn!(%remote, path, did_you_mean = ?hint, "refused: unknown route");
+        let message = match &hint {
+            Some(h) => format!("no route serves {path}; did you mean {h}?"),
+            None => format!("no route serves {path}"),
+        };
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "unknown_route",
+            &message,
+            json!({ "path": path, "did_you_mean": hint }),
+        );
+    };
+    if app.draining.is_cancelled() {
+        warn!(%remote, path, "refused: draining");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the router is shutting down",
+            json!({ "path": path }),
+        );
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            let why = rejection.body_text();
+            warn!(%remote, path, reason = %why, "refused: not a WebSocket upgrade");
+            return refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "websocket_required",
+                &format!("{path} is a WebSocket route: {why}"),
+                json!({ "path": path }),
+            );
+        }
+    };
+    let route = found.route;
+    let conn = ConnId::new();
+    let connect = proto::Connect {
+        conn: conn.0.clone(),
+        route: route.path.clone(),
+        service: route.service.clone(),
+        path: path.to_owned(),
+        params: found.params,
+        query: parse_query(uri.query()),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        remote: remote.to_string(),
+        claims: None,
+    };
+    let limit = route.max_message_bytes;
+    let sessions = app.sessions.clone();
+    let start = SessionStart {
+        conn,
+        route,
+        connect,
+    };
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_failed_upgrade(move |e| info!(%remote, error = %e, "upgrade failed"))
+        .on_upgrade(move |socket| sessions.track_future(session::run(socket, app, start)))
+}
+
+/// Query parameters, last value wins; undecodable pairs are kept verbatim.
+fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(k), percent_decode(v));
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        let q = parse_query(Some(
+            "token=a%20b&x=1&x=2&flag&sp=a+b&bad=%zz&tail=%4&u=%C3%A9%",
+        ));
+        assert_eq!(q["token"], "a b");
+        assert_eq!(q["x"], "2");
+        assert_eq!(q["flag"], "");
+        assert_eq!(q["sp"], "a b");
+        assert_eq!(q["bad"], "%zz");
+        assert_eq!(q["tail"], "%4");
+        assert_eq!(q["u"], "é%");
+        assert!(parse_query(None).is_empty());
+    }
+}

@@ -1,0 +1,316 @@
+//! The hub: every live connection and every topic subscription.
+//!
+//! Sessions register here; the bridge and the publication listener deliver
+//! to connections through it. Delivery never blocks: each connection has a
+//! bounded outbound queue, and a connection whose queue is full is a slow
+//! reader that gets closed (1008) instead of growing the router's memory.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    client::{OutFrame, Outbound},
+    ids::{Cid, ConnId},
+};
+
+/// Frames a connection may have queued before it counts as a slow reader.
+pub const OUTBOUND_QUEUE: usize = 512;
+/// Topics one connection may be subscribed to at once.
+pub const MAX_TOPICS_PER_CONN: usize = 64;
+/// Longest topic name, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Close code and reason the session uses when it is told to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kill {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// The part of a session that others may touch.
+#[derive(Debug)]
+pub struct ConnShared {
+    pub id: ConnId,
+    /// Route pattern the connection matched.
+    pub route: String,
+    tx: mpsc::Sender<Outbound>,
+    /// Fired to make the session close; the reason is in `kill_reason`.
+    pub kill: CancellationToken,
+    kill_reason: Mutex<Option<Kill>>,
+    /// Requests in flight: client id (as JSON text) → correlation id.
+    inflight: Mutex<HashMap<String, Cid>>,
+    topics: Mutex<HashSet<String>>,
+    /// Frames dropped because the queue was full (for metrics and logs).
+    pub dropped: AtomicU64,
+}
+
+impl ConnShared {
+    pub fn new(id: ConnId, route: String) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let shared = Arc::new(Self {
+            id,
+            route,
+            tx,
+            kill: CancellationToken::new(),
+            kill_reason: Mutex::new(None),
+            inflight: Mutex::new(HashMap::new()),
+            topics: Mutex::new(HashSet::new()),
+            dropped: AtomicU64::new(0),
+        });
+        (shared, rx)
+    }
+
+    /// Queues a frame; never waits. A full queue closes the connection.
+    pub fn send(&self, out: Outbound) -> bool {
+        match self.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.close(1008, "outbound queue full: the client reads too slowly");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with this code (first reason wins).
+    pub fn close(&self, code: u16, reason: &str) {
+        let mut slot = lock(&self.kill_reason);
+        if slot.is_none() {
+            *slot = Some(Kill {
+                code,
+                reason: reason.to_owned(),
+            });
+        }
+        drop(slot);
+        self.kill.cancel();
+    }
+
+    pub fn kill_reason(&self) -> Option<Kill> {
+        lock(&self.kill_reason).clone()
+    }
+
+    /// Records a request as in flight; `false` if that client id already is.
+    pub fn begin_request(&self, client_key: String, cid: Cid) -> bool {
+        let mut map = lock(&self.inflight);
+        if map.contains_key(&client_key) {
+            return false;
+        }
+        map.insert(client_key, cid);
+        true
+    }
+
+    /// Forgets a finished request.
+    pub fn end_request(&self, client_key: &str) {
+        lock(&self.inflight).remove(client_key);
+    }
+
+    pub fn inflight_count(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
+    pub fn cid_of(&self, client_key: &str) -> Option<Cid> {
+        lock(&self.inflight).get(client_key).cloned()
+    }
+
+    /// Every request still in flight (used when the connection ends).
+    pub fn drain_inflight(&self) -> Vec<Cid> {
+        lock(&self.inflight).drain().map(|(_, c)| c).collect()
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it:
+/// every critical section here is a single map operation that cannot leave
+/// the map half-updated.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("topic must be 1 to {MAX_TOPIC_LEN} bytes")]
+    BadTopic,
+    #[error("a connection may subscribe to at most {MAX_TOPICS_PER_CONN} topics")]
+    TooMany,
+    #[error("no such connection")]
+    NoConnection,
+}
+
+/// All connections and topics of this router.
+#[derive(Debug, Default)]
+pub struct Hub {
+    conns: DashMap<ConnId, Arc<ConnShared>>,
+    topics: DashMap<String, HashSet<ConnId>>,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&self, conn: Arc<ConnShared>) {
+        self.conns.insert(conn.id.clone(), conn);
+    }
+
+    /// Removes a connection and all its subscriptions.
+    pub fn unregister(&self, id: &ConnId) {
+        if let Some((_, conn)) = self.conns.remove(id) {
+            let topics: Vec<String> = lock(&conn.topics).drain().collect();
+            for t in topics {
+                self.remove_from_topic(&t, id);
+            }
+        }
+    }
+
+    pub fn get(&self, id: &ConnId) -> Option<Arc<ConnShared>> {
+        self.conns.get(id).map(|c| c.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Delivers to one connection; `false` if it is gone or too slow.
+    pub fn send(&self, id: &ConnId, out: Outbound) -> bool {
+        match self.get(id) {
+            Some(c) => c.send(out),
+            None => false,
+        }
+    }
+
+    pub fn subscribe(&self, id: &ConnId, topic: &str) -> Result<(), SubscribeError> {
+        if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+            return Err(SubscribeError::BadTopic);
+        }
+        let conn = self.get(id).ok_or(SubscribeError::NoConnection)?;
+        {
+            let mut mine = lock(&conn.topics);
+            if !mine.contains(topic) && mine.len() >= MAX_TOPICS_PER_CONN {
+                return Err(SubscribeError::TooMany);
+            }
+            mine.insert(topic.to_owned());
+        }
+        self.topics
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(id.clone());
+        // The connection may have unregistered between the two steps; then
+        // undo so the topic does not keep a dead id.
+        if !self.conns.contains_key(id) {
+            self.remove_from_topic(topic, id);
+        }
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, id: &ConnId, topic: &str) {
+        if let Some(conn) = self.get(id) {
+            lock(&conn.topics).remove(topic);
+        }
+        self.remove_from_topic(topic, id);
+    }
+
+    fn remove_from_topic(&self, topic: &str, id: &ConnId) {
+        if let Some(mut set) = self.topics.get_mut(topic) {
+            set.remove(id);
+        }
+        self.topics.remove_if(topic, |_, set| set.is_empty());
+    }
+
+    /// Delivers a publication to every subscriber; returns how many got it.
+    pub fn publish(&self, topic: &str, msg_type: &str, data: serde_json::Value) -> usize {
+        let subscribers: Vec<ConnId> = match self.topics.get(topic) {
+            Some(set) => set.iter().cloned().collect(),
+            None => return 0,
+        };
+        let frame = OutFrame::push(msg_type, Some(topic.to_owned()), data);
+        subscribers
+            .iter()
+            .filter(|id| self.send(id, frame.clone().into()))
+            .count()
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn conn(hub: &Hub) -> (ConnId, mpsc::Receiver<Outbound>) {
+        let id = ConnId::new();
+        let (c, rx) = ConnShared::new(id.clone(), "/ws".into());
+        hub.register(c);
+        (id, rx)
+    }
+
+    #[test]
+    fn publications_reach_exactly_the_subscribers() {
+        let hub = Hub::new();
+        let (a, mut ra) = conn(&hub);
+        let (_b, mut rb) = conn(&hub);
+        hub.subscribe(&a, "room:1").unwrap();
+        assert_eq!(hub.publish("room:1", "say", json!("hi")), 1);
+        assert!(
+            matches!(ra.try_recv(), Ok(Outbound::Frame(f)) if f.topic.as_deref() == Some("room:1"))
+        );
+        assert!(rb.try_recv().is_err());
+        hub.unsubscribe(&a, "room:1");
+        assert_eq!(hub.publish("room:1", "say", json!("hi")), 0);
+        assert_eq!(hub.topic_count(), 0);
+    }
+
+    #[test]
+    fn unregister_clears_subscriptions_and_limits_hold() {
+        let hub = Hub::new();
+        let (a, _ra) = conn(&hub);
+        for i in 0..MAX_TOPICS_PER_CONN {
+            hub.subscribe(&a, &format!("t{i}")).unwrap();
+        }
+        assert_eq!(hub.subscribe(&a, "one-more"), Err(SubscribeError::TooMany));
+        assert_eq!(hub.subscribe(&a, ""), Err(SubscribeError::BadTopic));
+        hub.unregister(&a);
+        assert_eq!(hub.topic_count(), 0);
+        assert!(hub.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_connection() {
+        let hub = Hub::new();
+        let (a, _ra) = conn(&hub);
+        for _ in 0..OUTBOUND_QUEUE {
+            assert!(hub.send(&a, OutFrame::push("x", None, json!(1)).into()));
+        }
+        assert!(!hub.send(&a, OutFrame::push("x", None, json!(1)).into()));
+        let c = hub.get(&a).unwrap();
+        assert!(c.kill.is_cancelled());
+        assert_eq!(c.kill_reason().unwrap().code, 1008);
+    }
+
+    #[test]
+    fn duplicate_client_ids_are_refused_while_in_flight() {
+        let (c, _rx) = ConnShared::new(ConnId::new(), "/ws".into());
+        assert!(c.begin_request("\"1\"".into(), Cid::new()));
+        assert!(!c.begin_request("\"1\"".into(), Cid::new()));
+        c.end_request("\"1\"");
+        assert!(c.begin_request("\"1\"".into(), Cid::new()));
+        assert_eq!(c.drain_inflight().len(), 1);
+        assert_eq!(c.inflight_count(), 0);
+    }
+}

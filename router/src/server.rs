@@ -1,0 +1,133 @@
+//! Wiring: binds the bridge, serves HTTP/WebSocket on an already-bound
+//! listener, and runs the shutdown sequence.
+//!
+//! Shutdown order (ARCHITECTURE.md): `/ready` turns 503 and new upgrades are
+//! refused → sessions finish their in-flight requests (bounded by the drain
+//! timeout) and close with 1001 → the bridge tells workers goodbye → every
+//! task has ended when `run` returns.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    bridge::{self, BridgeConfig, Endpoints},
+    broker::BrokerConfig,
+    http,
+    hub::Hub,
+    ids::ConnId,
+    routes::RouteTable,
+    settings::Settings,
+    state::AppState,
+};
+
+/// Where the router ended up listening.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub http: SocketAddr,
+    pub endpoints: Endpoints,
+}
+
+/// Why the router could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Bridge(#[from] bridge::BridgeError),
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Runs the router until `shutdown` resolves, then drains and returns.
+/// `on_listening` is called once everything is bound and serving.
+pub async fn run(
+    settings: Settings,
+    routes: RouteTable,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(&Listening),
+) -> Result<(), ServeError> {
+    let hub = Arc::new(Hub::new());
+    let tasks = TaskTracker::new();
+    let stop_bridge = CancellationToken::new();
+    let router_id = ConnId::new().0;
+    let (bridge, endpoints) = bridge::start(
+        BridgeConfig {
+            bridge_endpoint: settings.bridge_endpoint.clone(),
+            publish_endpoint: settings.publish_endpoint.clone(),
+            broker: BrokerConfig {
+                router_id: router_id.clone(),
+                heartbeat: settings.heartbeat(),
+                liveness: settings.liveness,
+                secret: settings.bridge_secret.clone(),
+            },
+        },
+        hub.clone(),
+        &tasks,
+        stop_bridge.clone(),
+    )
+    .await?;
+
+    // The sender stays alive for the life of the server; reloads will send on it.
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(routes));
+    let drain_timeout = settings.drain_timeout();
+    let state = Arc::new(AppState::new(settings, routes_rx, hub.clone(), bridge));
+    let http_addr = listener.local_addr()?;
+    let app = http::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let draining = state.draining.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(draining.cancelled_owned())
+            .await
+    });
+
+    state.set_ready(true);
+    info!(http = %http_addr, bridge = %endpoints.bridge, publish = %endpoints.publish, router.id = %router_id, "router listening");
+    on_listening(&Listening {
+        http: http_addr,
+        endpoints,
+    });
+
+    let mut server = server;
+    tokio::select! {
+        _ = shutdown => {}
+        r = &mut server => {
+            // The HTTP server ended on its own: an I/O failure.
+            stop_bridge.cancel();
+            tasks.close();
+            tasks.wait().await;
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(std::io::Error::other(e).into()),
+            };
+        }
+    }
+
+    info!(connections = hub.len(), "shutdown: draining");
+    state.set_ready(false);
+    state.draining.cancel();
+    state.sessions.close();
+    // Sessions close themselves within the drain timeout; the extra second
+    // covers close handshakes with slow clients.
+    if tokio::time::timeout(
+        drain_timeout + Duration::from_secs(1),
+        state.sessions.wait(),
+    )
+    .await
+    .is_err()
+    {
+        warn!(
+            left = state.sessions.len(),
+            "sessions still open after the drain timeout"
+        );
+    }
+    let _ = server.await;
+    stop_bridge.cancel();
+    tasks.close();
+    tasks.wait().await;
+    drop(routes_tx);
+    info!("router stopped");
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! One WebSocket session: from the welcome frame to the close frame.
+//!
+//! Written against `Stream`/`Sink` of axum WebSocket messages so its logic
+//! does not depend on a real socket. A session owns its socket and is the
+//! only writer to it; everything else (bridge replies, pushes,
+//! publications) reaches it through the connection's bounded outbound queue
+//! in the [`Hub`](crate::hub::Hub), and the writer stamps `seq` in send order.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::extract::ws::{CloseFrame, Message};
+use bridge_proto::{self as proto, codes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::{json, Value};
+use tracing::{debug, info, Instrument};
+
+use crate::{
+    broker::{Command, RequestCmd},
+    client::{self, unix_ms, ClientMessage, OutFrame, Outbound},
+    hub::ConnShared,
+    ids::{Cid, ConnId},
+    routes::Route,
+    state::AppState,
+};
+
+/// Message types the router answers itself; they never reach a worker.
+pub const ROUTER_TYPES: [&str; 4] = ["ping", "subscribe", "unsubscribe", "cancel"];
+
+/// Everything a session needs to start.
+pub struct SessionStart {
+    pub conn: ConnId,
+    pub route: Arc<Route>,
+    pub connect: proto::Connect,
+}
+
+/// How a session ended: the close code it sent or received, and why.
+struct Ending {
+    code: u16,
+    reason: String,
+}
+
+/// Runs a session to its end. Never panics on client input.
+pub async fn run<S>(socket: S, app: Arc<AppState>, start: SessionStart)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
+{
+    let span = tracing::info_span!("session", session.id = %start.conn, route = %start.route.path);
+    async move {
+        let (shared, outbound) = ConnShared::new(start.conn.clone(), start.route.path.clone());
+        app.hub.register(shared.clone());
+        info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
+        app.bridge.send(Command::Connect(Box::new(start.connect))).await;
+
+        let mut session = Session {
+            app: app.clone(),
+            route: start.route,
+            shared: shared.clone(),
+            seq: 0,
+        };
+        let ending = session.serve(socket, outbound).await;
+
+        app.hub.unregister(&start.conn);
+        let cids = shared.drain_inflight();
+        app.bridge
+            .send(Command::Disconnect {
+                conn: start.conn,
+                code: ending.code,
+                reason: ending.reason.clone(),
+                cids,
+            })
+            .await;
+        if matches!(ending.code, 1000 | 1001 | 1005 | 1006) {
+            info!(code = ending.code, reason = %ending.reason, "connection closed");
+        } else {
+            info!(code = ending.code, reason = %ending.reason, "connection closed by policy or error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    app: Arc<AppState>,
+    route: Arc<Route>,
+    shared: Arc<ConnShared>,
+    seq: u64,
+}
+
+/// The socket failed while writing: the peer is gone.
+struct Gone;
+
+impl Session {
+    async fn serve<S>(
+        &mut self,
+        mut socket: S,
+        mut outbound: tokio::sync::mpsc::Receiver<Outbound>,
+    ) -> Ending
+    where
+        S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
+    {
+        let raw = self.route.raw;
+        if !raw
+            && self
+                .write(&mut socket, Outbound::from(self.welcome()))
+                .await
+                .is_err()
+        {
+            return Ending {
+                code: 1006,
+                reason: "closed during welcome".into(),
+            };
+        }
+        let ping_every = self.app.settings.client_ping();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut last_heard = Instant::now();
+        let draining = self.app.draining.clone();
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+
+        loop {
+            // While draining, close once no request is in flight (or the drain time is up).
+            if let Some(deadline) = drain_deadline {
+                if self.shared.inflight_count() == 0 || tokio::time::Instant::now() >= deadline {
+                    return self.close(&mut socket, 1001, "server shutting down").await;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.kill.cancelled() => {
+                    let kill = self.shared.kill_reason().unwrap_or(crate::hub::Kill { code: 1011, reason: "closed".into() });
+                    return self.close(&mut socket, kill.code, &kill.reason).await;
+                }
+                _ = draining.cancelled(), if drain_deadline.is_none() => {
+                    drain_deadline = Some(tokio::time::Instant::now() + self.app.settings.drain_timeout());
+                }
+                _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {}
+                Some(out) = outbound.recv() => {
+                    if let Outbound::Close { code, reason } = out {
+                        return self.close(&mut socket, code, &reason).await;
+                    }
+                    if self.write(&mut socket, out).await.is_err() {
+                        return Ending { code: 1006, reason: "write failed".into() };
+                    }
+                }
+                incoming = socket.next() => {
+                    last_heard = Instant::now();
+                    match incoming {
+                        None => return Ending { code: 1006, reason: "connection dropped".into() },
+                        Some(Err(e)) => {
+                            let (code, reason) = classify(e);
+                            return self.close(&mut socket, code, &reason).await;
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame
+                                .map(|f| (f.code, f.reason.to_string()))
+                                .unwrap_or((1005, String::new()));
+                            debug!(code, "client closed");
+                            return Ending { code, reason };
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Text(text))) => {
+                            if raw {
+                                self.forward_raw(false, text.as_bytes().to_vec().into());
+                            } else if drain_deadline.is_some() {
+                                self.refuse_while_draining(text.as_str());
+                            } else {
+                                self.on_text(text.as_str());
+                            }
+                        }
+                        Some(Ok(Message::Binary(data))) => {
+                            if raw {
+                                self.forward_raw(true, data);
+                            } else {
+                                self.on_binary(data);
+                            }
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > ping_every * 3 {
+                        return self.close(&mut socket, 1001, "no answer to pings").await;
+                    }
+                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                        return Ending { code: 1006, reason: "write failed".into() };
+                    }
+                }
+            }
+        }
+    }
+
+    fn welcome(&self) -> OutFrame {
+        OutFrame::push(
+            "welcome",
+            None,
+            json!({
+                "session_id": self.shared.id.0,
+                "route": self.route.path,
+                "heartbeat_ms": self.app.settings.client_ping_ms,
+                "limits": {
+                    "max_message_bytes": self.route.max_message_bytes,
+                    "max_in_flight": self.route.max_in_flight,
+                },
+            }),
+        )
+    }
+
+    async fn write<S>(&mut self, socket: &mut S, out: Outbound) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let msg = match out {
+            Outbound::Frame(mut frame) => {
+                let text = frame.to_json(self.seq);
+                self.seq += 1;
+                Message::Text(text.into())
+            }
+            Outbound::Binary(b) => Message::Binary(b),
+            Outbound::Raw {
+                binary: true,
+                payload,
+            } => Message::Binary(payload),
+            Outbound::Raw {
+                binary: false,
+                payload,
+            } => match String::from_utf8(payload.to_vec()) {
+                Ok(s) => Message::Text(s.into()),
+                Err(_) => {
+                    debug!("worker sent a raw text frame that is not UTF-8: sent as binary");
+                    Message::Binary(payload)
+                }
+            },
+            Outbound::Close { .. } => return Ok(()),
+        };
+        socket.send(msg).await.map_err(|_| Gone)
+    }
+
+    async fn close<S>(&mut self, socket: &mut S, code: u16, reason: &str) -> Ending
+    where
+        S: Sink<Message> + Unpin,
+    {
+        // A close reason is at most 123 bytes (RFC 6455 §5.5: 125 minus the code).
+        let mut cut = reason.len().min(123);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let frame = CloseFrame {
+            code,
+            reason: reason[..cut].to_owned().into(),
+        };
+        let _ = socket.send(Message::Close(Some(frame))).await;
+        let _ = socket.close().await;
+        Ending {
+            code,
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Sends a frame from the session itself (through the queue, so `seq`
+    /// and ordering stay with the writer).
+    fn reply(&self, frame: OutFrame) {
+        self.shared.send(frame.into());
+    }
+
+    fn forward_raw(&self, binary: bool, payload: bytes::Bytes) {
+        let cmd = Command::Raw {
+            conn: self.shared.id.clone(),
+            binary,
+            payload,
+        };
+        if self.app.bridge.try_send(cmd).is_err() {
+            self.shared.close(1013, "router overloaded");
+        }
+    }
+
+    fn on_binary(&self, data: bytes::Bytes) {
+        if !self.route.binary {
+            self.reply(OutFrame::error(
+                None,
+                None,
+                codes::BAD_REQUEST,
+                format!("binary frames are not accepted on {}", self.route.path),
+                None,
+            ));
+            return;
+        }
+        let cmd = Command::Binary {
+            conn: self.shared.id.clone(),
+            data,
+        };
+        if self.app.bridge.try_send(cmd).is_err() {
+            self.reply(OutFrame::error(
+                None,
+                None,
+                codes::OVERLOADED,
+                "router overloaded: binary frame not delivered",
+                Some(100),
+            ));
+        }
+    }
+
+    fn refuse_while_draining(&self, text: &str) {
+        if let Ok(msg) = client::parse(text) {
+            if msg.id.is_some() {
+                self.reply(OutFrame::error(
+                    msg.id,
+                    None,
+                    codes::OVERLOADED,
+                    "router is shutting down: no new requests",
+                    Some(1000),
+                ));
+            }
+        }
+    }
+
+    fn on_text(&self, text: &str) {
+        let msg = match client::parse(text) {
+            Ok(m) => m,
+            Err(bad) => {
+                debug!(bytes = text.len(), error = %bad.message, "bad client message");
+                self.reply(OutFrame::error(
+                    bad.id,
+                    None,
+                    codes::BAD_REQUEST,
+                    bad.message,
+                    None,
+                ));
+                return;
+            }
+        };
+        match msg.msg_type.as_str() {
+            "ping" => self.reply(OutFrame::reply(
+                "pong",
+                msg.id.clone(),
+                None,
+                json!({ "server_time_ms": unix_ms() }),
+                true,
+            )),
+            "subscribe" | "unsubscribe" => self.on_topic(msg),
+            "cancel" => self.on_cancel(msg),
+            _ => self.forward(msg),
+        }
+    }
+
+    fn on_topic(&self, msg: ClientMessage) {
+        let Some(topic) = msg.data.get("topic").and_then(Value::as_str) else {
+            self.reply(OutFrame::error(
+                msg.id,
+                None,
+                codes::BAD_REQUEST,
+                "data.topic must be a string",
+                None,
+            ));
+            return;
+        };
+        let subscribe = msg.msg_type == "subscribe";
+        if subscribe {
+            if let Err(e) = self.app.hub.subscribe(&self.shared.id, topic) {
+                self.reply(OutFrame::error(
+                    msg.id,
+                    None,
+                    codes::BAD_REQUEST,
+                    e.to_string(),
+                    None,
+                ));
+                return;
+            }
+        } else {
+            self.app.hub.unsubscribe(&self.shared.id, topic);
+        }
+        if msg.id.is_some() {
+            let kind = if subscribe {
+                "subscribed"
+            } else {
+                "unsubscribed"
+            };
+            self.reply(OutFrame::reply(
+                kind,
+                msg.id,
+                None,
+                json!({ "topic": topic }),
+                true,
+            ));
+        }
+    }
+
+    fn on_cancel(&self, msg: ClientMessage) {
+        let target = msg
+            .data
+            .get("id")
+            .filter(|v| v.is_string() || v.is_number());
+        let Some(target) = target else {
+            self.reply(OutFrame::error(
+                msg.id,
+                None,
+                codes::BAD_REQUEST,
+                "data.id must name the request to cancel",
+                None,
+            ));
+            return;
+        };
+        let key = target.to_string();
+        match self.shared.cid_of(&key) {
+            Some(cid) => {
+                // The cancelled request gets its own terminal `cancelled` frame.
+                let _ = self.app.bridge.try_send(Command::Cancel {
+                    cid,
+                    reason: "client",
+                });
+                if msg.id.is_some() {
+                    self.reply(OutFrame::reply(
+                        "cancel",
+                        msg.id,
+                        None,
+                        json!({ "id": target }),
+                        true,
+                    ));
+                }
+            }
+            None => self.reply(OutFrame::error(
+                msg.id,
+                None,
+                codes::BAD_REQUEST,
+                format!("no request in flight with id {key}"),
+                None,
+            )),
+        }
+    }
+
+    fn forward(&self, msg: ClientMessage) {
+        if let Some(allowed) = &self.route.allowed_types {
+            if !allowed.contains(&msg.msg_type) {
+                self.reply(OutFrame::error(
+                    msg.id,
+                    None,
+                    codes::UNKNOWN_TYPE,
+                    format!(
+                        "type `{}` is not accepted on {}",
+                        msg.msg_type, self.route.path
+                    ),
+                    None,
+                ));
+                return;
+            }
+        }
+        let conn = self.shared.id.clone();
+        let Some(id) = msg.id else {
+            let cmd = Command::Event {
+                conn,
+                msg_type: msg.msg_type,
+                data: msg.data,
+            };
+            if self.app.bridge.try_send(cmd).is_err() {
+                self.reply(OutFrame::error(
+                    None,
+                    None,
+                    codes::OVERLOADED,
+                    "router overloaded: message not delivered",
+                    Some(100),
+                ));
+            }
+            return;
+        };
+        if self.shared.inflight_count() >= self.route.max_in_flight {
+            self.reply(OutFrame::error(
+                Some(id),
+                None,
+                codes::OVERLOADED,
+                format!(
+                    "at most {} requests may be in flight per connection",
+                    self.route.max_in_flight
+                ),
+                Some(100),
+            ));
+            return;
+        }
+        let key = id.to_string();
+        let cid = Cid::new();
+        if !self.shared.begin_request(key.clone(), cid.clone()) {
+            self.reply(OutFrame::error(
+                Some(id),
+                None,
+                codes::BAD_REQUEST,
+                "a request with this id is already in flight",
+                None,
+            ));
+            return;
+        }
+        debug!(correlation.id = %cid, r#type = %msg.msg_type, bytes = msg.data.to_string().len(), "request");
+        let cmd = Command::Request(RequestCmd {
+            cid: cid.clone(),
+            conn,
+            client_key: key.clone(),
+            client_id: id.clone(),
+            route: self.route.path.clone(),
+            service: self.route.service.clone(),
+            msg_type: msg.msg_type,
+            data: msg.data,
+            timeout: self.route.request_timeout,
+            affinity: self.route.affinity,
+        });
+        if self.app.bridge.try_send(cmd).is_err() {
+            self.shared.end_request(&key);
+            self.reply(OutFrame::error(
+                Some(id),
+                Some(&cid.0),
+                codes::OVERLOADED,
+                "router overloaded: request not accepted",
+                Some(100),
+            ));
+        }
+    }
+}
+
+/// Close code for a failed read (SPEC §3): 1009 too big, 1007 bad UTF-8,
+/// 1002 protocol violation.
+fn classify(e: axum::Error) -> (u16, String) {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(c)) => (1009, format!("message too big: {c}")),
+        Some(tungstenite::Error::Utf8(_)) => (1007, "text frame is not valid UTF-8".into()),
+        Some(tungstenite::Error::Protocol(p)) => (1002, format!("protocol error: {p}")),
+        _ => (1011, format!("read failed: {inner}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_types_are_the_documented_ones() {
+        assert_eq!(ROUTER_TYPES, ["ping", "subscribe", "unsubscribe", "cancel"]);
+    }
+}
