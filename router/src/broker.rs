@@ -838,7 +838,7 @@ impl Broker {
         let lost: Vec<Cid> = self
             .pending
             .iter()
-            .filter(|(_, p)| &p.worker == peer)
+            .filter(|(_, p)| p.worker == *peer)
             .map(|(c, _)| c.clone())
             .collect();
         if why == "stopped" {
@@ -905,5 +905,334 @@ impl Broker {
 
     pub fn pending_count(&self) -> usize {
         self.pending.len() + self.waiting.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::ConnShared;
+    use bridge_proto::{ErrorReply, Hello, Reply};
+    use futures_util::StreamExt;
+    use serde_json::json;
+    use tokio::sync::mpsc;
+
+    #[derive(Default)]
+    struct Recorder(Vec<(PeerId, ToWorker)>);
+
+    impl Outbox for Recorder {
+        fn send(&mut self, peer: &PeerId, msg: ToWorker) {
+            self.0.push((peer.clone(), msg));
+        }
+    }
+
+    impl Recorder {
+        fn requests_to(&self, peer: &PeerId) -> Vec<String> {
+            self.0
+                .iter()
+                .filter_map(|(p, m)| match m {
+                    ToWorker::Request(r) if p == peer => Some(r.cid.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+        fn cancels(&self) -> Vec<(PeerId, String)> {
+            self.0
+                .iter()
+                .filter_map(|(p, m)| match m {
+                    ToWorker::Cancel(c) => Some((p.clone(), c.reason.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    struct Fixture {
+        broker: Broker,
+        hub: Arc<Hub>,
+        out: Recorder,
+    }
+
+    fn fixture() -> Fixture {
+        let hub = Arc::new(Hub::new());
+        let cfg = BrokerConfig {
+            router_id: "r".into(),
+            heartbeat: Duration::from_millis(100),
+            liveness: 3,
+            secret: None,
+        };
+        Fixture {
+            broker: Broker::new(cfg, hub.clone()),
+            hub,
+            out: Recorder::default(),
+        }
+    }
+
+    fn peer(name: &str) -> PeerId {
+        Bytes::copy_from_slice(name.as_bytes())
+    }
+
+    impl Fixture {
+        fn hello(&mut self, p: &PeerId, capacity: u32) {
+            self.broker.on_worker_message(
+                p.clone(),
+                FromWorker::Hello(Hello {
+                    worker_id: String::from_utf8_lossy(p).into_owned(),
+                    services: vec!["svc".into()],
+                    capacity,
+                    sdk: "test".into(),
+                    secret: None,
+                }),
+                &mut self.out,
+            );
+        }
+
+        fn client(&self) -> (ConnId, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
+            let id = ConnId::new();
+            let (c, rx) = ConnShared::new(id.clone(), "/ws".into());
+            self.hub.register(c.clone());
+            (id, c, rx)
+        }
+
+        fn request(
+            &mut self,
+            conn: &ConnId,
+            shared: &ConnShared,
+            client_id: &str,
+            timeout_ms: u64,
+        ) -> Cid {
+            let cid = Cid::new();
+            let key = json!(client_id).to_string();
+            assert!(shared.begin_request(key.clone(), cid.clone()));
+            self.broker.on_command(
+                Command::Request(RequestCmd {
+                    cid: cid.clone(),
+                    conn: conn.clone(),
+                    client_key: key,
+                    client_id: json!(client_id),
+                    route: "/ws".into(),
+                    service: "svc".into(),
+                    msg_type: "echo".into(),
+                    data: json!({}),
+                    timeout: Duration::from_millis(timeout_ms),
+                    affinity: false,
+                }),
+                &mut self.out,
+            );
+            cid
+        }
+
+        fn reply(&mut self, p: &PeerId, cid: &Cid, done: bool) {
+            self.broker.on_worker_message(
+                p.clone(),
+                FromWorker::Reply(Reply {
+                    cid: cid.0.clone(),
+                    done,
+                    msg_type: None,
+                    data: json!(1),
+                }),
+                &mut self.out,
+            );
+        }
+    }
+
+    fn frames(rx: &mut mpsc::Receiver<Outbound>) -> Vec<OutFrame> {
+        let mut v = Vec::new();
+        while let Ok(Outbound::Frame(f)) = rx.try_recv() {
+            v.push(*f);
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn no_worker_gives_one_no_workers_frame() {
+        let mut f = fixture();
+        let (conn, shared, mut rx) = f.client();
+        f.request(&conn, &shared, "1", 1000);
+        let got = frames(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].error.as_ref().unwrap().code, codes::NO_WORKERS);
+        assert_eq!(shared.inflight_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn credits_are_never_exceeded_and_queued_requests_flow_on_release() {
+        let mut f = fixture();
+        let w = peer("w1");
+        f.hello(&w, 2);
+        let (conn, shared, mut rx) = f.client();
+        let cids: Vec<Cid> = (0..5)
+            .map(|i| f.request(&conn, &shared, &i.to_string(), 10_000))
+            .collect();
+        assert_eq!(
+            f.out.requests_to(&w).len(),
+            2,
+            "capacity 2 means 2 outstanding"
+        );
+        f.reply(&w, &cids[0], true);
+        assert_eq!(
+            f.out.requests_to(&w).len(),
+            3,
+            "a release lets one waiting request through"
+        );
+        f.reply(&w, &cids[1], false);
+        assert_eq!(
+            f.out.requests_to(&w).len(),
+            3,
+            "a partial reply does not release a credit"
+        );
+        let got = frames(&mut rx);
+        assert_eq!(got.iter().filter(|fr| fr.done == Some(true)).count(), 1);
+        assert_eq!(f.broker.pending_count(), 4);
+    }
+
+    #[tokio::test]
+    async fn least_outstanding_wins() {
+        let mut f = fixture();
+        let (a, b) = (peer("a"), peer("b"));
+        f.hello(&a, 10);
+        f.hello(&b, 10);
+        let (conn, shared, _rx) = f.client();
+        for i in 0..10 {
+            f.request(&conn, &shared, &i.to_string(), 10_000);
+        }
+        assert_eq!(f.out.requests_to(&a).len(), 5);
+        assert_eq!(f.out.requests_to(&b).len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_lost_worker_fails_its_requests_once_and_late_replies_are_dropped() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 4);
+        let (conn, shared, mut rx) = f.client();
+        let cid = f.request(&conn, &shared, "1", 10_000);
+        f.broker.remove_worker(&w, "missed heartbeats", &mut f.out);
+        f.reply(&w, &cid, true); // from a peer no longer registered
+        let got = frames(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].error.as_ref().unwrap().code, codes::WORKER_ERROR);
+        assert_eq!(got[0].id, Some(json!("1")));
+        assert_eq!(shared.inflight_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn replies_from_another_worker_are_not_delivered() {
+        let mut f = fixture();
+        let (a, b) = (peer("a"), peer("b"));
+        f.hello(&a, 1);
+        f.hello(&b, 1);
+        let (conn, shared, mut rx) = f.client();
+        let cid = f.request(&conn, &shared, "1", 10_000);
+        let holder = if f.out.requests_to(&a).is_empty() {
+            &b
+        } else {
+            &a
+        };
+        let other = if holder == &a { b.clone() } else { a.clone() };
+        f.reply(&other, &cid, true);
+        assert!(frames(&mut rx).is_empty());
+        let holder = holder.clone();
+        f.reply(&holder, &cid, true);
+        assert_eq!(frames(&mut rx).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_gives_timeout_and_keeps_the_credit_until_the_worker_answers() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 1);
+        let (conn, shared, mut rx) = f.client();
+        let cid = f.request(&conn, &shared, "1", 500);
+        let expired = f.broker.deadlines.next().await.unwrap().into_inner();
+        assert_eq!(expired, cid);
+        f.broker.on_deadline(expired, &mut f.out);
+        let got = frames(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].error.as_ref().unwrap().code, codes::TIMEOUT);
+        assert_eq!(f.out.cancels(), vec![(w.clone(), "timeout".to_string())]);
+
+        // Capacity 1 and the zombie holds it: the next request waits.
+        let second = f.request(&conn, &shared, "2", 10_000);
+        assert_eq!(f.out.requests_to(&w).len(), 1);
+        // The worker's late terminal answer is dropped but frees the credit.
+        f.broker.on_worker_message(
+            w.clone(),
+            FromWorker::Error(ErrorReply {
+                cid: cid.0.clone(),
+                code: "cancelled".into(),
+                message: "late".into(),
+                retryable: false,
+            }),
+            &mut f.out,
+        );
+        assert!(
+            frames(&mut rx).is_empty(),
+            "late answers never reach the client"
+        );
+        assert_eq!(f.out.requests_to(&w), vec![cid.0.clone(), second.0.clone()]);
+    }
+
+    #[tokio::test]
+    async fn client_cancel_sends_cancelled_and_tells_the_worker() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 1);
+        let (conn, shared, mut rx) = f.client();
+        let cid = f.request(&conn, &shared, "1", 10_000);
+        f.broker.on_command(
+            Command::Cancel {
+                cid: cid.clone(),
+                reason: "client",
+            },
+            &mut f.out,
+        );
+        let got = frames(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].error.as_ref().unwrap().code, codes::CANCELLED);
+        assert_eq!(f.out.cancels(), vec![(w.clone(), "client".to_string())]);
+        f.reply(&w, &cid, true);
+        assert!(frames(&mut rx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_hellos_are_refused_and_unknown_peers_told_to_hello() {
+        let mut f = fixture();
+        f.broker.cfg.secret = Some("s3cret".into());
+        let w = peer("w");
+        f.hello(&w, 1);
+        assert!(
+            matches!(&f.out.0[0].1, ToWorker::Goodbye(g) if !g.reconnect && g.reason.contains("secret"))
+        );
+        assert_eq!(f.broker.worker_count(), 0);
+        f.broker
+            .on_worker_message(w.clone(), FromWorker::Heartbeat, &mut f.out);
+        assert!(matches!(&f.out.0[1].1, ToWorker::Goodbye(g) if g.reconnect));
+    }
+
+    #[tokio::test]
+    async fn worker_error_codes_pass_through_when_well_formed() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 2);
+        let (conn, shared, mut rx) = f.client();
+        for (client_id, code, want) in [
+            ("1", "invalid_image", "invalid_image"),
+            ("2", "Not A Code", codes::WORKER_ERROR),
+        ] {
+            let cid = f.request(&conn, &shared, client_id, 10_000);
+            f.broker.on_worker_message(
+                w.clone(),
+                FromWorker::Error(ErrorReply {
+                    cid: cid.0,
+                    code: code.into(),
+                    message: "m".into(),
+                    retryable: false,
+                }),
+                &mut f.out,
+            );
+            let got = frames(&mut rx);
+            assert_eq!(got[0].error.as_ref().unwrap().code, want);
+        }
     }
 }

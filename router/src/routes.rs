@@ -408,8 +408,8 @@ fn levenshtein(a: &[char], b: &[char]) -> usize {
     prev[b.len()]
 }
 
-/// The routes, compiled for matching. Cheap to clone only through an `Arc`; the router
-/// publishes a new table on reload instead of mutating one.
+/// The routes, compiled for matching. Immutable once built: on reload the router builds a
+/// new table and publishes it (in an `Arc`) instead of mutating the running one.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     /// File order, as listed by `/routes`.
@@ -454,7 +454,11 @@ impl RouteTable {
                     compiled.push(Some(pattern));
                 }
                 Err(err) => {
-                    tracing::warn!(route = %route.path, error = %err, "route path is not a valid pattern; matching it exactly");
+                    tracing::warn!(
+                        route = %route.path,
+                        error = %err,
+                        "route path is not a valid pattern; matching it exactly"
+                    );
                     exact.entry(route.path.clone()).or_insert(index);
                     compiled.push(None);
                 }
