@@ -40,9 +40,20 @@ fn encode<B: Serialize>(kind: &str, body: &B) -> Vec<u8> {
     rmp_serde::to_vec_named(&wire).expect("bridge messages are always encodable")
 }
 
+/// Deepest nesting a decoder accepts (maps and arrays inside `data`). The
+/// default of rmp-serde (1024) overflows a 2 MiB task stack before it is
+/// reached; 128 matches what serde_json allows for client JSON.
+pub const MAX_DEPTH: usize = 128;
+
+fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // +1: the message map itself is one level.
+    de.set_max_depth(MAX_DEPTH + 1);
+    T::deserialize(&mut de)
+}
+
 fn header(bytes: &[u8]) -> Result<Header, DecodeError> {
-    let header: Header =
-        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
+    let header: Header = from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
     if header.v != u64::from(PROTOCOL_VERSION) {
         return Err(DecodeError::Version {
             found: header.v,
@@ -53,7 +64,7 @@ fn header(bytes: &[u8]) -> Result<Header, DecodeError> {
 }
 
 fn body<B: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<B, DecodeError> {
-    rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Body {
+    from_slice(bytes).map_err(|e| DecodeError::Body {
         kind: kind.to_owned(),
         detail: e.to_string(),
     })
@@ -168,7 +179,10 @@ mod tests {
     fn wrong_version_is_named() {
         let bytes = rmp_serde::to_vec_named(&json!({"v": 2, "kind": "heartbeat"})).unwrap();
         let err = decode_from_worker(&bytes).unwrap_err();
-        assert!(matches!(err, DecodeError::Version { found: 2, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::Version { found: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -178,8 +192,7 @@ mod tests {
             decode_from_worker(&bytes),
             Err(DecodeError::UnknownKind { .. })
         ));
-        let bytes =
-            rmp_serde::to_vec_named(&json!({"v": 1, "kind": "reply", "cid": 5})).unwrap();
+        let bytes = rmp_serde::to_vec_named(&json!({"v": 1, "kind": "reply", "cid": 5})).unwrap();
         let err = decode_from_worker(&bytes).unwrap_err().to_string();
         assert!(err.contains("reply"), "{err}");
     }

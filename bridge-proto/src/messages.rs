@@ -220,6 +220,10 @@ pub struct ErrorReply {
     pub message: String,
     /// Whether another attempt (on another worker) might succeed.
     pub retryable: bool,
+    /// When the client may try again (passed to the client's error frame),
+    /// e.g. with `rate_limited` or `overloaded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// Worker → router: a JSON message to one connection.

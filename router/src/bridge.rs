@@ -46,15 +46,17 @@ pub struct BridgeHandle {
     tx: mpsc::Sender<Command>,
 }
 
-/// The bridge is saturated or gone.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+/// The bridge is saturated or gone; the command comes back unsent.
+#[derive(Debug, thiserror::Error)]
 #[error("the bridge is not accepting commands")]
-pub struct Busy;
+pub struct Busy(pub Box<Command>);
 
 impl BridgeHandle {
     /// Queues a command without waiting.
     pub fn try_send(&self, cmd: Command) -> Result<(), Busy> {
-        self.tx.try_send(cmd).map_err(|_| Busy)
+        self.tx
+            .try_send(cmd)
+            .map_err(|e| Busy(Box::new(e.into_inner())))
     }
 
     /// Queues a command that must not be lost (disconnects), waiting for room.
@@ -148,16 +150,29 @@ impl Outbox for ZmqOutbox {
     }
 }
 
-async fn flush(outbox: &mut ZmqOutbox, socket: &mut RouterSendHalf) {
+/// How long one send may wait for room in a peer's queue before the peer
+/// counts as stuck.
+const SEND_STALL: Duration = Duration::from_millis(200);
+
+/// Sends what the broker queued. Returns the peers whose queue stayed full.
+async fn flush(outbox: &mut ZmqOutbox, socket: &mut RouterSendHalf) -> Vec<PeerId> {
+    let mut stuck: Vec<PeerId> = Vec::new();
     for (peer, msg) in outbox.out.drain(..) {
+        if stuck.contains(&peer) {
+            continue;
+        }
         let mut frame = ZmqMessage::from(Bytes::from(encode_to_worker(&msg)));
-        frame.push_front(peer);
-        if let Err(e) = socket.send(frame).await {
-            // The peer's connection is gone; the broker will notice its
-            // silence and declare it dead.
-            debug!(error = %e, "send to worker failed");
+        frame.push_front(peer.clone());
+        match tokio::time::timeout(SEND_STALL, socket.send(frame)).await {
+            Ok(Ok(())) => {}
+            // The peer's connection is gone; its silence will get it declared dead.
+            Ok(Err(e)) => debug!(error = %e, "send to worker failed"),
+            // The crate queues 100k messages per peer before `send` waits:
+            // a peer that far behind is not reading.
+            Err(_) => stuck.push(peer),
         }
     }
+    stuck
 }
 
 async fn owner_loop(
@@ -192,9 +207,16 @@ async fn owner_loop(
                 let cid = expired.into_inner();
                 broker.on_deadline(cid, &mut outbox);
             }
+            Some(due) = broker.retry_timers.next() => {
+                broker.on_retry_due(due.into_inner(), &mut outbox);
+            }
             _ = ticker.tick() => broker.on_tick(&mut outbox),
         }
-        flush(&mut outbox, &mut send).await;
+        let stuck = flush(&mut outbox, &mut send).await;
+        for peer in stuck {
+            warn!(peer = ?peer, "worker's send queue stayed full: declaring it dead");
+            broker.remove_worker(&peer, "not reading its queue", &mut outbox);
+        }
     }
     broker.goodbye_all(&mut outbox);
     flush(&mut outbox, &mut send).await;

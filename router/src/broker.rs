@@ -2,10 +2,14 @@
 //! request until its single terminal frame.
 //!
 //! Pure state, no sockets: the bridge task owns one `Broker`, feeds it
-//! commands from sessions, decoded worker messages, ticks and deadline
-//! expiries, and the broker answers through an [`Outbox`] (to workers) and
-//! the [`Hub`] (to clients). Tests drive it the same way with a recording
-//! outbox.
+//! commands from sessions, decoded worker messages, ticks, deadline expiries
+//! and retry timers, and the broker answers through an [`Outbox`] (to
+//! workers) and the [`Hub`] (to clients). Tests drive it the same way with a
+//! recording outbox.
+//!
+//! A request is in exactly one of four places: `waiting` (no free credit
+//! yet), `pending` (at a worker), `retrying` (its worker failed before
+//! replying; another attempt is scheduled), or gone (terminal frame sent).
 //!
 //! Invariants (see ARCHITECTURE.md):
 //! - a worker never has more requests outstanding than its announced capacity;
@@ -15,7 +19,9 @@
 //!   final reply or error, or one router error (`timeout`, `no_workers`,
 //!   `worker_error`, `cancelled`, `overloaded`), whichever comes first; later
 //!   replies are dropped;
-//! - replies are only accepted from the worker the request was sent to.
+//! - replies are only accepted from the worker the request was sent to;
+//! - a request is retried only if its route allows it, no reply of it has
+//!   reached the client yet, and its deadline has not passed.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -35,6 +41,7 @@ use crate::{
     client::{unix_ms, OutFrame, Outbound},
     hub::Hub,
     ids::{Cid, ConnId},
+    policy::breaker::{Admit, Breaker, BreakerPolicy, Outcome},
 };
 
 /// ZeroMQ identity of a worker's DEALER connection.
@@ -43,9 +50,21 @@ pub type PeerId = Bytes;
 /// Requests that may wait for a free worker credit, across all services.
 pub const MAX_WAITING: usize = 10_000;
 
+/// First retry delay; doubled per attempt, plus up to 50% jitter.
+const RETRY_BASE: Duration = Duration::from_millis(50);
+
 /// Where the broker's messages to workers go.
 pub trait Outbox {
     fn send(&mut self, peer: &PeerId, msg: ToWorker);
+}
+
+/// The route's breaker, the admission the session got from it, and the
+/// policy to judge the outcome by.
+#[derive(Debug, Clone)]
+pub struct BreakerTicket {
+    pub breaker: Arc<Breaker>,
+    pub admit: Admit,
+    pub policy: BreakerPolicy,
 }
 
 /// A client request, as the session hands it over.
@@ -62,6 +81,9 @@ pub struct RequestCmd {
     pub data: Value,
     pub timeout: Duration,
     pub affinity: bool,
+    /// Extra attempts allowed after a transient failure.
+    pub retries: u32,
+    pub breaker: Option<BreakerTicket>,
 }
 
 /// What sessions ask of the bridge.
@@ -124,21 +146,37 @@ struct Worker {
     sdk: String,
 }
 
+/// A request the router still owes a terminal frame.
 #[derive(Debug)]
-struct Pending {
-    conn: ConnId,
-    client_key: String,
-    client_id: Value,
-    msg_type: String,
-    service: String,
-    worker: PeerId,
+struct InFlight {
+    cmd: RequestCmd,
+    /// 1 for the first attempt.
+    attempt: u32,
     deadline: delay_queue::Key,
+    /// The worker that failed the previous attempt (tried last next time).
+    avoid: Option<PeerId>,
+}
+
+impl InFlight {
+    fn may_retry(&self) -> bool {
+        self.attempt <= self.cmd.retries
+    }
+
+    fn record(&self, outcome: Outcome) {
+        if let Some(t) = &self.cmd.breaker {
+            t.breaker
+                .record(t.admit, outcome, Instant::now(), &t.policy);
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Waiting {
-    cmd: RequestCmd,
-    deadline: delay_queue::Key,
+struct Pending {
+    req: InFlight,
+    worker: PeerId,
+    /// Whether a partial reply reached the client (then no retry: the
+    /// client would see the stream twice).
+    partial_sent: bool,
 }
 
 /// Per-connection bridge state.
@@ -159,6 +197,16 @@ pub struct BrokerConfig {
     pub secret: Option<String>,
 }
 
+/// Outcome of a worker's error reply, for the breaker: errors that say the
+/// worker (not the request) is at fault count as failures.
+fn error_outcome(code: &str, retryable: bool) -> Outcome {
+    if retryable || matches!(code, codes::WORKER_ERROR | codes::INTERNAL | codes::TIMEOUT) {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    }
+}
+
 pub struct Broker {
     cfg: BrokerConfig,
     hub: Arc<Hub>,
@@ -167,12 +215,17 @@ pub struct Broker {
     /// Requests the router gave up on but the worker has not finished:
     /// they keep their credit until the worker's terminal message.
     zombies: HashMap<Cid, PeerId>,
-    waiting: HashMap<Cid, Waiting>,
+    waiting: HashMap<Cid, InFlight>,
     /// Arrival order of `waiting`, per service (may hold ids already gone).
     queues: HashMap<String, VecDeque<Cid>>,
+    retrying: HashMap<Cid, InFlight>,
     conns: HashMap<ConnId, ConnEntry>,
-    /// Deadlines of pending and waiting requests.
+    /// Unregistered peers sent a goodbye since the last tick.
+    told_to_hello: HashSet<PeerId>,
+    /// Deadlines of every request the router still owes a terminal frame.
     pub deadlines: DelayQueue<Cid>,
+    /// When each request in `retrying` gets its next attempt.
+    pub retry_timers: DelayQueue<Cid>,
 }
 
 impl Broker {
@@ -185,8 +238,11 @@ impl Broker {
             zombies: HashMap::new(),
             waiting: HashMap::new(),
             queues: HashMap::new(),
+            retrying: HashMap::new(),
             conns: HashMap::new(),
+            told_to_hello: HashSet::new(),
             deadlines: DelayQueue::new(),
+            retry_timers: DelayQueue::new(),
         }
     }
 
@@ -194,26 +250,27 @@ impl Broker {
         self.hub.send(conn, frame.into());
     }
 
-    fn end_client_request(&self, conn: &ConnId, client_key: &str) {
-        if let Some(c) = self.hub.get(conn) {
-            c.end_request(client_key);
-        }
-    }
-
-    /// Fails a request that never reached (or lost) its worker.
-    fn fail_client(
-        &self,
-        conn: &ConnId,
-        client_key: &str,
-        client_id: Value,
-        cid: &Cid,
+    /// Sends the router's terminal error for a request and forgets it.
+    /// `deadline_fired`: the deadline key already left the queue.
+    fn fail(
+        &mut self,
+        req: InFlight,
         code: &str,
         message: String,
+        outcome: Outcome,
+        deadline_fired: bool,
     ) {
-        self.end_client_request(conn, client_key);
+        if !deadline_fired {
+            self.deadlines.try_remove(&req.deadline);
+        }
+        req.record(outcome);
+        let cmd = req.cmd;
+        if let Some(c) = self.hub.get(&cmd.conn) {
+            c.end_request(&cmd.client_key);
+        }
         self.deliver(
-            conn,
-            OutFrame::error(Some(client_id), Some(&cid.0), code, message, None),
+            &cmd.conn,
+            OutFrame::error(Some(cmd.client_id), Some(&cmd.cid.0), code, message, None),
         );
     }
 
@@ -226,55 +283,49 @@ impl Broker {
                 conn,
                 msg_type,
                 data,
-            } => {
-                if let Some((peer, route, service)) = self.home_of(&conn, out) {
-                    out.send(
-                        &peer,
-                        ToWorker::Event(proto::Event {
-                            conn: conn.0,
-                            route,
-                            service,
-                            msg_type,
-                            data,
-                        }),
-                    );
-                } else {
-                    self.deliver(
-                        &conn,
-                        OutFrame::error(
-                            None,
-                            None,
-                            codes::NO_WORKERS,
-                            format!("no live worker to take a `{msg_type}` message"),
-                            None,
-                        ),
-                    );
-                }
-            }
-            Command::Binary { conn, data } => {
-                if let Some((peer, route, service)) = self.home_of(&conn, out) {
-                    out.send(
-                        &peer,
-                        ToWorker::Binary(proto::Binary {
-                            conn: conn.0,
-                            route,
-                            service,
-                            data: data.to_vec(),
-                        }),
-                    );
-                } else {
-                    self.deliver(
-                        &conn,
-                        OutFrame::error(
-                            None,
-                            None,
-                            codes::NO_WORKERS,
-                            "no live worker to take a binary frame",
-                            None,
-                        ),
-                    );
-                }
-            }
+            } => match self.home_of(&conn, out) {
+                Some((peer, route, service)) => out.send(
+                    &peer,
+                    ToWorker::Event(proto::Event {
+                        conn: conn.0,
+                        route,
+                        service,
+                        msg_type,
+                        data,
+                    }),
+                ),
+                None => self.deliver(
+                    &conn,
+                    OutFrame::error(
+                        None,
+                        None,
+                        codes::NO_WORKERS,
+                        format!("no live worker to take a `{msg_type}` message"),
+                        None,
+                    ),
+                ),
+            },
+            Command::Binary { conn, data } => match self.home_of(&conn, out) {
+                Some((peer, route, service)) => out.send(
+                    &peer,
+                    ToWorker::Binary(proto::Binary {
+                        conn: conn.0,
+                        route,
+                        service,
+                        data: data.to_vec(),
+                    }),
+                ),
+                None => self.deliver(
+                    &conn,
+                    OutFrame::error(
+                        None,
+                        None,
+                        codes::NO_WORKERS,
+                        "no live worker to take a binary frame",
+                        None,
+                    ),
+                ),
+            },
             Command::Raw {
                 conn,
                 binary,
@@ -363,11 +414,18 @@ impl Broker {
             .filter(move |(_, w)| !w.draining && w.services.iter().any(|s| s == service))
     }
 
-    /// Least outstanding requests first; ties go to the worker with more room.
-    fn pick(&self, service: &str, need_credit: bool) -> Option<PeerId> {
+    fn has_credit(&self, peer: &PeerId) -> bool {
+        self.workers
+            .get(peer)
+            .is_some_and(|w| !w.draining && w.in_flight < w.capacity)
+    }
+
+    /// Least outstanding requests first; ties go to the worker with more
+    /// room; `avoid` only when nothing else qualifies.
+    fn pick(&self, service: &str, need_credit: bool, avoid: Option<&PeerId>) -> Option<PeerId> {
         self.live_workers_of(service)
             .filter(|(_, w)| !need_credit || w.in_flight < w.capacity)
-            .min_by_key(|(_, w)| (w.in_flight, u32::MAX - w.capacity))
+            .min_by_key(|(p, w)| (Some(*p) == avoid, w.in_flight, u32::MAX - w.capacity))
             .map(|(p, _)| p.clone())
     }
 
@@ -381,107 +439,97 @@ impl Broker {
                 return Some((home.clone(), route, service));
             }
         }
-        let peer = self.pick(&service, false)?;
+        let peer = self.pick(&service, false, None)?;
         let entry = self.conns.get_mut(conn)?;
         entry.home = Some(peer.clone());
         out.send(&peer, ToWorker::Connect((*entry.connect).clone()));
         Some((peer, route, service))
     }
 
-    fn on_request(&mut self, req: RequestCmd, out: &mut dyn Outbox) {
-        if self.live_workers_of(&req.service).next().is_none() {
-            self.fail_client(
-                &req.conn,
-                &req.client_key,
-                req.client_id,
-                &req.cid,
-                codes::NO_WORKERS,
-                format!("no live worker serves `{}`", req.service),
-            );
+    fn on_request(&mut self, cmd: RequestCmd, out: &mut dyn Outbox) {
+        let deadline = self.deadlines.insert(cmd.cid.clone(), cmd.timeout);
+        let req = InFlight {
+            cmd,
+            attempt: 1,
+            deadline,
+            avoid: None,
+        };
+        self.place(req, out);
+    }
+
+    /// Sends a request to a worker with a free credit, or queues it.
+    fn place(&mut self, req: InFlight, out: &mut dyn Outbox) {
+        let service = req.cmd.service.clone();
+        if self.live_workers_of(&service).next().is_none() {
+            let msg = format!("no live worker serves `{service}`");
+            self.fail(req, codes::NO_WORKERS, msg, Outcome::Failure, false);
             return;
         }
-        let target = if req.affinity {
-            self.home_of(&req.conn, out).map(|(p, _, _)| p).filter(|p| {
-                self.workers
-                    .get(p)
-                    .is_some_and(|w| w.in_flight < w.capacity)
-            })
+        let target = if req.cmd.affinity {
+            let conn = req.cmd.conn.clone();
+            self.home_of(&conn, out)
+                .map(|(p, _, _)| p)
+                .filter(|p| self.has_credit(p))
         } else {
-            self.pick(&req.service, true)
+            self.pick(&service, true, req.avoid.as_ref())
         };
-        let key = self.deadlines.insert(req.cid.clone(), req.timeout);
         match target {
-            Some(peer) => self.dispatch(req, peer, key, out),
+            Some(peer) => self.dispatch(req, peer, out),
             None if self.waiting.len() >= MAX_WAITING => {
-                self.deadlines.remove(&key);
-                self.fail_client(
-                    &req.conn,
-                    &req.client_key,
-                    req.client_id,
-                    &req.cid,
-                    codes::OVERLOADED,
-                    "every worker is at capacity and the wait queue is full".into(),
-                );
+                let msg = "every worker is at capacity and the wait queue is full".to_owned();
+                self.fail(req, codes::OVERLOADED, msg, Outcome::Neutral, false);
             }
             None => {
-                debug!(correlation.id = %req.cid, service = %req.service, "all workers busy: request waits");
+                debug!(correlation.id = %req.cmd.cid, service = %service, "all workers busy: request waits");
+                let cid = req.cmd.cid.clone();
                 self.queues
-                    .entry(req.service.clone())
+                    .entry(service)
                     .or_default()
-                    .push_back(req.cid.clone());
-                self.waiting.insert(
-                    req.cid.clone(),
-                    Waiting {
-                        cmd: req,
-                        deadline: key,
-                    },
-                );
+                    .push_back(cid.clone());
+                self.waiting.insert(cid, req);
             }
         }
     }
 
-    fn dispatch(
-        &mut self,
-        req: RequestCmd,
-        peer: PeerId,
-        deadline: delay_queue::Key,
-        out: &mut dyn Outbox,
-    ) {
+    fn dispatch(&mut self, mut req: InFlight, peer: PeerId, out: &mut dyn Outbox) {
         let Some(worker) = self.workers.get_mut(&peer) else {
             return;
         };
         worker.in_flight += 1;
         let left = self
             .deadlines
-            .deadline(&deadline)
+            .deadline(&req.deadline)
             .into_std()
             .saturating_duration_since(Instant::now());
-        debug!(correlation.id = %req.cid, session.id = %req.conn, worker = %worker.name, r#type = %req.msg_type, "request sent to worker");
+        // Keep the data only while another attempt may need it.
+        let data = if req.may_retry() {
+            req.cmd.data.clone()
+        } else {
+            std::mem::take(&mut req.cmd.data)
+        };
+        let cmd = &req.cmd;
+        debug!(correlation.id = %cmd.cid, session.id = %cmd.conn, worker = %worker.name, r#type = %cmd.msg_type, attempt = req.attempt, "request sent to worker");
         out.send(
             &peer,
             ToWorker::Request(proto::Request {
-                cid: req.cid.0.clone(),
-                conn: req.conn.0.clone(),
-                route: req.route,
-                service: req.service.clone(),
-                msg_type: req.msg_type.clone(),
-                id: req.client_id.clone(),
-                data: req.data,
+                cid: cmd.cid.0.clone(),
+                conn: cmd.conn.0.clone(),
+                route: cmd.route.clone(),
+                service: cmd.service.clone(),
+                msg_type: cmd.msg_type.clone(),
+                id: cmd.client_id.clone(),
+                data,
                 timeout_ms: left.as_millis() as u64,
                 deadline_ms: unix_ms() + left.as_millis() as u64,
-                attempt: 1,
+                attempt: req.attempt,
             }),
         );
         self.pending.insert(
-            req.cid,
+            cmd.cid.clone(),
             Pending {
-                conn: req.conn,
-                client_key: req.client_key,
-                client_id: req.client_id,
-                msg_type: req.msg_type,
-                service: req.service,
+                req,
                 worker: peer,
-                deadline,
+                partial_sent: false,
             },
         );
     }
@@ -489,36 +537,34 @@ impl Broker {
     /// Hands queued requests of these services to workers with free credits.
     fn drain_waiting(&mut self, services: &[String], out: &mut dyn Outbox) {
         for service in services {
-            while let Some(peer) = self.pick(service, true) {
+            while self.pick(service, true, None).is_some() {
                 let Some(cid) = self.queues.get_mut(service).and_then(|q| q.pop_front()) else {
                     break;
                 };
-                let Some(w) = self.waiting.remove(&cid) else {
+                let Some(req) = self.waiting.remove(&cid) else {
                     continue; // expired or cancelled meanwhile
                 };
-                if w.cmd.affinity {
+                if req.cmd.affinity {
                     // Affinity requests wait for their own home worker.
-                    match self.home_of(&w.cmd.conn, out) {
-                        Some((home, _, _))
-                            if self
-                                .workers
-                                .get(&home)
-                                .is_some_and(|h| h.in_flight < h.capacity) =>
-                        {
-                            self.dispatch(w.cmd, home, w.deadline, out)
+                    let conn = req.cmd.conn.clone();
+                    match self.home_of(&conn, out) {
+                        Some((home, _, _)) if self.has_credit(&home) => {
+                            self.dispatch(req, home, out)
                         }
                         _ => {
-                            let cid = w.cmd.cid.clone();
-                            self.waiting.insert(cid.clone(), w);
+                            self.waiting.insert(cid.clone(), req);
                             self.queues
                                 .entry(service.clone())
                                 .or_default()
-                                .push_back(cid);
+                                .push_front(cid);
                             break;
                         }
                     }
                 } else {
-                    self.dispatch(w.cmd, peer, w.deadline, out);
+                    let peer = self.pick(service, true, req.avoid.as_ref());
+                    if let Some(peer) = peer {
+                        self.dispatch(req, peer, out);
+                    }
                 }
             }
             if self.queues.get(service).is_some_and(|q| q.is_empty()) {
@@ -530,8 +576,7 @@ impl Broker {
     /// The router stops waiting for a request (client cancel, disconnect).
     /// `notify_client`: send the client its `cancelled` terminal frame.
     fn abandon(&mut self, cid: &Cid, reason: &str, notify_client: bool, out: &mut dyn Outbox) {
-        if let Some(p) = self.pending.remove(cid) {
-            self.deadlines.remove(&p.deadline);
+        let req = if let Some(p) = self.pending.remove(cid) {
             out.send(
                 &p.worker,
                 ToWorker::Cancel(proto::Cancel {
@@ -540,28 +585,25 @@ impl Broker {
                 }),
             );
             self.zombies.insert(cid.clone(), p.worker);
-            if notify_client {
-                self.fail_client(
-                    &p.conn,
-                    &p.client_key,
-                    p.client_id,
-                    cid,
-                    codes::CANCELLED,
-                    format!("request cancelled ({reason})"),
-                );
-            }
-        } else if let Some(w) = self.waiting.remove(cid) {
-            self.deadlines.remove(&w.deadline);
-            if notify_client {
-                self.fail_client(
-                    &w.cmd.conn,
-                    &w.cmd.client_key,
-                    w.cmd.client_id,
-                    cid,
-                    codes::CANCELLED,
-                    format!("request cancelled ({reason})"),
-                );
-            }
+            p.req
+        } else if let Some(r) = self.waiting.remove(cid) {
+            r
+        } else if let Some(r) = self.retrying.remove(cid) {
+            r
+        } else {
+            return;
+        };
+        if notify_client {
+            self.fail(
+                req,
+                codes::CANCELLED,
+                format!("request cancelled ({reason})"),
+                Outcome::Neutral,
+                false,
+            );
+        } else {
+            self.deadlines.try_remove(&req.deadline);
+            req.record(Outcome::Neutral);
         }
     }
 
@@ -576,26 +618,54 @@ impl Broker {
                 }),
             );
             self.zombies.insert(cid.clone(), p.worker);
-            warn!(correlation.id = %cid, session.id = %p.conn, "request timed out at the worker");
-            self.fail_client(
-                &p.conn,
-                &p.client_key,
-                p.client_id,
-                &cid,
-                codes::TIMEOUT,
-                "no final reply before the request's deadline".into(),
-            );
-        } else if let Some(w) = self.waiting.remove(&cid) {
-            warn!(correlation.id = %cid, session.id = %w.cmd.conn, "request timed out waiting for a free worker");
-            self.fail_client(
-                &w.cmd.conn,
-                &w.cmd.client_key,
-                w.cmd.client_id,
-                &cid,
-                codes::TIMEOUT,
-                "every worker stayed busy until the request's deadline".into(),
-            );
+            warn!(correlation.id = %cid, session.id = %p.req.cmd.conn, "request timed out at the worker");
+            let msg = "no final reply before the request's deadline".to_owned();
+            self.fail(p.req, codes::TIMEOUT, msg, Outcome::Failure, true);
+        } else if let Some(req) = self.waiting.remove(&cid) {
+            warn!(correlation.id = %cid, session.id = %req.cmd.conn, "request timed out waiting for a free worker");
+            let msg = "every worker stayed busy until the request's deadline".to_owned();
+            self.fail(req, codes::TIMEOUT, msg, Outcome::Failure, true);
+        } else if let Some(req) = self.retrying.remove(&cid) {
+            warn!(correlation.id = %cid, session.id = %req.cmd.conn, "request timed out between attempts");
+            let msg = "the request's deadline passed before another attempt".to_owned();
+            self.fail(req, codes::TIMEOUT, msg, Outcome::Failure, true);
         }
+    }
+
+    /// A retry's backoff is over: try another worker.
+    pub fn on_retry_due(&mut self, cid: Cid, out: &mut dyn Outbox) {
+        if let Some(req) = self.retrying.remove(&cid) {
+            self.place(req, out);
+        }
+    }
+
+    /// After a transient failure of `req`'s attempt at `failed`: schedule
+    /// another attempt if allowed, else fail it with `code`.
+    fn retry_or_fail(
+        &mut self,
+        mut req: InFlight,
+        failed: PeerId,
+        partial_sent: bool,
+        code: &str,
+        message: String,
+    ) {
+        let left = self
+            .deadlines
+            .deadline(&req.deadline)
+            .into_std()
+            .saturating_duration_since(Instant::now());
+        let base = RETRY_BASE * 2u32.saturating_pow(req.attempt - 1);
+        let backoff = base + base.mul_f64(rand::random::<f64>() * 0.5);
+        if partial_sent || !req.may_retry() || backoff >= left {
+            self.fail(req, code, message, Outcome::Failure, false);
+            return;
+        }
+        info!(correlation.id = %req.cmd.cid, attempt = req.attempt + 1, backoff_ms = backoff.as_millis() as u64, "retrying on another worker");
+        req.attempt += 1;
+        req.avoid = Some(failed);
+        let cid = req.cmd.cid.clone();
+        self.retry_timers.insert(cid.clone(), backoff);
+        self.retrying.insert(cid, req);
     }
 
     // ----- messages from workers --------------------------------------------------
@@ -606,6 +676,11 @@ impl Broker {
             return;
         }
         let Some(worker) = self.workers.get_mut(&peer) else {
+            // At most one goodbye per peer per heartbeat interval: a peer that
+            // floods the socket does not get a flood back.
+            if !self.told_to_hello.insert(peer.clone()) {
+                return;
+            }
             debug!(peer = ?peer, "message from an unregistered peer: asking it to say hello");
             out.send(
                 &peer,
@@ -619,47 +694,8 @@ impl Broker {
         worker.last_seen = Instant::now();
         match msg {
             FromWorker::Hello(_) | FromWorker::Heartbeat => {}
-            FromWorker::Reply(r) => {
-                let cid = Cid(r.cid);
-                match self.pending.get(&cid) {
-                    Some(p) if p.worker == peer => {
-                        let frame = OutFrame::reply(
-                            r.msg_type.unwrap_or_else(|| p.msg_type.clone()),
-                            Some(p.client_id.clone()),
-                            Some(&cid.0),
-                            r.data,
-                            r.done,
-                        );
-                        self.deliver(&p.conn, frame);
-                        if r.done {
-                            self.finish(&cid, out);
-                        }
-                    }
-                    _ => self.late(&peer, cid, r.done, out),
-                }
-            }
-            FromWorker::Error(e) => {
-                let cid = Cid(e.cid);
-                match self.pending.get(&cid) {
-                    Some(p) if p.worker == peer => {
-                        let code = if codes::is_valid_code(&e.code) {
-                            e.code
-                        } else {
-                            codes::WORKER_ERROR.to_owned()
-                        };
-                        let frame = OutFrame::error(
-                            Some(p.client_id.clone()),
-                            Some(&cid.0),
-                            &code,
-                            e.message,
-                            None,
-                        );
-                        self.deliver(&p.conn, frame);
-                        self.finish(&cid, out);
-                    }
-                    _ => self.late(&peer, cid, true, out),
-                }
-            }
+            FromWorker::Reply(r) => self.on_reply(peer, r, out),
+            FromWorker::Error(e) => self.on_error(peer, e, out),
             FromWorker::Push(p) => {
                 self.hub.send(
                     &ConnId(p.conn),
@@ -699,6 +735,9 @@ impl Broker {
                 self.hub.publish(&p.topic, &p.msg_type, p.data);
             }
             FromWorker::Bye(b) => {
+                let Some(worker) = self.workers.get_mut(&peer) else {
+                    return;
+                };
                 info!(worker = %worker.name, reason = %b.reason, in_flight = worker.in_flight, "worker is stopping: no new work");
                 worker.draining = true;
                 if worker.in_flight == 0 {
@@ -706,6 +745,64 @@ impl Broker {
                 }
             }
         }
+    }
+
+    fn on_reply(&mut self, peer: PeerId, r: proto::Reply, out: &mut dyn Outbox) {
+        let cid = Cid(r.cid);
+        let Some(p) = self.pending.get_mut(&cid).filter(|p| p.worker == peer) else {
+            self.late(&peer, cid, r.done, out);
+            return;
+        };
+        let cmd = &p.req.cmd;
+        let frame = OutFrame::reply(
+            r.msg_type.unwrap_or_else(|| cmd.msg_type.clone()),
+            Some(cmd.client_id.clone()),
+            Some(&cid.0),
+            r.data,
+            r.done,
+        );
+        let conn = cmd.conn.clone();
+        p.partial_sent = true;
+        self.deliver(&conn, frame);
+        if r.done {
+            self.complete(&cid, Outcome::Success, out);
+        }
+    }
+
+    fn on_error(&mut self, peer: PeerId, e: proto::ErrorReply, out: &mut dyn Outbox) {
+        let cid = Cid(e.cid);
+        if self.pending.get(&cid).is_none_or(|p| p.worker != peer) {
+            self.late(&peer, cid, true, out);
+            return;
+        }
+        let code = if codes::is_valid_code(&e.code) {
+            e.code
+        } else {
+            codes::WORKER_ERROR.to_owned()
+        };
+        if e.retryable {
+            // Invariant: checked just above that the request is pending here.
+            let Some(p) = self.pending.remove(&cid) else {
+                return;
+            };
+            self.release(&peer, out);
+            self.retry_or_fail(p.req, peer, p.partial_sent, &code, e.message);
+            return;
+        }
+        let outcome = error_outcome(&code, false);
+        if let Some(p) = self.pending.get(&cid) {
+            let cmd = &p.req.cmd;
+            let frame = OutFrame::error(
+                Some(cmd.client_id.clone()),
+                Some(&cid.0),
+                &code,
+                e.message,
+                e.retry_after_ms,
+            );
+            let conn = cmd.conn.clone();
+            self.deliver(&conn, frame);
+        }
+        self.complete(&cid, outcome, out);
     }
 
     /// A reply for a request the router no longer waits for (timed out,
@@ -723,11 +820,14 @@ impl Broker {
         }
     }
 
-    fn finish(&mut self, cid: &Cid, out: &mut dyn Outbox) {
+    /// The worker's terminal frame was delivered.
+    fn complete(&mut self, cid: &Cid, outcome: Outcome, out: &mut dyn Outbox) {
         if let Some(p) = self.pending.remove(cid) {
-            self.deadlines.remove(&p.deadline);
-            self.end_client_request(&p.conn, &p.client_key);
-            let _ = p.service;
+            self.deadlines.try_remove(&p.req.deadline);
+            p.req.record(outcome);
+            if let Some(c) = self.hub.get(&p.req.cmd.conn) {
+                c.end_request(&p.req.cmd.client_key);
+            }
             self.release(&p.worker, out);
         }
     }
@@ -813,6 +913,7 @@ impl Broker {
 
     /// Heartbeats out, dead workers out. Call every heartbeat interval.
     pub fn on_tick(&mut self, out: &mut dyn Outbox) {
+        self.told_to_hello.clear();
         let limit = self.cfg.heartbeat * self.cfg.liveness;
         let now = Instant::now();
         let dead: Vec<PeerId> = self
@@ -830,7 +931,8 @@ impl Broker {
         }
     }
 
-    /// Forgets a worker; its requests get their terminal `worker_error`.
+    /// Forgets a worker; its requests are retried elsewhere where allowed,
+    /// else get their terminal `worker_error`.
     pub fn remove_worker(&mut self, peer: &PeerId, why: &str, _out: &mut dyn Outbox) {
         let Some(worker) = self.workers.remove(peer) else {
             return;
@@ -846,23 +948,22 @@ impl Broker {
         } else {
             warn!(worker = %worker.name, reason = why, lost_requests = lost.len(), "worker declared dead");
         }
-        for cid in lost {
-            if let Some(p) = self.pending.remove(&cid) {
-                self.deadlines.remove(&p.deadline);
-                self.fail_client(
-                    &p.conn,
-                    &p.client_key,
-                    p.client_id,
-                    &cid,
-                    codes::WORKER_ERROR,
-                    format!("worker {} was lost before replying ({why})", worker.name),
-                );
-            }
-        }
         self.zombies.retain(|_, p| p != peer);
         for entry in self.conns.values_mut() {
             if entry.home.as_ref() == Some(peer) {
                 entry.home = None;
+            }
+        }
+        for cid in lost {
+            if let Some(p) = self.pending.remove(&cid) {
+                let msg = format!("worker {} was lost before replying ({why})", worker.name);
+                self.retry_or_fail(
+                    p.req,
+                    peer.clone(),
+                    p.partial_sent,
+                    codes::WORKER_ERROR,
+                    msg,
+                );
             }
         }
         // Requests waiting for a service that has no worker left cannot be served.
@@ -870,16 +971,9 @@ impl Broker {
             if self.live_workers_of(service).next().is_none() {
                 let queued: Vec<Cid> = self.queues.remove(service).unwrap_or_default().into();
                 for cid in queued {
-                    if let Some(w) = self.waiting.remove(&cid) {
-                        self.deadlines.remove(&w.deadline);
-                        self.fail_client(
-                            &w.cmd.conn,
-                            &w.cmd.client_key,
-                            w.cmd.client_id,
-                            &cid,
-                            codes::NO_WORKERS,
-                            format!("no live worker serves `{service}`"),
-                        );
+                    if let Some(req) = self.waiting.remove(&cid) {
+                        let msg = format!("no live worker serves `{service}`");
+                        self.fail(req, codes::NO_WORKERS, msg, Outcome::Failure, false);
                     }
                 }
             }
@@ -903,8 +997,9 @@ impl Broker {
         self.workers.len()
     }
 
+    /// Requests the router still owes a terminal frame.
     pub fn pending_count(&self) -> usize {
-        self.pending.len() + self.waiting.len()
+        self.pending.len() + self.waiting.len() + self.retrying.len()
     }
 }
 
@@ -1016,6 +1111,8 @@ mod tests {
                     data: json!({}),
                     timeout: Duration::from_millis(timeout_ms),
                     affinity: false,
+                    retries: 0,
+                    breaker: None,
                 }),
                 &mut self.out,
             );
@@ -1163,6 +1260,7 @@ mod tests {
                 code: "cancelled".into(),
                 message: "late".into(),
                 retryable: false,
+                retry_after_ms: None,
             }),
             &mut f.out,
         );
@@ -1228,6 +1326,7 @@ mod tests {
                     code: code.into(),
                     message: "m".into(),
                     retryable: false,
+                    retry_after_ms: None,
                 }),
                 &mut f.out,
             );

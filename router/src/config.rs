@@ -30,6 +30,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use jsonwebtoken::DecodingKey;
+
+use crate::policy::{auth::AuthPolicy, breaker::BreakerPolicy, ratelimit::RateLimitPolicy};
 use crate::routes::{Pattern, Route, RouteDefaults, RouteTable};
 
 /// The only routes file version this router understands.
@@ -140,6 +143,46 @@ pub struct DefaultsSpec {
     pub max_in_flight: Option<u64>,
     pub binary: Option<bool>,
     pub retries: Option<u64>,
+    pub rate_limit: Option<RateLimitSpec>,
+    pub circuit_breaker: Option<BreakerSpec>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub auth: Option<AuthSpec>,
+}
+
+/// `rateLimit`: each unset field takes the `defaults` value, then the built-in
+/// ([`RateLimitPolicy::DEFAULT`]). 0 disables that limit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    pub messages_per_second: Option<u32>,
+    pub message_burst: Option<u32>,
+    pub connections_per_minute: Option<u32>,
+    pub connection_burst: Option<u32>,
+    pub route_messages_per_second: Option<u32>,
+    pub close_after_rejections: Option<u32>,
+}
+
+/// `circuitBreaker`: each unset field takes the `defaults` value, then the built-in.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BreakerSpec {
+    pub failure_threshold: Option<u32>,
+    pub open_ms: Option<u64>,
+}
+
+/// `auth`: a route's object replaces the `defaults` one whole. Keys are never
+/// written in the routes file: HS256 secrets come from an environment variable,
+/// RS256 public keys from a PEM file (relative paths: from the working directory).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Default true: refuse connections without a valid token.
+    pub required: Option<bool>,
+    pub hs256_secret_env: Option<String>,
+    pub rs256_public_key_file: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_seconds: Option<u64>,
 }
 
 /// One entry of `routes`.
@@ -163,6 +206,10 @@ pub struct RouteSpec {
     #[serde(default)]
     pub affinity: bool,
     pub retries: Option<u64>,
+    pub rate_limit: Option<RateLimitSpec>,
+    pub circuit_breaker: Option<BreakerSpec>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub auth: Option<AuthSpec>,
 }
 
 /// The numeric knobs `defaults` and routes share, for checking them the same way.
@@ -254,6 +301,13 @@ impl RoutesFile {
                 retries: defaults.retries,
             }
             .check("defaults", &mut problems);
+            check_policies(
+                "defaults",
+                defaults.circuit_breaker.as_ref(),
+                defaults.allowed_origins.as_deref(),
+                defaults.auth.as_ref(),
+                &mut problems,
+            );
         }
         if self.routes.is_empty() {
             problems.push(Problem::new(
@@ -308,16 +362,22 @@ impl RoutesFile {
     /// Validates, then resolves every route's policies.
     pub fn into_table(self) -> Result<RouteTable, ConfigError> {
         self.validate()?;
-        let defaults = self.resolved_defaults();
-        let routes = self
+        // Keys are loaded here (environment, files): that can still fail.
+        let mut problems = Vec::new();
+        let defaults = self.resolved_defaults(&mut problems);
+        let routes: Vec<Route> = self
             .routes
             .into_iter()
-            .map(|spec| spec.resolve(&defaults))
+            .enumerate()
+            .map(|(i, spec)| spec.resolve(&defaults, &format!("routes[{i}]"), &mut problems))
             .collect();
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
         Ok(RouteTable::with_defaults(routes, defaults))
     }
 
-    fn resolved_defaults(&self) -> RouteDefaults {
+    fn resolved_defaults(&self, problems: &mut Vec<Problem>) -> RouteDefaults {
         let builtin = RouteDefaults::BUILTIN;
         let spec = self.defaults.clone().unwrap_or_default();
         RouteDefaults {
@@ -336,6 +396,13 @@ impl RoutesFile {
             retries: spec
                 .retries
                 .map_or(builtin.retries, |r| u32::try_from(r).unwrap_or(u32::MAX)),
+            rate_limit: merge_rate_limit(&builtin.rate_limit, spec.rate_limit.as_ref()),
+            breaker: merge_breaker(&builtin.breaker, spec.circuit_breaker.as_ref()),
+            allowed_origins: spec.allowed_origins.clone(),
+            auth: spec
+                .auth
+                .as_ref()
+                .and_then(|a| resolve_auth(a, "defaults.auth", problems)),
         }
     }
 }
@@ -402,9 +469,20 @@ impl RouteSpec {
             retries: self.retries,
         }
         .check(at, problems);
+        check_policies(
+            at,
+            self.circuit_breaker.as_ref(),
+            self.allowed_origins.as_deref(),
+            self.auth.as_ref(),
+            problems,
+        );
     }
 
-    fn resolve(self, defaults: &RouteDefaults) -> Route {
+    fn resolve(self, defaults: &RouteDefaults, at: &str, problems: &mut Vec<Problem>) -> Route {
+        let auth = match &self.auth {
+            Some(a) => resolve_auth(a, &format!("{at}.auth"), problems),
+            None => defaults.auth.clone(),
+        };
         Route {
             service: self.service.unwrap_or_else(|| self.path.clone()),
             path: self.path,
@@ -429,8 +507,130 @@ impl RouteSpec {
             retries: self
                 .retries
                 .map_or(defaults.retries, |r| u32::try_from(r).unwrap_or(u32::MAX)),
+            rate_limit: merge_rate_limit(&defaults.rate_limit, self.rate_limit.as_ref()),
+            breaker: merge_breaker(&defaults.breaker, self.circuit_breaker.as_ref()),
+            allowed_origins: self
+                .allowed_origins
+                .or_else(|| defaults.allowed_origins.clone()),
+            auth,
         }
     }
+}
+
+fn merge_rate_limit(base: &RateLimitPolicy, spec: Option<&RateLimitSpec>) -> RateLimitPolicy {
+    let Some(s) = spec else { return *base };
+    RateLimitPolicy {
+        messages_per_second: s.messages_per_second.unwrap_or(base.messages_per_second),
+        message_burst: s.message_burst.unwrap_or(base.message_burst),
+        connections_per_minute: s
+            .connections_per_minute
+            .unwrap_or(base.connections_per_minute),
+        connection_burst: s.connection_burst.unwrap_or(base.connection_burst),
+        route_messages_per_second: s
+            .route_messages_per_second
+            .unwrap_or(base.route_messages_per_second),
+        close_after_rejections: s
+            .close_after_rejections
+            .unwrap_or(base.close_after_rejections),
+    }
+}
+
+fn merge_breaker(base: &BreakerPolicy, spec: Option<&BreakerSpec>) -> BreakerPolicy {
+    let Some(s) = spec else { return *base };
+    BreakerPolicy {
+        failure_threshold: s.failure_threshold.unwrap_or(base.failure_threshold),
+        open_for: s.open_ms.map_or(base.open_for, Duration::from_millis),
+    }
+}
+
+/// Checks of the policy objects that need no I/O.
+fn check_policies(
+    at: &str,
+    breaker: Option<&BreakerSpec>,
+    origins: Option<&[String]>,
+    auth: Option<&AuthSpec>,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(b) = breaker {
+        if b.failure_threshold == Some(0) {
+            problems.push(Problem::new(
+                format!("{at}.circuitBreaker.failureThreshold"),
+                "must be at least 1",
+            ));
+        }
+        if let Some(ms) = b.open_ms {
+            if !(1..=3_600_000).contains(&ms) {
+                problems.push(Problem::new(
+                    format!("{at}.circuitBreaker.openMs"),
+                    format!("must be between 1 and 3600000 milliseconds, got {ms}"),
+                ));
+            }
+        }
+    }
+    for (i, o) in origins.unwrap_or_default().iter().enumerate() {
+        let ok = o == "*" || o.starts_with("http://") || o.starts_with("https://");
+        if !ok || o.ends_with('/') {
+            problems.push(Problem::new(
+                format!("{at}.allowedOrigins[{i}]"),
+                format!("`{o}` is not an origin: write `*` or `scheme://host[:port]` without a trailing slash"),
+            ));
+        }
+    }
+    if let Some(a) = auth {
+        if a.hs256_secret_env.is_none() && a.rs256_public_key_file.is_none() {
+            problems.push(Problem::new(
+                format!("{at}.auth"),
+                "set `hs256SecretEnv` and/or `rs256PublicKeyFile`: without a key no token can be verified",
+            ));
+        }
+    }
+}
+
+/// Loads the keys of an `auth` object; failures are problems at `at`.
+fn resolve_auth(spec: &AuthSpec, at: &str, problems: &mut Vec<Problem>) -> Option<AuthPolicy> {
+    let hs256 = match &spec.hs256_secret_env {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(secret) if !secret.is_empty() => Some(DecodingKey::from_secret(secret.as_bytes())),
+            _ => {
+                problems.push(Problem::new(
+                    format!("{at}.hs256SecretEnv"),
+                    format!("environment variable {var} is not set (or empty)"),
+                ));
+                None
+            }
+        },
+    };
+    let rs256 = match &spec.rs256_public_key_file {
+        None => None,
+        Some(file) => match std::fs::read(file) {
+            Ok(pem) => match DecodingKey::from_rsa_pem(&pem) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        format!("{at}.rs256PublicKeyFile"),
+                        format!("{file} is not an RSA public key in PEM: {e}"),
+                    ));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.push(Problem::new(
+                    format!("{at}.rs256PublicKeyFile"),
+                    format!("cannot read {file}: {e}"),
+                ));
+                None
+            }
+        },
+    };
+    Some(AuthPolicy {
+        required: spec.required.unwrap_or(true),
+        hs256,
+        rs256,
+        issuer: spec.issuer.clone(),
+        audience: spec.audience.clone(),
+        leeway_s: spec.leeway_seconds.unwrap_or(30),
+    })
 }
 
 #[cfg(test)]
@@ -564,6 +764,10 @@ mod tests {
             binary: true,
             affinity: true,
             retries: 2,
+            rate_limit: RateLimitPolicy::DEFAULT,
+            breaker: BreakerPolicy::DEFAULT,
+            allowed_origins: None,
+            auth: None,
         };
         assert_eq!(**b, want);
     }

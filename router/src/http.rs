@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     ids::ConnId,
+    policy::{auth, ratelimit::retry_after_ms},
     session::{self, SessionStart},
     state::AppState,
 };
@@ -60,10 +61,12 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
 async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let table = app.route_table();
     let snapshot = app.bridge.snapshot().await;
+    let now = std::time::Instant::now();
     let routes: Vec<_> = table
         .routes()
         .iter()
         .map(|r| {
+            let runtime = app.runtimes.peek(&r.path);
             let workers: Vec<_> = snapshot
                 .workers
                 .iter()
@@ -82,6 +85,8 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 "max_message_bytes": r.max_message_bytes,
                 "max_in_flight": r.max_in_flight,
                 "live_workers": workers.iter().filter(|w| w["draining"] == false).count(),
+                "connections": runtime.as_ref().map_or(0, |rt| rt.connections()),
+                "breaker": runtime.as_ref().map_or("closed", |rt| rt.breaker.state(now).as_str()),
                 "workers": workers,
             })
         })
@@ -130,7 +135,7 @@ async fn upgrade(
             json!({ "path": path }),
         );
     }
-    let ws = match ws {
+    let mut ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
             let why = rejection.body_text();
@@ -144,6 +149,86 @@ async fn upgrade(
         }
     };
     let route = found.route;
+    let origin = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if let Err(why) = auth::check_origin(route.allowed_origins.as_deref(), origin) {
+        warn!(%remote, path, origin, reason = %why, "refused: origin");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            &format!("{why} of {}", route.path),
+            json!({ "path": path, "origin": origin, "allowed_origins": route.allowed_origins }),
+        );
+    }
+    let query = parse_query(uri.query());
+    let mut claims = None;
+    if let Some(policy) = &route.auth {
+        match auth::find_token(&headers, &query) {
+            None if policy.required => {
+                warn!(%remote, path, "refused: missing token");
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    &format!("{} needs a token: send `Authorization: Bearer <jwt>`, a `token` query parameter, or the subprotocols `bearer, <jwt>`", route.path),
+                    json!({ "path": path }),
+                );
+            }
+            None => {}
+            Some((token, source)) => match auth::verify(policy, &token) {
+                Ok(c) => {
+                    claims = Some(c);
+                    if source == auth::TokenSource::Subprotocol {
+                        // Browsers fail the connection unless one of their
+                        // subprotocols is selected.
+                        ws = ws.protocols(["bearer"]);
+                    }
+                }
+                Err(why) => {
+                    warn!(%remote, path, reason = %why, "refused: invalid token");
+                    return refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        &why,
+                        json!({ "path": path }),
+                    );
+                }
+            },
+        }
+    }
+    let runtime = app.runtimes.get(&route.path);
+    let Some(slot) = runtime.try_connect(route.max_connections) else {
+        warn!(%remote, path, limit = route.max_connections, "refused: route at its connection limit");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "route_full",
+            &format!(
+                "{} is at its limit of {} connections",
+                route.path, route.max_connections
+            ),
+            json!({ "path": path, "max_connections": route.max_connections }),
+        );
+    };
+    if app.settings.enable_rate_limit {
+        if let Err(wait) = runtime
+            .limits(&route.rate_limit)
+            .connections
+            .check(remote.ip())
+        {
+            let retry_after_ms = retry_after_ms(wait);
+            warn!(%remote, path, retry_after_ms, "refused: connection rate limit");
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!(
+                    "too many new connections from {} to {}",
+                    remote.ip(),
+                    route.path
+                ),
+                json!({ "path": path, "retry_after_ms": retry_after_ms }),
+            );
+        }
+    }
     let conn = ConnId::new();
     let connect = proto::Connect {
         conn: conn.0.clone(),
@@ -151,13 +236,13 @@ async fn upgrade(
         service: route.service.clone(),
         path: path.to_owned(),
         params: found.params,
-        query: parse_query(uri.query()),
+        query,
         headers: headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
         remote: remote.to_string(),
-        claims: None,
+        claims,
     };
     let limit = route.max_message_bytes;
     let sessions = app.sessions.clone();
@@ -165,12 +250,22 @@ async fn upgrade(
         conn,
         route,
         connect,
+        runtime,
+        slot,
     };
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        // tungstenite allocates its read buffer eagerly (128 KiB by default):
+        // a small one keeps idle connections cheap; it grows for big messages.
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limit.saturating_mul(2).max(64 * 1024))
         .on_failed_upgrade(move |e| info!(%remote, error = %e, "upgrade failed"))
         .on_upgrade(move |socket| sessions.track_future(session::run(socket, app, start)))
 }
+
+/// Initial WebSocket read buffer per connection.
+const READ_BUFFER: usize = 4 * 1024;
 
 /// Query parameters, last value wins; undecodable pairs are kept verbatim.
 fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {

@@ -28,6 +28,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod policy;
 pub mod routes;
 pub mod server;
 pub mod session;

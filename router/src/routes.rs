@@ -33,8 +33,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::policy::{auth::AuthPolicy, breaker::BreakerPolicy, ratelimit::RateLimitPolicy};
+
 /// One route, with every policy resolved (file values over `defaults` over built-ins).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// The pattern as written in the routes file (also the route's name in logs and `/routes`).
     pub path: String,
@@ -59,6 +61,12 @@ pub struct Route {
     pub affinity: bool,
     /// Extra attempts after a transient failure (0..=2, so at most 3 attempts).
     pub retries: u32,
+    pub rate_limit: RateLimitPolicy,
+    pub breaker: BreakerPolicy,
+    /// Browser origins allowed to connect; `None` = any.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Token checks; `None` = no tokens looked at.
+    pub auth: Option<AuthPolicy>,
 }
 
 impl Route {
@@ -72,7 +80,7 @@ impl Route {
 }
 
 /// Policy values a route gets for every knob the routes file leaves unset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteDefaults {
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
@@ -80,6 +88,10 @@ pub struct RouteDefaults {
     pub max_in_flight: usize,
     pub binary: bool,
     pub retries: u32,
+    pub rate_limit: RateLimitPolicy,
+    pub breaker: BreakerPolicy,
+    pub allowed_origins: Option<Vec<String>>,
+    pub auth: Option<AuthPolicy>,
 }
 
 impl RouteDefaults {
@@ -91,6 +103,10 @@ impl RouteDefaults {
         max_in_flight: 64,
         binary: true,
         retries: 0,
+        rate_limit: RateLimitPolicy::DEFAULT,
+        breaker: BreakerPolicy::DEFAULT,
+        allowed_origins: None,
+        auth: None,
     };
 
     /// A route with these policies and nothing else set (e.g. a route a worker registers
@@ -111,6 +127,10 @@ impl RouteDefaults {
             binary: self.binary,
             affinity: false,
             retries: self.retries,
+            rate_limit: self.rate_limit,
+            breaker: self.breaker,
+            allowed_origins: self.allowed_origins.clone(),
+            auth: self.auth.clone(),
         }
     }
 }

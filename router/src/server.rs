@@ -82,6 +82,20 @@ pub async fn run(
             .await
     });
 
+    // Per-IP limiter entries that have refilled carry no information: drop
+    // them so the maps do not grow with every address ever seen.
+    let janitor_state = state.clone();
+    let janitor_stop = stop_bridge.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = janitor_stop.cancelled() => break,
+                _ = every.tick() => janitor_state.runtimes.evict_idle(),
+            }
+        }
+    });
+
     state.set_ready(true);
     info!(http = %http_addr, bridge = %endpoints.bridge, publish = %endpoints.publish, router.id = %router_id, "router listening");
     on_listening(&Listening {

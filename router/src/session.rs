@@ -15,10 +15,16 @@ use serde_json::{json, Value};
 use tracing::{debug, info, Instrument};
 
 use crate::{
-    broker::{Command, RequestCmd},
+    bridge::Busy,
+    broker::{BreakerTicket, Command, RequestCmd},
     client::{self, unix_ms, ClientMessage, OutFrame, Outbound},
     hub::ConnShared,
     ids::{Cid, ConnId},
+    policy::{
+        breaker::{BreakerState, Outcome},
+        ratelimit::{retry_after_ms, Limiter},
+        runtime::{ConnectionSlot, RouteRuntime},
+    },
     routes::Route,
     state::AppState,
 };
@@ -31,6 +37,9 @@ pub struct SessionStart {
     pub conn: ConnId,
     pub route: Arc<Route>,
     pub connect: proto::Connect,
+    pub runtime: Arc<RouteRuntime>,
+    /// Counts the connection against the route's limit until the session ends.
+    pub slot: ConnectionSlot,
 }
 
 /// How a session ended: the close code it sent or received, and why.
@@ -51,13 +60,21 @@ where
         info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
         app.bridge.send(Command::Connect(Box::new(start.connect))).await;
 
+        let limiter = Limiter::per_second(
+            start.route.rate_limit.messages_per_second,
+            start.route.rate_limit.message_burst,
+        );
         let mut session = Session {
             app: app.clone(),
             route: start.route,
+            runtime: start.runtime,
             shared: shared.clone(),
             seq: 0,
+            limiter,
+            rejections: 0,
         };
         let ending = session.serve(socket, outbound).await;
+        drop(start.slot);
 
         app.hub.unregister(&start.conn);
         let cids = shared.drain_inflight();
@@ -82,8 +99,13 @@ where
 struct Session {
     app: Arc<AppState>,
     route: Arc<Route>,
+    runtime: Arc<RouteRuntime>,
     shared: Arc<ConnShared>,
     seq: u64,
+    /// This connection's message rate.
+    limiter: Limiter,
+    /// Consecutive messages refused by a rate limit.
+    rejections: u32,
 }
 
 /// The socket failed while writing: the peer is gone.
@@ -159,6 +181,9 @@ impl Session {
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Text(text))) => {
+                            if !self.admit_message(|| client::parse(text.as_str()).ok().and_then(|m| m.id)) {
+                                continue;
+                            }
                             if raw {
                                 self.forward_raw(false, text.as_bytes().to_vec().into());
                             } else if drain_deadline.is_some() {
@@ -168,6 +193,9 @@ impl Session {
                             }
                         }
                         Some(Ok(Message::Binary(data))) => {
+                            if !self.admit_message(|| None) {
+                                continue;
+                            }
                             if raw {
                                 self.forward_raw(true, data);
                             } else {
@@ -259,6 +287,89 @@ impl Session {
     /// and ordering stay with the writer).
     fn reply(&self, frame: OutFrame) {
         self.shared.send(frame.into());
+    }
+
+    /// Applies the message rate limits (connection, then route). A refused
+    /// message gets `rate_limited` with `retry_after_ms` (raw routes have no
+    /// error frame, so they are closed at once); a connection that keeps
+    /// sending through `close_after_rejections` refusals is closed with 1008.
+    fn admit_message(&mut self, id_of: impl FnOnce() -> Option<Value>) -> bool {
+        if !self.app.settings.enable_rate_limit {
+            return true;
+        }
+        let policy = self.route.rate_limit;
+        let wait = match self.limiter.check() {
+            Err(wait) => Some(wait),
+            Ok(()) => self.runtime.limits(&policy).messages.check().err(),
+        };
+        let Some(wait) = wait else {
+            self.rejections = 0;
+            return true;
+        };
+        self.rejections += 1;
+        if self.route.raw || self.rejections >= policy.close_after_rejections.max(1) {
+            info!(
+                rejections = self.rejections,
+                "closing: rate limit exceeded repeatedly"
+            );
+            self.shared.close(1008, "rate limit exceeded");
+            return false;
+        }
+        self.reply(OutFrame::error(
+            id_of(),
+            None,
+            codes::RATE_LIMITED,
+            format!(
+                "more than {} messages per second on this connection or route",
+                policy.messages_per_second
+            ),
+            Some(retry_after_ms(wait)),
+        ));
+        false
+    }
+
+    /// Fails fast while the route's circuit is open; `Ok` carries the
+    /// admission to hand to the broker with the request.
+    fn admit_request(&self) -> Result<BreakerTicket, u64> {
+        let policy = self.route.breaker;
+        match self
+            .runtime
+            .breaker
+            .admit(std::time::Instant::now(), &policy)
+        {
+            Ok(admit) => Ok(BreakerTicket {
+                breaker: self.runtime.breaker.clone(),
+                admit,
+                policy,
+            }),
+            Err(wait) => Err(retry_after_ms(wait)),
+        }
+    }
+
+    fn circuit_is_open(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        (self.runtime.breaker.state(now) == BreakerState::Open).then(|| {
+            retry_after_ms(
+                self.runtime
+                    .breaker
+                    .admit(now, &self.route.breaker)
+                    .err()
+                    .unwrap_or_default(),
+            )
+        })
+    }
+
+    fn circuit_open_error(&self, id: Option<Value>, retry_after: u64) -> OutFrame {
+        OutFrame::error(
+            id,
+            None,
+            codes::CIRCUIT_OPEN,
+            format!(
+                "{} is failing: its circuit breaker is open",
+                self.route.path
+            ),
+            Some(retry_after),
+        )
     }
 
     fn forward_raw(&self, binary: bool, payload: bytes::Bytes) {
@@ -444,6 +555,10 @@ impl Session {
         }
         let conn = self.shared.id.clone();
         let Some(id) = msg.id else {
+            if let Some(wait) = self.circuit_is_open() {
+                self.reply(self.circuit_open_error(None, wait));
+                return;
+            }
             let cmd = Command::Event {
                 conn,
                 msg_type: msg.msg_type,
@@ -474,6 +589,23 @@ impl Session {
             return;
         }
         let key = id.to_string();
+        if self.shared.cid_of(&key).is_some() {
+            self.reply(OutFrame::error(
+                Some(id),
+                None,
+                codes::BAD_REQUEST,
+                "a request with this id is already in flight",
+                None,
+            ));
+            return;
+        }
+        let ticket = match self.admit_request() {
+            Ok(t) => t,
+            Err(wait) => {
+                self.reply(self.circuit_open_error(Some(id), wait));
+                return;
+            }
+        };
         let cid = Cid::new();
         if !self.shared.begin_request(key.clone(), cid.clone()) {
             self.reply(OutFrame::error(
@@ -497,8 +629,22 @@ impl Session {
             data: msg.data,
             timeout: self.route.request_timeout,
             affinity: self.route.affinity,
+            retries: self.route.retries,
+            breaker: Some(ticket),
         });
-        if self.app.bridge.try_send(cmd).is_err() {
+        if let Err(Busy(cmd)) = self.app.bridge.try_send(cmd) {
+            // Give back a half-open probe slot this request would hold forever.
+            if let Command::Request(RequestCmd {
+                breaker: Some(t), ..
+            }) = *cmd
+            {
+                t.breaker.record(
+                    t.admit,
+                    Outcome::Neutral,
+                    std::time::Instant::now(),
+                    &t.policy,
+                );
+            }
             self.shared.end_request(&key);
             self.reply(OutFrame::error(
                 Some(id),

@@ -8,7 +8,10 @@ use std::sync::{
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{bridge::BridgeHandle, hub::Hub, routes::RouteTable, settings::Settings};
+use crate::{
+    bridge::BridgeHandle, hub::Hub, policy::runtime::Runtimes, routes::RouteTable,
+    settings::Settings,
+};
 
 pub struct AppState {
     pub settings: Settings,
@@ -20,6 +23,8 @@ pub struct AppState {
     pub draining: CancellationToken,
     /// Every upgraded session, so shutdown can wait for them (axum does not).
     pub sessions: TaskTracker,
+    /// Live policy state per route (breakers, limiters, connection counts).
+    pub runtimes: Runtimes,
     ready: AtomicBool,
 }
 
@@ -37,6 +42,7 @@ impl AppState {
             bridge,
             draining: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            runtimes: Runtimes::default(),
             ready: AtomicBool::new(false),
         }
     }
