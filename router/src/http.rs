@@ -2,7 +2,7 @@
 //! WebSocket upgrade of every route. Refusals answer with a JSON body that
 //! says exactly why, and are logged the same way.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     extract::{
@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     ids::ConnId,
+    listener::{self, PeerInfo},
     policy::{auth, ratelimit::retry_after_ms},
     session::{self, SessionStart},
     state::AppState,
@@ -31,6 +32,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/routes", get(routes))
         .fallback(upgrade)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            listener::extend_deadline,
+        ))
         .with_state(state)
 }
 
@@ -105,11 +110,12 @@ fn refuse(status: StatusCode, code: &str, message: &str, extra: serde_json::Valu
 
 async fn upgrade(
     State(app): State<Arc<AppState>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     uri: Uri,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let remote = peer.addr;
     let path = uri.path();
     let table = app.route_table();
     let Some(found) = table.find(path) else {
@@ -253,6 +259,8 @@ async fn upgrade(
         runtime,
         slot,
     };
+    // The handshake is done; the session's pings take over liveness.
+    peer.deadline.disarm();
     ws.max_message_size(limit)
         .max_frame_size(limit)
         // tungstenite allocates its read buffer eagerly (128 KiB by default):

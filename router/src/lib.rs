@@ -17,6 +17,8 @@
 //! - [`bridge`]: the only module that touches ZeroMQ sockets.
 //! - [`server`]: wiring and the shutdown sequence; [`state`]: shared state.
 //! - [`ids`]: correlation and session ids.
+//! - [`listener`]: the TCP listener with a handshake deadline per connection.
+//! - [`policy`]: rate limits, circuit breakers, origin and token checks.
 //!
 //! The binary (`src/main.rs`) only parses settings, sets up logging, loads
 //! the routes, binds the listener and calls [`server::run`].
@@ -28,6 +30,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod listener;
 pub mod policy;
 pub mod routes;
 pub mod server;

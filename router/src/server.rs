@@ -18,6 +18,7 @@ use crate::{
     http,
     hub::Hub,
     ids::ConnId,
+    listener::{DeadlineListener, PeerInfo},
     routes::RouteTable,
     settings::Settings,
     state::AppState,
@@ -74,7 +75,8 @@ pub async fn run(
     let drain_timeout = settings.drain_timeout();
     let state = Arc::new(AppState::new(settings, routes_rx, hub.clone(), bridge));
     let http_addr = listener.local_addr()?;
-    let app = http::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = http::app(state.clone()).into_make_service_with_connect_info::<PeerInfo>();
+    let listener = DeadlineListener::new(listener, state.settings.handshake_timeout());
     let draining = state.draining.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -47,6 +47,10 @@ pub struct Settings {
     /// silent for three intervals is closed.
     #[arg(long, env = "CLIENT_PING_MS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub client_ping_ms: u64,
+    /// How long a new connection may take to send its request or upgrade, in
+    /// milliseconds; an idle HTTP keep-alive connection is closed after it too.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub handshake_timeout_ms: u64,
     /// How long in-flight requests may take to finish on shutdown, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
@@ -68,6 +72,10 @@ impl Settings {
 
     pub fn client_ping(&self) -> Duration {
         Duration::from_millis(self.client_ping_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 
     pub fn drain_timeout(&self) -> Duration {
