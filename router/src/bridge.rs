@@ -20,6 +20,8 @@ use zeromq::{RouterRecvHalf, RouterSendHalf, Socket, SocketRecv, SocketSend, Zmq
 use crate::{
     broker::{Broker, BrokerConfig, Command, Outbox, PeerId, Snapshot},
     hub::Hub,
+    metrics::Metrics,
+    registry::RouteRegistry,
 };
 
 /// Commands that may queue up before sessions see `overloaded`.
@@ -92,6 +94,8 @@ pub struct BridgeConfig {
 pub async fn start(
     cfg: BridgeConfig,
     hub: Arc<Hub>,
+    registry: Arc<RouteRegistry>,
+    metrics: Arc<Metrics>,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(BridgeHandle, Endpoints), BridgeError> {
@@ -123,9 +127,10 @@ pub async fn start(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (send_half, recv_half) = router.split();
     let heartbeat = cfg.broker.heartbeat;
-    let broker = Broker::new(cfg.broker, hub.clone());
+    let broker = Broker::new(cfg.broker, hub.clone(), Some(registry), metrics.clone());
     tracker.spawn(owner_loop(
         broker,
+        metrics.clone(),
         send_half,
         recv_half,
         rx,
@@ -177,6 +182,7 @@ async fn flush(outbox: &mut ZmqOutbox, socket: &mut RouterSendHalf) -> Vec<PeerI
 
 async fn owner_loop(
     mut broker: Broker,
+    metrics: Arc<Metrics>,
     mut send: RouterSendHalf,
     mut recv: RouterRecvHalf,
     mut commands: mpsc::Receiver<Command>,
@@ -198,9 +204,15 @@ async fn owner_loop(
                 }
             }
             msg = recv.recv() => match msg {
-                Ok(msg) => on_frame(&mut broker, msg, &mut outbox),
+                Ok(msg) => {
+                    if !on_frame(&mut broker, msg, &mut outbox) {
+                        metrics.bridge_invalid();
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "bridge receive failed");
+                    // Do not spin if the socket keeps failing.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
             Some(expired) = broker.deadlines.next() => {
@@ -223,21 +235,27 @@ async fn owner_loop(
     info!("bridge stopped");
 }
 
-fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) {
+/// Decodes one frame from a worker and hands it to the broker; `false` if
+/// it was dropped as invalid.
+fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) -> bool {
     let mut frames = msg.into_vecdeque();
     let Some(peer) = frames.pop_front() else {
-        return;
+        return false;
     };
     // Exactly one payload frame per message (PROTOCOL.md).
     if frames.len() != 1 {
         warn!(peer = ?peer, frames = frames.len(), "bridge message with other than one payload frame: dropped");
-        return;
+        return false;
     }
     let payload = &frames[0];
     match decode_from_worker(payload) {
-        Ok(m) => broker.on_worker_message(peer, m, outbox),
+        Ok(m) => {
+            broker.on_worker_message(peer, m, outbox);
+            true
+        }
         Err(e) => {
-            warn!(peer = ?peer, bytes = payload.len(), error = %e, "undecodable bridge message: dropped")
+            warn!(peer = ?peer, bytes = payload.len(), error = %e, "undecodable bridge message: dropped");
+            false
         }
     }
 }

@@ -41,7 +41,9 @@ use crate::{
     client::{unix_ms, OutFrame, Outbound},
     hub::Hub,
     ids::{Cid, ConnId},
+    metrics::Metrics,
     policy::breaker::{Admit, Breaker, BreakerPolicy, Outcome},
+    registry::RouteRegistry,
 };
 
 /// ZeroMQ identity of a worker's DEALER connection.
@@ -155,6 +157,7 @@ struct InFlight {
     deadline: delay_queue::Key,
     /// The worker that failed the previous attempt (tried last next time).
     avoid: Option<PeerId>,
+    started: Instant,
 }
 
 impl InFlight {
@@ -210,6 +213,9 @@ fn error_outcome(code: &str, retryable: bool) -> Outcome {
 pub struct Broker {
     cfg: BrokerConfig,
     hub: Arc<Hub>,
+    /// For dynamic routes (workers registering path-named services).
+    registry: Option<Arc<RouteRegistry>>,
+    metrics: Arc<Metrics>,
     workers: HashMap<PeerId, Worker>,
     pending: HashMap<Cid, Pending>,
     /// Requests the router gave up on but the worker has not finished:
@@ -229,10 +235,17 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(cfg: BrokerConfig, hub: Arc<Hub>) -> Self {
+    pub fn new(
+        cfg: BrokerConfig,
+        hub: Arc<Hub>,
+        registry: Option<Arc<RouteRegistry>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             cfg,
             hub,
+            registry,
+            metrics,
             workers: HashMap::new(),
             pending: HashMap::new(),
             zombies: HashMap::new(),
@@ -264,6 +277,8 @@ impl Broker {
             self.deadlines.try_remove(&req.deadline);
         }
         req.record(outcome);
+        self.metrics
+            .request_finished(&req.cmd.route, req.started.elapsed());
         let cmd = req.cmd;
         if let Some(c) = self.hub.get(&cmd.conn) {
             c.end_request(&cmd.client_key);
@@ -453,6 +468,7 @@ impl Broker {
             attempt: 1,
             deadline,
             avoid: None,
+            started: Instant::now(),
         };
         self.place(req, out);
     }
@@ -825,6 +841,8 @@ impl Broker {
         if let Some(p) = self.pending.remove(cid) {
             self.deadlines.try_remove(&p.req.deadline);
             p.req.record(outcome);
+            self.metrics
+                .request_finished(&p.req.cmd.route, p.req.started.elapsed());
             if let Some(c) = self.hub.get(&p.req.cmd.conn) {
                 c.end_request(&p.req.cmd.client_key);
             }
@@ -908,6 +926,11 @@ impl Broker {
                 liveness: self.cfg.liveness,
             }),
         );
+        if let Some(registry) = &self.registry {
+            for s in &services {
+                registry.add_dynamic(s);
+            }
+        }
         self.drain_waiting(&services, out);
     }
 
@@ -969,6 +992,9 @@ impl Broker {
         // Requests waiting for a service that has no worker left cannot be served.
         for service in &worker.services {
             if self.live_workers_of(service).next().is_none() {
+                if let Some(registry) = &self.registry {
+                    registry.remove_dynamic(service);
+                }
                 let queued: Vec<Cid> = self.queues.remove(service).unwrap_or_default().into();
                 for cid in queued {
                     if let Some(req) = self.waiting.remove(&cid) {
@@ -1057,7 +1083,7 @@ mod tests {
             secret: None,
         };
         Fixture {
-            broker: Broker::new(cfg, hub.clone()),
+            broker: Broker::new(cfg, hub.clone(), None, Arc::new(Metrics::new())),
             hub,
             out: Recorder::default(),
         }

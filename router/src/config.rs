@@ -513,6 +513,7 @@ impl RouteSpec {
                 .allowed_origins
                 .or_else(|| defaults.allowed_origins.clone()),
             auth,
+            dynamic: false,
         }
     }
 }
@@ -768,6 +769,7 @@ mod tests {
             breaker: BreakerPolicy::DEFAULT,
             allowed_origins: None,
             auth: None,
+            dynamic: false,
         };
         assert_eq!(**b, want);
     }

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::{
     ids::ConnId,
     listener::{self, PeerInfo},
-    policy::{auth, ratelimit::retry_after_ms},
+    policy::{auth, breaker::BreakerState, ratelimit::retry_after_ms},
     session::{self, SessionStart},
     state::AppState,
 };
@@ -31,6 +31,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/routes", get(routes))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
         .fallback(upgrade)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -84,6 +86,7 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 "description": r.description,
                 "capabilities": r.capabilities,
                 "raw": r.raw,
+                "dynamic": r.dynamic,
                 "binary": r.binary,
                 "affinity": r.affinity,
                 "request_timeout_ms": r.request_timeout.as_millis() as u64,
@@ -97,6 +100,93 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         })
         .collect();
     Json(json!({ "routes": routes, "connections": app.hub.len() }))
+}
+
+/// Prometheus (OpenMetrics text) exposition. Gauges that mirror state held
+/// elsewhere (breakers, workers) are refreshed at scrape time.
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let now = std::time::Instant::now();
+    for r in app.route_table().routes() {
+        let state = app
+            .runtimes
+            .peek(&r.path)
+            .map_or(0, |rt| match rt.breaker.state(now) {
+                BreakerState::Closed => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
+            });
+        app.metrics.set_breaker(&r.path, state);
+    }
+    let snapshot = app.bridge.snapshot().await;
+    let mut per_service: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for w in &snapshot.workers {
+        for s in &w.services {
+            let e = per_service.entry(s.clone()).or_default();
+            e.0 += i64::from(!w.draining);
+            e.1 += i64::from(w.in_flight);
+        }
+    }
+    let rows: Vec<(String, i64, i64)> = per_service
+        .into_iter()
+        .map(|(s, (live, in_flight))| (s, live, in_flight))
+        .collect();
+    app.metrics.set_workers(&rows);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Counters for humans and dashboards.
+async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let snapshot = app.bridge.snapshot().await;
+    let mut routes = serde_json::Map::new();
+    let (mut total_in, mut total_out, mut total_requests, mut total_errors) = (0, 0, 0, 0);
+    for (route, c) in app.metrics.routes_counters() {
+        let (i, o, r, e) = (
+            c.messages_in.load(Relaxed),
+            c.messages_out.load(Relaxed),
+            c.requests.load(Relaxed),
+            c.errors.load(Relaxed),
+        );
+        total_in += i;
+        total_out += o;
+        total_requests += r;
+        total_errors += e;
+        routes.insert(
+            route,
+            json!({
+                "connections": c.connections.load(Relaxed),
+                "messagesIn": i,
+                "messagesOut": o,
+                "requests": r,
+                "errors": e,
+            }),
+        );
+    }
+    Json(json!({
+        "connections": app.hub.len(),
+        "totalMessages": total_in + total_out,
+        "messagesIn": total_in,
+        "messagesOut": total_out,
+        "requests": total_requests,
+        "errors": total_errors,
+        // Share of client messages answered with an error frame.
+        "errorRate": if total_in == 0 { 0.0 } else { total_errors as f64 / total_in as f64 },
+        "routes": routes,
+        "endpoints": {
+            "bridge": app.endpoints.bridge,
+            "publish": app.endpoints.publish,
+            "workers": snapshot.workers,
+        },
+        "config": app.metrics.config_status(),
+        "draining": app.draining.is_cancelled(),
+    }))
 }
 
 /// A refusal: status, stable error code, human message, extra fields.
@@ -121,6 +211,7 @@ async fn upgrade(
     let Some(found) = table.find(path) else {
         let hint = table.did_you_mean(path);
         warn!(%remote, path, did_you_mean = ?hint, "refused: unknown route");
+        app.metrics.refused("unknown_route");
         let message = match &hint {
             Some(h) => format!("no route serves {path}; did you mean {h}?"),
             None => format!("no route serves {path}"),
@@ -134,6 +225,7 @@ async fn upgrade(
     };
     if app.draining.is_cancelled() {
         warn!(%remote, path, "refused: draining");
+        app.metrics.refused("draining");
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
@@ -146,6 +238,7 @@ async fn upgrade(
         Err(rejection) => {
             let why = rejection.body_text();
             warn!(%remote, path, reason = %why, "refused: not a WebSocket upgrade");
+            app.metrics.refused("websocket_required");
             return refuse(
                 StatusCode::UPGRADE_REQUIRED,
                 "websocket_required",
@@ -160,6 +253,7 @@ async fn upgrade(
         .and_then(|v| v.to_str().ok());
     if let Err(why) = auth::check_origin(route.allowed_origins.as_deref(), origin) {
         warn!(%remote, path, origin, reason = %why, "refused: origin");
+        app.metrics.refused("origin_not_allowed");
         return refuse(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
@@ -173,6 +267,7 @@ async fn upgrade(
         match auth::find_token(&headers, &query) {
             None if policy.required => {
                 warn!(%remote, path, "refused: missing token");
+                app.metrics.refused("unauthorized");
                 return refuse(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -192,6 +287,7 @@ async fn upgrade(
                 }
                 Err(why) => {
                     warn!(%remote, path, reason = %why, "refused: invalid token");
+                    app.metrics.refused("unauthorized");
                     return refuse(
                         StatusCode::UNAUTHORIZED,
                         "unauthorized",
@@ -205,6 +301,7 @@ async fn upgrade(
     let runtime = app.runtimes.get(&route.path);
     let Some(slot) = runtime.try_connect(route.max_connections) else {
         warn!(%remote, path, limit = route.max_connections, "refused: route at its connection limit");
+        app.metrics.refused("route_full");
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "route_full",
@@ -223,6 +320,8 @@ async fn upgrade(
         {
             let retry_after_ms = retry_after_ms(wait);
             warn!(%remote, path, retry_after_ms, "refused: connection rate limit");
+            app.metrics.refused("rate_limited");
+            app.metrics.rate_limited(&route.path, "connections");
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",

@@ -67,6 +67,8 @@ pub struct Route {
     pub allowed_origins: Option<Vec<String>>,
     /// Token checks; `None` = no tokens looked at.
     pub auth: Option<AuthPolicy>,
+    /// Registered by a worker (dynamic routing), not listed in the routes file.
+    pub dynamic: bool,
 }
 
 impl Route {
@@ -131,6 +133,7 @@ impl RouteDefaults {
             breaker: self.breaker,
             allowed_origins: self.allowed_origins.clone(),
             auth: self.auth.clone(),
+            dynamic: false,
         }
     }
 }

@@ -1,24 +1,28 @@
 //! Wiring: binds the bridge, serves HTTP/WebSocket on an already-bound
-//! listener, and runs the shutdown sequence.
+//! listener, starts the reloader, and runs the shutdown sequence.
 //!
 //! Shutdown order (ARCHITECTURE.md): `/ready` turns 503 and new upgrades are
 //! refused → sessions finish their in-flight requests (bounded by the drain
 //! timeout) and close with 1001 → the bridge tells workers goodbye → every
 //! task has ended when `run` returns.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
     bridge::{self, BridgeConfig, Endpoints},
     broker::BrokerConfig,
+    client::unix_ms,
     http,
     hub::Hub,
     ids::ConnId,
     listener::{DeadlineListener, PeerInfo},
+    metrics::{ConfigStatus, Metrics},
+    registry::RouteRegistry,
+    reload,
     routes::RouteTable,
     settings::Settings,
     state::AppState,
@@ -41,7 +45,8 @@ pub enum ServeError {
 }
 
 /// Runs the router until `shutdown` resolves, then drains and returns.
-/// `on_listening` is called once everything is bound and serving.
+/// `on_listening` is called once everything is bound and serving. The
+/// routes file at `settings.routes` is watched for changes.
 pub async fn run(
     settings: Settings,
     routes: RouteTable,
@@ -50,8 +55,19 @@ pub async fn run(
     on_listening: impl FnOnce(&Listening),
 ) -> Result<(), ServeError> {
     let hub = Arc::new(Hub::new());
+    let metrics = Arc::new(Metrics::new());
+    metrics.config_loaded(ConfigStatus {
+        ok: true,
+        path: settings.routes.display().to_string(),
+        loaded_at_unix_ms: unix_ms(),
+        routes: routes.routes().len(),
+        error: None,
+        reloads: 0,
+        failed_reloads: 0,
+    });
+    let registry = Arc::new(RouteRegistry::new(routes, settings.enable_dynamic_routing));
     let tasks = TaskTracker::new();
-    let stop_bridge = CancellationToken::new();
+    let stop_background = CancellationToken::new();
     let router_id = ConnId::new().0;
     let (bridge, endpoints) = bridge::start(
         BridgeConfig {
@@ -65,20 +81,36 @@ pub async fn run(
             },
         },
         hub.clone(),
+        registry.clone(),
+        metrics.clone(),
         &tasks,
-        stop_bridge.clone(),
+        stop_background.clone(),
     )
     .await?;
 
-    // The sender stays alive for the life of the server; reloads will send on it.
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(routes));
     let drain_timeout = settings.drain_timeout();
-    let state = Arc::new(AppState::new(settings, routes_rx, hub.clone(), bridge));
+    let routes_path: PathBuf = settings.routes.clone();
+    let state = Arc::new(AppState::new(
+        settings,
+        registry.clone(),
+        hub.clone(),
+        bridge,
+        endpoints.clone(),
+        metrics.clone(),
+    ));
+    reload::spawn(
+        routes_path,
+        registry,
+        metrics,
+        &tasks,
+        stop_background.clone(),
+    );
+
     let http_addr = listener.local_addr()?;
     let app = http::app(state.clone()).into_make_service_with_connect_info::<PeerInfo>();
     let listener = DeadlineListener::new(listener, state.settings.handshake_timeout());
     let draining = state.draining.clone();
-    let server = tokio::spawn(async move {
+    let mut server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(draining.cancelled_owned())
             .await
@@ -87,7 +119,7 @@ pub async fn run(
     // Per-IP limiter entries that have refilled carry no information: drop
     // them so the maps do not grow with every address ever seen.
     let janitor_state = state.clone();
-    let janitor_stop = stop_bridge.clone();
+    let janitor_stop = stop_background.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(30));
         loop {
@@ -105,12 +137,11 @@ pub async fn run(
         endpoints,
     });
 
-    let mut server = server;
     tokio::select! {
         _ = shutdown => {}
         r = &mut server => {
             // The HTTP server ended on its own: an I/O failure.
-            stop_bridge.cancel();
+            stop_background.cancel();
             tasks.close();
             tasks.wait().await;
             return match r {
@@ -140,10 +171,9 @@ pub async fn run(
         );
     }
     let _ = server.await;
-    stop_bridge.cancel();
+    stop_background.cancel();
     tasks.close();
     tasks.wait().await;
-    drop(routes_tx);
     info!("router stopped");
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::{
         ratelimit::{retry_after_ms, Limiter},
         runtime::{ConnectionSlot, RouteRuntime},
     },
-    routes::Route,
+    routes::{Route, RouteTable},
     state::AppState,
 };
 
@@ -58,6 +58,8 @@ where
         let (shared, outbound) = ConnShared::new(start.conn.clone(), start.route.path.clone());
         app.hub.register(shared.clone());
         info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
+        let route_name = start.route.path.clone();
+        app.metrics.connection_opened(&route_name);
         app.bridge.send(Command::Connect(Box::new(start.connect))).await;
 
         let limiter = Limiter::per_second(
@@ -72,9 +74,14 @@ where
             seq: 0,
             limiter,
             rejections: 0,
+            closing: None,
         };
         let ending = session.serve(socket, outbound).await;
         drop(start.slot);
+        app.metrics.connection_closed(&route_name, ending.code);
+        if shared.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            app.metrics.outbound_dropped();
+        }
 
         app.hub.unregister(&start.conn);
         let cids = shared.drain_inflight();
@@ -106,6 +113,16 @@ struct Session {
     limiter: Limiter,
     /// Consecutive messages refused by a rate limit.
     rejections: u32,
+    /// Set when the session stops taking requests (shutdown, route removed).
+    closing: Option<Closing>,
+}
+
+/// A session on its way out: it closes with `code` when its last in-flight
+/// request finishes, or at `deadline`.
+struct Closing {
+    deadline: tokio::time::Instant,
+    code: u16,
+    reason: &'static str,
 }
 
 /// The socket failed while writing: the peer is gone.
@@ -120,8 +137,7 @@ impl Session {
     where
         S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
     {
-        let raw = self.route.raw;
-        if !raw
+        if !self.route.raw
             && self
                 .write(&mut socket, Outbound::from(self.welcome()))
                 .await
@@ -137,25 +153,32 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut last_heard = Instant::now();
         let draining = self.app.draining.clone();
-        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut routes = self.app.registry.subscribe();
+        routes.mark_unchanged();
 
         loop {
-            // While draining, close once no request is in flight (or the drain time is up).
-            if let Some(deadline) = drain_deadline {
-                if self.shared.inflight_count() == 0 || tokio::time::Instant::now() >= deadline {
-                    return self.close(&mut socket, 1001, "server shutting down").await;
+            // While closing, close once no request is in flight (or the time is up).
+            if let Some(c) = &self.closing {
+                if self.shared.inflight_count() == 0 || tokio::time::Instant::now() >= c.deadline {
+                    let (code, reason) = (c.code, c.reason);
+                    return self.close(&mut socket, code, reason).await;
                 }
             }
+            let closing_at = self.closing.as_ref().map(|c| c.deadline);
             tokio::select! {
                 biased;
                 _ = self.shared.kill.cancelled() => {
                     let kill = self.shared.kill_reason().unwrap_or(crate::hub::Kill { code: 1011, reason: "closed".into() });
                     return self.close(&mut socket, kill.code, &kill.reason).await;
                 }
-                _ = draining.cancelled(), if drain_deadline.is_none() => {
-                    drain_deadline = Some(tokio::time::Instant::now() + self.app.settings.drain_timeout());
+                _ = draining.cancelled(), if self.closing.is_none() => {
+                    self.start_closing(1001, "server shutting down");
                 }
-                _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {}
+                _ = tokio::time::sleep_until(closing_at.unwrap_or_else(tokio::time::Instant::now)), if closing_at.is_some() => {}
+                Ok(()) = routes.changed() => {
+                    let table = routes.borrow_and_update().clone();
+                    self.on_routes_changed(&table);
+                }
                 Some(out) = outbound.recv() => {
                     if let Outbound::Close { code, reason } = out {
                         return self.close(&mut socket, code, &reason).await;
@@ -184,10 +207,10 @@ impl Session {
                             if !self.admit_message(|| client::parse(text.as_str()).ok().and_then(|m| m.id)) {
                                 continue;
                             }
-                            if raw {
+                            if self.route.raw {
                                 self.forward_raw(false, text.as_bytes().to_vec().into());
-                            } else if drain_deadline.is_some() {
-                                self.refuse_while_draining(text.as_str());
+                            } else if self.closing.is_some() {
+                                self.refuse_while_closing(text.as_str());
                             } else {
                                 self.on_text(text.as_str());
                             }
@@ -196,7 +219,7 @@ impl Session {
                             if !self.admit_message(|| None) {
                                 continue;
                             }
-                            if raw {
+                            if self.route.raw {
                                 self.forward_raw(true, data);
                             } else {
                                 self.on_binary(data);
@@ -213,6 +236,50 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Stops taking requests; the session closes with `code` once its
+    /// in-flight requests are done, or after the drain timeout.
+    fn start_closing(&mut self, code: u16, reason: &'static str) {
+        if self.closing.is_none() {
+            debug!(code, reason, "closing after in-flight requests");
+            self.closing = Some(Closing {
+                deadline: tokio::time::Instant::now() + self.app.settings.drain_timeout(),
+                code,
+                reason,
+            });
+        }
+    }
+
+    /// A new route table: follow this route's new policies, or close with
+    /// 1012 if the route is gone.
+    fn on_routes_changed(&mut self, table: &RouteTable) {
+        match table.get(&self.route.path) {
+            None => {
+                info!("route removed from the routes: closing once in-flight requests finish");
+                self.start_closing(1012, "route removed");
+            }
+            Some(new) if **new != *self.route => {
+                // Raw-ness and the service are fixed for the life of a
+                // connection (its framing and its worker depend on them).
+                if new.raw != self.route.raw || new.service != self.route.service {
+                    info!(
+                        "route changed its kind or service: closing once in-flight requests finish"
+                    );
+                    self.start_closing(1012, "route changed");
+                    return;
+                }
+                if new.rate_limit != self.route.rate_limit {
+                    self.limiter = Limiter::per_second(
+                        new.rate_limit.messages_per_second,
+                        new.rate_limit.message_burst,
+                    );
+                }
+                debug!("route policies updated");
+                self.route = new.clone();
+            }
+            Some(_) => {}
         }
     }
 
@@ -236,27 +303,43 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
+        let metrics = &self.app.metrics;
+        let route = &self.route.path;
         let msg = match out {
             Outbound::Frame(mut frame) => {
+                metrics.message_out(
+                    route,
+                    &frame.msg_type,
+                    frame.error.as_ref().map(|e| e.code.as_str()),
+                );
                 let text = frame.to_json(self.seq);
                 self.seq += 1;
                 Message::Text(text.into())
             }
-            Outbound::Binary(b) => Message::Binary(b),
+            Outbound::Binary(b) => {
+                metrics.message_out(route, "binary", None);
+                Message::Binary(b)
+            }
             Outbound::Raw {
                 binary: true,
                 payload,
-            } => Message::Binary(payload),
+            } => {
+                metrics.message_out(route, "raw", None);
+                Message::Binary(payload)
+            }
             Outbound::Raw {
                 binary: false,
                 payload,
-            } => match String::from_utf8(payload.to_vec()) {
-                Ok(s) => Message::Text(s.into()),
-                Err(_) => {
-                    debug!("worker sent a raw text frame that is not UTF-8: sent as binary");
-                    Message::Binary(payload)
+            } => {
+                metrics.message_out(route, "raw", None);
+                match String::from_utf8(payload.to_vec()) {
+                    Ok(s) => Message::Text(s.into()),
+                    Err(_) => {
+                        debug!("worker sent a raw text frame that is not UTF-8: sent as binary");
+                        Message::Binary(payload)
+                    }
                 }
-            },
+            }
             Outbound::Close { .. } => return Ok(()),
         };
         socket.send(msg).await.map_err(|_| Gone)
@@ -299,13 +382,20 @@ impl Session {
         }
         let policy = self.route.rate_limit;
         let wait = match self.limiter.check() {
-            Err(wait) => Some(wait),
-            Ok(()) => self.runtime.limits(&policy).messages.check().err(),
+            Err(wait) => Some((wait, "connection")),
+            Ok(()) => self
+                .runtime
+                .limits(&policy)
+                .messages
+                .check()
+                .err()
+                .map(|w| (w, "route")),
         };
-        let Some(wait) = wait else {
+        let Some((wait, scope)) = wait else {
             self.rejections = 0;
             return true;
         };
+        self.app.metrics.rate_limited(&self.route.path, scope);
         self.rejections += 1;
         if self.route.raw || self.rejections >= policy.close_after_rejections.max(1) {
             info!(
@@ -373,6 +463,7 @@ impl Session {
     }
 
     fn forward_raw(&self, binary: bool, payload: bytes::Bytes) {
+        self.app.metrics.message_in(&self.route.path, "raw");
         let cmd = Command::Raw {
             conn: self.shared.id.clone(),
             binary,
@@ -384,6 +475,7 @@ impl Session {
     }
 
     fn on_binary(&self, data: bytes::Bytes) {
+        self.app.metrics.message_in(&self.route.path, "binary");
         if !self.route.binary {
             self.reply(OutFrame::error(
                 None,
@@ -409,14 +501,16 @@ impl Session {
         }
     }
 
-    fn refuse_while_draining(&self, text: &str) {
+    fn refuse_while_closing(&self, text: &str) {
+        let reason = self.closing.as_ref().map_or("closing", |c| c.reason);
         if let Ok(msg) = client::parse(text) {
+            self.app.metrics.message_in(&self.route.path, &msg.msg_type);
             if msg.id.is_some() {
                 self.reply(OutFrame::error(
                     msg.id,
                     None,
                     codes::OVERLOADED,
-                    "router is shutting down: no new requests",
+                    format!("this connection is closing ({reason}): no new requests"),
                     Some(1000),
                 ));
             }
@@ -425,8 +519,12 @@ impl Session {
 
     fn on_text(&self, text: &str) {
         let msg = match client::parse(text) {
-            Ok(m) => m,
+            Ok(m) => {
+                self.app.metrics.message_in(&self.route.path, &m.msg_type);
+                m
+            }
             Err(bad) => {
+                self.app.metrics.message_in(&self.route.path, "invalid");
                 debug!(bytes = text.len(), error = %bad.message, "bad client message");
                 self.reply(OutFrame::error(
                     bad.id,
@@ -618,6 +716,7 @@ impl Session {
             return;
         }
         debug!(correlation.id = %cid, r#type = %msg.msg_type, bytes = msg.data.to_string().len(), "request");
+        self.app.metrics.request_started(&self.route.path);
         let cmd = Command::Request(RequestCmd {
             cid: cid.clone(),
             conn,

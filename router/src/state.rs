@@ -5,20 +5,26 @@ use std::sync::{
     Arc,
 };
 
-use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bridge::BridgeHandle, hub::Hub, policy::runtime::Runtimes, routes::RouteTable,
+    bridge::{BridgeHandle, Endpoints},
+    hub::Hub,
+    metrics::Metrics,
+    policy::runtime::Runtimes,
+    registry::RouteRegistry,
+    routes::RouteTable,
     settings::Settings,
 };
 
 pub struct AppState {
     pub settings: Settings,
-    /// The current route table; replaced whole on reload.
-    pub routes: watch::Receiver<Arc<RouteTable>>,
+    /// The live route table (file + dynamic routes).
+    pub registry: Arc<RouteRegistry>,
     pub hub: Arc<Hub>,
     pub bridge: BridgeHandle,
+    pub endpoints: Endpoints,
+    pub metrics: Arc<Metrics>,
     /// Fired when shutdown begins: no new upgrades, sessions drain.
     pub draining: CancellationToken,
     /// Every upgraded session, so shutdown can wait for them (axum does not).
@@ -31,15 +37,19 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         settings: Settings,
-        routes: watch::Receiver<Arc<RouteTable>>,
+        registry: Arc<RouteRegistry>,
         hub: Arc<Hub>,
         bridge: BridgeHandle,
+        endpoints: Endpoints,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             settings,
-            routes,
+            registry,
             hub,
             bridge,
+            endpoints,
+            metrics,
             draining: CancellationToken::new(),
             sessions: TaskTracker::new(),
             runtimes: Runtimes::default(),
@@ -56,6 +66,6 @@ impl AppState {
     }
 
     pub fn route_table(&self) -> Arc<RouteTable> {
-        self.routes.borrow().clone()
+        self.registry.current()
     }
 }

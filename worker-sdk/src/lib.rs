@@ -1,1 +1,97 @@
-//! placeholder
+//! # worker-sdk: serve WebSocket routes from Rust, over the ZeroMQ bridge
+//!
+//! A worker connects to the router, says which services it serves and how
+//! many requests it takes at once, and then handles what the router's
+//! clients send: requests (answered with streamed partial replies and one
+//! final reply or error), fire-and-forget events, binary and raw frames,
+//! connects and disconnects. It can push to any connection, close one,
+//! subscribe one to a topic and publish to a topic. It never touches a
+//! WebSocket.
+//!
+//! ```no_run
+//! use serde_json::json;
+//! use worker_sdk::{HandlerError, Worker};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let worker = Worker::builder()
+//!     .service("echo")
+//!     .capacity(8)
+//!     .on_request("echo", |_ctx, data| async move { Ok(data) })
+//!     .on_request("count", |ctx, data| async move {
+//!         let n = data["n"].as_u64().ok_or_else(|| HandlerError::bad_request("need n"))?;
+//!         for i in 0..n {
+//!             ctx.send_partial(json!({ "i": i })).await?;
+//!         }
+//!         Ok(json!({ "n": n }))
+//!     })
+//!     .build()?;
+//! worker.run_until_signal().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`worker`]: [`Worker`] and [`WorkerBuilder`] — configuration and
+//!   handlers in; `run`, `run_until(shutdown)`, `run_until_signal()`.
+//! - [`handler`]: how handlers are stored; [`Reply`] (a final reply, maybe
+//!   typed) and [`Frame`] (a raw-route frame).
+//! - [`context`]: [`Context`] for a request (ids, deadline, cancellation,
+//!   `send_partial`) and [`EventContext`] for everything without a reply.
+//! - [`handle`]: [`WorkerHandle`], the cloneable way in from anywhere
+//!   (push, close, subscribe, publish, status, stop).
+//! - `connection` (private): the one task that owns the DEALER socket:
+//!   hello, heartbeats, dead-router detection, reconnect with backoff, the
+//!   in-flight table that guarantees one terminal message per request.
+//! - `dispatch` (private): one task per request (cancel, deadline and panic
+//!   handling) and one ordered queue per client connection for events.
+//! - [`publisher`]: [`Publisher`], a PUB socket for backends that are not
+//!   workers.
+//! - [`config`], [`error`], [`signal`]: settings and environment defaults,
+//!   error types, SIGTERM/SIGINT.
+//! - [`cli`]: the shared bootstrap of worker binaries (flags, logging, the
+//!   `registered` stdout line); the examples in `examples/` use it.
+//!
+//! # Guarantees
+//! - Every request gets exactly one terminal message (final reply or
+//!   error), whatever the handler does: returns, fails, panics (answered
+//!   `worker_error`), overruns its deadline (`timeout`) or is cancelled by
+//!   the router (`cancelled`, and its future is dropped). Messages sent for a
+//!   request after its terminal are dropped.
+//! - At most `capacity` request handlers run at once. A request beyond that
+//!   (a router that ignores credits) is answered `overloaded`, retryable.
+//! - Unknown message types are answered `unknown_type`.
+//! - A silent router (nothing for `heartbeat_ms × liveness`) is dropped and
+//!   a new socket connects after an exponential backoff with jitter; requests
+//!   in flight on the lost socket are abandoned (the router has failed them).
+//! - Before the welcome the worker sends nothing but `hello` (resent each
+//!   backoff step) and ignores everything but `welcome` and `goodbye`.
+//! - A stop says `bye`, answers requests that crossed it `worker_error`
+//!   (retryable), lets in-flight requests finish within the grace period,
+//!   answers the rest `worker_error` (retryable) and closes after a short
+//!   linger.
+//!
+//! The wire protocol itself is specified in `bridge-proto/PROTOCOL.md`.
+
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod handle;
+pub mod handler;
+pub mod publisher;
+pub mod signal;
+pub mod worker;
+
+mod backoff;
+mod connection;
+mod dispatch;
+
+pub use bridge_proto;
+pub use config::WorkerConfig;
+pub use context::{Context, EventContext};
+pub use error::{ConfigError, HandlerError, SendError, WorkerError};
+pub use handle::{State, Status, WorkerHandle};
+pub use handler::{Frame, Reply};
+pub use publisher::{PublishError, Publisher};
+pub use tokio_util::sync::CancellationToken;
+pub use worker::{Worker, WorkerBuilder};

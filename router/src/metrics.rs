@@ -1,0 +1,443 @@
+//! Metrics (Prometheus text at `/metrics`) and the counters behind `/stats`.
+//!
+//! Label values that clients control (message types) are capped per route:
+//! after [`MAX_TYPES_PER_ROUTE`] distinct types, further ones are counted as
+//! `other`, so a client cannot grow the registry without bound.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use dashmap::{DashMap, DashSet};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+use serde::Serialize;
+
+/// Distinct message types labelled per route before the rest become `other`.
+pub const MAX_TYPES_PER_ROUTE: usize = 64;
+
+type L1 = [(&'static str, String); 1];
+type L2 = [(&'static str, String); 2];
+
+fn l1(k: &'static str, v: &str) -> L1 {
+    [(k, v.to_owned())]
+}
+
+fn l2(k1: &'static str, v1: &str, k2: &'static str, v2: &str) -> L2 {
+    [(k1, v1.to_owned()), (k2, v2.to_owned())]
+}
+
+/// Plain counters of one route, for `/stats`.
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    pub connections: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// The outcome of the last routes-file load, for `/stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigStatus {
+    pub ok: bool,
+    pub path: String,
+    pub loaded_at_unix_ms: u64,
+    pub routes: usize,
+    /// The problems of the last rejected file (the running routes are older).
+    pub error: Option<String>,
+    pub reloads: u64,
+    pub failed_reloads: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<L1, Gauge>,
+    connections_opened: Family<L1, Counter>,
+    connections_closed: Family<L2, Counter>,
+    refused_upgrades: Family<L1, Counter>,
+    messages_in: Family<L2, Counter>,
+    messages_out: Family<L2, Counter>,
+    request_seconds: Family<L1, Histogram>,
+    errors: Family<L2, Counter>,
+    rate_limited: Family<L2, Counter>,
+    breaker_state: Family<L1, Gauge>,
+    workers_live: Family<L1, Gauge>,
+    worker_in_flight: Family<L1, Gauge>,
+    reloads: Family<L1, Counter>,
+    outbound_dropped: Counter,
+    bridge_invalid: Counter,
+    types: DashMap<String, DashSet<String>>,
+    routes: DashMap<String, Arc<RouteCounters>>,
+    config: Mutex<Option<ConfigStatus>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("router");
+        let m = Self {
+            connections: Family::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            refused_upgrades: Family::default(),
+            messages_in: Family::default(),
+            messages_out: Family::default(),
+            request_seconds: Family::new_with_constructor(|| {
+                // 1 ms .. ~65 s
+                Histogram::new(exponential_buckets(0.001, 2.0, 17))
+            }),
+            errors: Family::default(),
+            rate_limited: Family::default(),
+            breaker_state: Family::default(),
+            workers_live: Family::default(),
+            worker_in_flight: Family::default(),
+            reloads: Family::default(),
+            outbound_dropped: Counter::default(),
+            bridge_invalid: Counter::default(),
+            types: DashMap::new(),
+            routes: DashMap::new(),
+            config: Mutex::new(None),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "WebSocket connections closed, by close code",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "refused_upgrades",
+            "Upgrades refused, by reason",
+            m.refused_upgrades.clone(),
+        );
+        registry.register(
+            "messages_in",
+            "Client messages received, by route and type",
+            m.messages_in.clone(),
+        );
+        registry.register(
+            "messages_out",
+            "Frames sent to clients, by route and type",
+            m.messages_out.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to terminal frame",
+            m.request_seconds.clone(),
+        );
+        registry.register(
+            "errors",
+            "Error frames sent to clients, by code",
+            m.errors.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Messages or connections refused by a rate limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state per route: 0 closed, 1 half-open, 2 open",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "workers_live",
+            "Live workers per service",
+            m.workers_live.clone(),
+        );
+        registry.register(
+            "worker_in_flight",
+            "Requests outstanding at the workers of a service",
+            m.worker_in_flight.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Routes file loads, by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "outbound_dropped",
+            "Connections closed because their outbound queue was full",
+            m.outbound_dropped.clone(),
+        );
+        registry.register(
+            "bridge_invalid_frames",
+            "Bridge frames dropped as undecodable",
+            m.bridge_invalid.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn route(&self, route: &str) -> Arc<RouteCounters> {
+        if let Some(r) = self.routes.get(route) {
+            return r.clone();
+        }
+        self.routes.entry(route.to_owned()).or_default().clone()
+    }
+
+    fn type_label<'a>(&self, route: &str, msg_type: &'a str) -> &'a str {
+        let set = self.types.entry(route.to_owned()).or_default();
+        if set.contains(msg_type) {
+            return msg_type;
+        }
+        if set.len() < MAX_TYPES_PER_ROUTE {
+            set.insert(msg_type.to_owned());
+            return msg_type;
+        }
+        "other"
+    }
+
+    pub fn connection_opened(&self, route: &str) {
+        self.connections.get_or_create(&l1("route", route)).inc();
+        self.connections_opened
+            .get_or_create(&l1("route", route))
+            .inc();
+        self.route(route)
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self, route: &str, code: u16) {
+        self.connections.get_or_create(&l1("route", route)).dec();
+        self.connections_closed
+            .get_or_create(&l2("route", route, "code", &code.to_string()))
+            .inc();
+        self.route(route)
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refused_upgrades
+            .get_or_create(&l1("reason", reason))
+            .inc();
+    }
+
+    pub fn message_in(&self, route: &str, msg_type: &str) {
+        let t = self.type_label(route, msg_type);
+        self.messages_in
+            .get_or_create(&l2("route", route, "type", t))
+            .inc();
+        self.route(route)
+            .messages_in
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_started(&self, route: &str) {
+        self.route(route).requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame written to a client; error frames are counted by code too.
+    pub fn message_out(&self, route: &str, msg_type: &str, error_code: Option<&str>) {
+        let t = self.type_label(route, msg_type);
+        self.messages_out
+            .get_or_create(&l2("route", route, "type", t))
+            .inc();
+        let counters = self.route(route);
+        counters.messages_out.fetch_add(1, Ordering::Relaxed);
+        if let Some(code) = error_code {
+            self.errors
+                .get_or_create(&l2("route", route, "code", code))
+                .inc();
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn request_finished(&self, route: &str, took: Duration) {
+        self.request_seconds
+            .get_or_create(&l1("route", route))
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn rate_limited(&self, route: &str, scope: &str) {
+        self.rate_limited
+            .get_or_create(&l2("route", route, "scope", scope))
+            .inc();
+    }
+
+    pub fn outbound_dropped(&self) {
+        self.outbound_dropped.inc();
+    }
+
+    pub fn bridge_invalid(&self) {
+        self.bridge_invalid.inc();
+    }
+
+    pub fn set_breaker(&self, route: &str, state: i64) {
+        self.breaker_state
+            .get_or_create(&l1("route", route))
+            .set(state);
+    }
+
+    /// Replaces the per-service worker gauges (services that disappeared go to 0).
+    pub fn set_workers(&self, per_service: &[(String, i64, i64)]) {
+        self.workers_live.clear();
+        self.worker_in_flight.clear();
+        for (service, live, in_flight) in per_service {
+            self.workers_live
+                .get_or_create(&l1("service", service))
+                .set(*live);
+            self.worker_in_flight
+                .get_or_create(&l1("service", service))
+                .set(*in_flight);
+        }
+    }
+
+    /// Records a routes-file load.
+    pub fn config_loaded(&self, status: ConfigStatus) {
+        let result = if status.ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&l1("result", result)).inc();
+        let mut slot = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let (reloads, failed) = slot.as_ref().map_or((0, 0), |s| {
+            (s.reloads + 1, s.failed_reloads + u64::from(!status.ok))
+        });
+        let merged = if status.ok {
+            ConfigStatus {
+                reloads,
+                failed_reloads: failed,
+                ..status
+            }
+        } else {
+            // A rejected file leaves the running routes: keep their load time and count.
+            match slot.as_ref() {
+                Some(prev) => ConfigStatus {
+                    ok: false,
+                    error: status.error,
+                    reloads,
+                    failed_reloads: failed,
+                    ..prev.clone()
+                },
+                None => ConfigStatus {
+                    reloads,
+                    failed_reloads: failed,
+                    ..status
+                },
+            }
+        };
+        *slot = Some(merged);
+    }
+
+    pub fn config_status(&self) -> Option<ConfigStatus> {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn routes_counters(&self) -> Vec<(String, Arc<RouteCounters>)> {
+        let mut v: Vec<_> = self
+            .routes
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Invariant: writing into a String cannot fail.
+        encode(&mut out, &self.registry).expect("encoding into a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_types_are_capped() {
+        let m = Metrics::new();
+        for i in 0..(MAX_TYPES_PER_ROUTE + 10) {
+            m.message_in("/ws", &format!("t{i}"));
+        }
+        let text = m.render();
+        assert!(text.contains(r#"type="other""#));
+        assert!(!text.contains(&format!("t{}\"", MAX_TYPES_PER_ROUTE + 5)));
+    }
+
+    #[test]
+    fn render_is_prometheus_text() {
+        let m = Metrics::new();
+        m.connection_opened("/ws");
+        m.message_out("/ws", "error", Some("timeout"));
+        m.request_finished("/ws", Duration::from_millis(3));
+        let text = m.render();
+        assert!(
+            text.contains("router_connections{route=\"/ws\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("router_errors_total{route=\"/ws\",code=\"timeout\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("router_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn failed_reloads_keep_the_running_config() {
+        let m = Metrics::new();
+        let ok = ConfigStatus {
+            ok: true,
+            path: "r.json".into(),
+            loaded_at_unix_ms: 1,
+            routes: 4,
+            error: None,
+            reloads: 0,
+            failed_reloads: 0,
+        };
+        m.config_loaded(ok.clone());
+        m.config_loaded(ConfigStatus {
+            ok: false,
+            error: Some("bad".into()),
+            loaded_at_unix_ms: 2,
+            ..ok
+        });
+        let s = m.config_status().unwrap();
+        assert!(!s.ok);
+        assert_eq!(
+            (s.routes, s.loaded_at_unix_ms, s.failed_reloads, s.reloads),
+            (4, 1, 1, 1)
+        );
+        assert_eq!(s.error.as_deref(), Some("bad"));
+    }
+}

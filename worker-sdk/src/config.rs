@@ -1,0 +1,267 @@
+//! Worker settings: what [`WorkerBuilder`](crate::WorkerBuilder) collects,
+//! with defaults taken from the environment.
+//!
+//! Environment lookups go through a function argument so tests feed them from
+//! a map instead of mutating the process environment.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Default router bridge endpoint (the router binds a ROUTER socket there).
+pub const DEFAULT_BRIDGE_ENDPOINT: &str = "tcp://127.0.0.1:5555";
+/// Default router publication endpoint (the router binds a SUB socket there).
+pub const DEFAULT_PUBLISH_ENDPOINT: &str = "tcp://127.0.0.1:5556";
+/// Default number of requests a worker runs at once.
+pub const DEFAULT_CAPACITY: u32 = 16;
+
+/// Environment variable holding the bridge endpoint.
+pub const ENV_BRIDGE_ENDPOINT: &str = "BRIDGE_ENDPOINT";
+/// Environment variable holding the publication endpoint.
+pub const ENV_PUBLISH_ENDPOINT: &str = "PUBLISH_ENDPOINT";
+/// Environment variable holding the shared secret sent in `hello`.
+pub const ENV_BRIDGE_SECRET: &str = "BRIDGE_SECRET";
+
+/// Everything a worker needs besides its handlers.
+///
+/// Built by [`WorkerBuilder`](crate::WorkerBuilder); the timing fields have
+/// defaults that match the team contract and rarely need changing.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// ZeroMQ endpoint of the router's ROUTER socket.
+    pub endpoint: String,
+    /// Name announced in `hello` (for logs and `/routes`; need not be unique).
+    pub worker_id: String,
+    /// Services (route names) this worker serves.
+    pub services: Vec<String>,
+    /// Max requests in flight; announced in `hello` and enforced locally.
+    pub capacity: u32,
+    /// Shared secret sent in `hello`, when the router requires one.
+    pub secret: Option<String>,
+    /// How long a graceful stop waits for in-flight work before abandoning it.
+    pub grace_period: Duration,
+    /// First reconnect / hello-resend delay.
+    pub backoff_initial: Duration,
+    /// Cap of the exponential reconnect / hello-resend delay.
+    pub backoff_max: Duration,
+    /// Bound on one TCP + ZMTP connection attempt.
+    pub connect_timeout: Duration,
+    /// A connected socket that gets no `welcome` within this time is
+    /// re-created (guards against half-open connections).
+    pub handshake_timeout: Duration,
+    /// Time the socket is kept open after the last message of a stop, so the
+    /// socket's writer task can flush it (the zeromq crate has no LINGER).
+    pub linger: Duration,
+    /// Capacity of the queue from handlers and handles to the socket task.
+    pub outbound_queue: usize,
+    /// Capacity of each connection's event queue (binary, raw, event,
+    /// connect, disconnect); events beyond it are dropped and logged.
+    pub connection_queue: usize,
+}
+
+impl fmt::Debug for WorkerConfig {
+    // Hand-written so the secret never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("endpoint", &self.endpoint)
+            .field("worker_id", &self.worker_id)
+            .field("services", &self.services)
+            .field("capacity", &self.capacity)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("grace_period", &self.grace_period)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("linger", &self.linger)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("connection_queue", &self.connection_queue)
+            .finish()
+    }
+}
+
+impl WorkerConfig {
+    /// A configuration with every default, for the given services.
+    pub fn new(services: Vec<String>) -> Self {
+        Self {
+            endpoint: DEFAULT_BRIDGE_ENDPOINT.to_owned(),
+            worker_id: default_worker_id(),
+            services,
+            capacity: DEFAULT_CAPACITY,
+            secret: None,
+            grace_period: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            linger: Duration::from_millis(300),
+            outbound_queue: 1024,
+            connection_queue: 1024,
+        }
+    }
+
+    /// Checks every field and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(e) = zeromq::Endpoint::from_str(&self.endpoint) {
+            problems.push(format!(
+                "endpoint {:?} is not a ZeroMQ endpoint: {e}",
+                self.endpoint
+            ));
+        }
+        if self.worker_id.trim().is_empty() {
+            problems.push("worker_id is empty".to_owned());
+        }
+        if self.services.is_empty() {
+            problems.push("no services: a worker must serve at least one".to_owned());
+        }
+        for s in &self.services {
+            if s.trim().is_empty() {
+                problems.push("a service name is empty".to_owned());
+            }
+        }
+        if self.capacity == 0 {
+            problems.push("capacity is 0: the router would never send a request".to_owned());
+        }
+        if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
+            problems.push(format!(
+                "backoff must satisfy 0 < initial ({:?}) <= max ({:?})",
+                self.backoff_initial, self.backoff_max
+            ));
+        }
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{name} is 0"));
+            }
+        }
+        for (name, n) in [
+            ("outbound_queue", self.outbound_queue),
+            ("connection_queue", self.connection_queue),
+        ] {
+            if n == 0 {
+                problems.push(format!("{name} is 0"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+/// Settings a worker takes from the environment when the builder is not
+/// given them explicitly.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnvDefaults {
+    /// `BRIDGE_ENDPOINT`, if set and not empty.
+    pub endpoint: Option<String>,
+    /// `BRIDGE_SECRET`, if set and not empty.
+    pub secret: Option<String>,
+}
+
+impl EnvDefaults {
+    /// Reads the process environment.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads through `lookup`; empty values count as unset, so
+    /// `BRIDGE_SECRET=` disables the secret rather than sending "".
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        Self {
+            endpoint: get(ENV_BRIDGE_ENDPOINT),
+            secret: get(ENV_BRIDGE_SECRET),
+        }
+    }
+}
+
+/// The publication endpoint from `lookup` (`PUBLISH_ENDPOINT`), or the default.
+pub fn publish_endpoint_from(lookup: impl Fn(&str) -> Option<String>) -> String {
+    lookup(ENV_PUBLISH_ENDPOINT)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_PUBLISH_ENDPOINT.to_owned())
+}
+
+/// A worker id for when none is given: distinct per process on one host.
+pub fn default_worker_id() -> String {
+    format!("rust-worker-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn env_defaults_table() {
+        for (env, endpoint, secret) in [
+            (vec![], None, None),
+            (
+                vec![("BRIDGE_ENDPOINT", "tcp://10.0.0.1:1")],
+                Some("tcp://10.0.0.1:1"),
+                None,
+            ),
+            (vec![("BRIDGE_SECRET", "s3")], None, Some("s3")),
+            (
+                vec![("BRIDGE_SECRET", ""), ("BRIDGE_ENDPOINT", " ")],
+                None,
+                None,
+            ),
+        ] {
+            let d = EnvDefaults::from_lookup(lookup(&env));
+            assert_eq!(d.endpoint.as_deref(), endpoint, "{env:?}");
+            assert_eq!(d.secret.as_deref(), secret, "{env:?}");
+        }
+    }
+
+    #[test]
+    fn publish_endpoint_defaults() {
+        assert_eq!(publish_endpoint_from(lookup(&[])), DEFAULT_PUBLISH_ENDPOINT);
+        assert_eq!(
+            publish_endpoint_from(lookup(&[("PUBLISH_ENDPOINT", "ipc:///tmp/p.sock")])),
+            "ipc:///tmp/p.sock"
+        );
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut c = WorkerConfig::new(vec![]);
+        c.endpoint = "nonsense".into();
+        c.capacity = 0;
+        c.worker_id = " ".into();
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err}");
+        let text = err.to_string();
+        for needle in ["endpoint", "capacity", "services", "worker_id"] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_secret_is_redacted() {
+        let mut c = WorkerConfig::new(vec!["echo".into()]);
+        c.secret = Some("hunter2".into());
+        c.validate().unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        for ep in ["tcp://127.0.0.1:0", "ipc:///tmp/x.sock"] {
+            c.endpoint = ep.into();
+            c.validate().unwrap();
+        }
+    }
+}

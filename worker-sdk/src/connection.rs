@@ -1,0 +1,956 @@
+//! The socket task: the only code that touches the worker's DEALER socket.
+//!
+//! It runs the connection life cycle of the team contract:
+//!
+//! ```text
+//!   ┌────────────► open a NEW DealerSocket (bounded connect)
+//!   │                 │ hello; resend each backoff step until welcome
+//!   │                 ▼
+//!   │             registered: heartbeat every heartbeat_ms, serve
+//!   │                 │ silence ≥ heartbeat_ms × liveness, send failure,
+//!   │                 │ goodbye{reconnect:true}
+//!   └── backoff ◄─────┘            goodbye{reconnect:false} → error
+//! ```
+//!
+//! The zeromq crate's DEALER never reconnects, so a lost router means a new
+//! socket (with a new identity). Requests in flight on the lost socket are
+//! abandoned: their handlers are dropped and nothing is answered, because
+//! the router has already failed them when it declared this worker dead.
+//!
+//! Handlers and handles reach the socket through one bounded channel. Every
+//! reply and error passes [`Owner::vet`], which keeps the in-flight table:
+//! a request leaves it with its first terminal message, and anything sent
+//! for it afterwards is dropped. That table, not user code, is what makes
+//! "exactly one terminal per request" and "at most `capacity` handlers"
+//! hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bridge_proto::{
+    codes, decode_to_worker, encode_from_worker, Bye, Cancel, Connect, DecodeError, Disconnect,
+    ErrorReply, Event, FromWorker, Hello, RawFrame, Request, ToWorker, Welcome,
+};
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+use zeromq::{
+    DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend,
+    ZmqError, ZmqMessage,
+};
+
+use crate::backoff::Backoff;
+use crate::config::WorkerConfig;
+use crate::context::{Context, EventContext};
+use crate::dispatch::{run_request, terminal, ConnQueues, Job, Outcome};
+use crate::error::{HandlerError, WorkerError};
+use crate::handle::{State, Status, WorkerHandle};
+use crate::handler::{Frame, Handlers};
+
+/// SDK name and version announced in `hello`.
+pub(crate) const SDK: &str = concat!("worker-sdk-rust/", env!("CARGO_PKG_VERSION"));
+
+/// Connections whose `connect` details are remembered (for claims and the
+/// route of raw frames); beyond this, new ones are not cached.
+const MAX_KNOWN_CONNECTIONS: usize = 100_000;
+/// A connection queue with nothing to do for this long ends its task.
+const QUEUE_IDLE: Duration = Duration::from_secs(30);
+/// Upper bound on a request's `timeout_ms`, so a hostile value cannot
+/// overflow the deadline arithmetic.
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One DEALER socket, split so sending never waits behind a pending receive.
+struct Link {
+    tx: DealerSendHalf,
+    rx: DealerRecvHalf,
+    /// How long one send may wait for room in the socket's queue. A send
+    /// blocks only when the router stopped reading; waiting longer than the
+    /// liveness limit would keep the dead-router check from ever running.
+    send_timeout: Duration,
+}
+
+/// Why a message could not be put on the socket.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{0}")]
+    Socket(#[from] ZmqError),
+    #[error("the socket's queue stayed full for {0:?}")]
+    Blocked(Duration),
+}
+
+impl Link {
+    async fn open(
+        endpoint: String,
+        connect_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Result<Self, ZmqError> {
+        let mut options = SocketOptions::default();
+        options.connect_timeout(connect_timeout);
+        let mut socket = DealerSocket::with_options(options);
+        socket.connect(&endpoint).await?;
+        let (tx, rx) = socket.split();
+        Ok(Self {
+            tx,
+            rx,
+            send_timeout,
+        })
+    }
+
+    async fn send(&mut self, msg: &FromWorker) -> Result<(), LinkError> {
+        let message = ZmqMessage::from(encode_from_worker(msg));
+        match tokio::time::timeout(self.send_timeout, self.tx.send(message)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(LinkError::Blocked(self.send_timeout)),
+        }
+    }
+}
+
+/// What became of one frame from the router.
+enum Decoded {
+    Message(ToWorker),
+    /// Logged and dropped.
+    Skipped,
+    /// The router speaks another protocol version (named in the text).
+    OtherVersion(String),
+}
+
+/// Decodes one bridge message; bad input is logged (kind and size only)
+/// and skipped, never fatal.
+fn decode(message: ZmqMessage) -> Decoded {
+    let frame = match message.len() {
+        1 => message.get(0),
+        _ => None,
+    };
+    let Some(frame) = frame else {
+        warn!(
+            frames = message.len(),
+            "ignoring a router message that is not exactly one frame"
+        );
+        return Decoded::Skipped;
+    };
+    match decode_to_worker(frame) {
+        Ok(msg) => Decoded::Message(msg),
+        Err(e) => {
+            warn!(bytes = frame.len(), error = %e, "ignoring an undecodable router message");
+            match e {
+                DecodeError::Version { .. } => Decoded::OtherVersion(e.to_string()),
+                _ => Decoded::Skipped,
+            }
+        }
+    }
+}
+
+/// Why a session (one socket) ended.
+#[derive(Debug)]
+enum End {
+    Lost(String),
+    Goodbye { reason: String, reconnect: bool },
+    Stopped,
+}
+
+enum Phase {
+    /// Hello sent, no welcome yet.
+    Hello { resend_at: Instant },
+    /// Welcomed: heartbeats both ways.
+    Live {
+        every: Duration,
+        dead_after: Duration,
+        next_beat: Instant,
+    },
+}
+
+struct InFlight {
+    token: CancellationToken,
+    /// The router's reason, once it cancelled the request.
+    cancelled: Option<String>,
+}
+
+/// What a `connect` told us about a connection.
+struct ConnInfo {
+    route: Arc<str>,
+    service: Arc<str>,
+    claims: Option<Arc<Value>>,
+}
+
+/// The state the socket task owns.
+pub(crate) struct Owner {
+    cfg: Arc<WorkerConfig>,
+    handlers: Arc<Handlers>,
+    handle: WorkerHandle,
+    outbound: mpsc::Receiver<FromWorker>,
+    status: watch::Sender<Status>,
+    /// Fires when the grace period is over (or the worker is rejected):
+    /// every handler still running is dropped.
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    inflight: HashMap<String, InFlight>,
+    queues: ConnQueues,
+    conns: HashMap<String, ConnInfo>,
+    backoff: Backoff,
+    router_id: Option<String>,
+    stopping: bool,
+}
+
+impl Owner {
+    pub(crate) fn new(
+        cfg: Arc<WorkerConfig>,
+        handlers: Arc<Handlers>,
+        handle: WorkerHandle,
+        outbound: mpsc::Receiver<FromWorker>,
+        status: watch::Sender<Status>,
+    ) -> Self {
+        Self {
+            backoff: Backoff::new(cfg.backoff_initial, cfg.backoff_max),
+            queues: ConnQueues::new(cfg.connection_queue, QUEUE_IDLE),
+            cfg,
+            handlers,
+            handle,
+            outbound,
+            status,
+            hard_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            inflight: HashMap::new(),
+            conns: HashMap::new(),
+            router_id: None,
+            stopping: false,
+        }
+    }
+
+    /// Runs until stopped (`Ok`) or refused by the router (`Err`).
+    pub(crate) async fn run(mut self) -> Result<(), WorkerError> {
+        let span = info_span!("worker", worker.id = %self.cfg.worker_id);
+        let result = self.sessions().instrument(span).await;
+        // Whatever is left now is abandoned: a graceful stop has already
+        // waited for it as long as it was allowed to.
+        self.abandon_inflight();
+        self.queues.finish_all();
+        self.hard_stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(1), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some handler tasks did not end within 1 s of the stop");
+        }
+        self.set_state(State::Stopped);
+        info!(worker.id = %self.cfg.worker_id, "worker stopped");
+        result
+    }
+
+    async fn sessions(&mut self) -> Result<(), WorkerError> {
+        loop {
+            if self.handle.stop.is_cancelled() {
+                return Ok(());
+            }
+            self.set_state(State::Connecting);
+            debug!(endpoint = %self.cfg.endpoint, "connecting");
+            let link = match self.open_link().await {
+                Some(Ok(link)) => link,
+                Some(Err(e)) => {
+                    warn!(endpoint = %self.cfg.endpoint, error = %e, "cannot connect to the router");
+                    if !self.wait_backoff().await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                None => return Ok(()),
+            };
+            match self.session(link).await {
+                End::Stopped => return Ok(()),
+                End::Lost(reason) => {
+                    warn!(endpoint = %self.cfg.endpoint, %reason, "lost the router; reconnecting");
+                }
+                End::Goodbye {
+                    reason,
+                    reconnect: true,
+                } => info!(%reason, "the router said goodbye; reconnecting"),
+                End::Goodbye {
+                    reason,
+                    reconnect: false,
+                } => {
+                    return Err(WorkerError::Rejected {
+                        endpoint: self.cfg.endpoint.clone(),
+                        reason,
+                    })
+                }
+            }
+            self.abandon_inflight();
+            if self.handle.stop.is_cancelled() || !self.wait_backoff().await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Opens a socket; `None` when a stop came first.
+    async fn open_link(&mut self) -> Option<Result<Link, ZmqError>> {
+        let attempt = Link::open(
+            self.cfg.endpoint.clone(),
+            self.cfg.connect_timeout,
+            self.cfg.handshake_timeout,
+        );
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                result = &mut attempt => return Some(result),
+                _ = self.handle.stop.cancelled() => return None,
+                Some(msg) = self.outbound.recv() => drop_unsent(&msg),
+            }
+        }
+    }
+
+    /// Waits one backoff step; `false` when a stop came first.
+    async fn wait_backoff(&mut self) -> bool {
+        let delay = self.backoff.next_delay();
+        info!(delay_ms = delay.as_millis() as u64, endpoint = %self.cfg.endpoint, "reconnecting after backoff");
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                _ = self.handle.stop.cancelled() => return false,
+                Some(msg) = self.outbound.recv() => drop_unsent(&msg),
+            }
+        }
+    }
+
+    fn hello(&self) -> FromWorker {
+        FromWorker::Hello(Hello {
+            worker_id: self.cfg.worker_id.clone(),
+            services: self.cfg.services.clone(),
+            capacity: self.cfg.capacity,
+            sdk: SDK.to_owned(),
+            secret: self.cfg.secret.clone(),
+        })
+    }
+
+    /// One socket's life: hello, serve, and (if asked) the graceful stop.
+    async fn session(&mut self, mut link: Link) -> End {
+        if let Err(e) = link.send(&self.hello()).await {
+            return End::Lost(format!("cannot send hello: {e}"));
+        }
+        let give_up_at = Instant::now() + self.cfg.handshake_timeout;
+        let mut phase = Phase::Hello {
+            resend_at: Instant::now() + self.backoff.next_delay(),
+        };
+        let mut last_heard = Instant::now();
+        let mut grace_deadline: Option<Instant> = None;
+
+        loop {
+            if self.stopping && self.inflight.is_empty() && !self.tracker.is_closed() {
+                // Every request is answered: let connection queues finish
+                // what they hold, then the tracker drains.
+                self.queues.finish_all();
+                self.tracker.close();
+            }
+            let mut timer = match phase {
+                Phase::Hello { resend_at } => resend_at.min(give_up_at),
+                Phase::Live { next_beat, .. } => next_beat,
+            };
+            if let Some(g) = grace_deadline {
+                timer = timer.min(g);
+            }
+
+            tokio::select! {
+                received = link.rx.recv() => {
+                    let message = match received {
+                        Ok(m) => m,
+                        Err(e) => return End::Lost(format!("receive failed: {e}")),
+                    };
+                    last_heard = Instant::now();
+                    let msg = match decode(message) {
+                        Decoded::Message(msg) => msg,
+                        Decoded::Skipped => continue,
+                        Decoded::OtherVersion(reason) if matches!(phase, Phase::Hello { .. }) => {
+                            // The answer to our hello is in another version:
+                            // retrying would only repeat it (PROTOCOL.md §13).
+                            return End::Goodbye { reason, reconnect: false };
+                        }
+                        Decoded::OtherVersion(_) => continue,
+                    };
+                    match (msg, &mut phase) {
+                        (ToWorker::Welcome(w), Phase::Hello { .. }) => {
+                            phase = self.on_welcome(w);
+                            if let Phase::Live { dead_after, .. } = phase {
+                                link.send_timeout = dead_after;
+                            }
+                        }
+                        (ToWorker::Welcome(w), Phase::Live { every, dead_after, .. }) => {
+                            // The answer to a resent hello: only the timing may change.
+                            debug!("second welcome; updating heartbeat settings");
+                            (*every, *dead_after) = liveness(&w);
+                            link.send_timeout = *dead_after;
+                        }
+                        (ToWorker::Goodbye(g), _) => {
+                            return End::Goodbye { reason: g.reason, reconnect: g.reconnect };
+                        }
+                        (ToWorker::Heartbeat, _) => {}
+                        (other, Phase::Hello { .. }) => {
+                            debug!(kind = kind_to(&other), "ignoring a message that came before the welcome");
+                        }
+                        (ToWorker::Request(r), _) => {
+                            if let Err(e) = self.on_request(&mut link, r).await {
+                                return End::Lost(format!("send failed: {e}"));
+                            }
+                        }
+                        (ToWorker::Cancel(c), _) => self.on_cancel(c),
+                        (ToWorker::Event(e), _) => self.on_event(e),
+                        (ToWorker::Binary(b), _) => self.on_binary(b),
+                        (ToWorker::Raw(r), _) => self.on_raw(r),
+                        (ToWorker::Connect(c), _) => self.on_connect(c),
+                        (ToWorker::Disconnect(d), _) => self.on_disconnect(d),
+                    }
+                }
+                Some(msg) = self.outbound.recv() => {
+                    if matches!(phase, Phase::Hello { .. }) {
+                        // Nothing but hello goes out before the welcome.
+                        drop_unsent(&msg);
+                        continue;
+                    }
+                    if let Some(msg) = self.vet(msg) {
+                        if let Err(e) = link.send(&msg).await {
+                            return End::Lost(format!("send failed: {e}"));
+                        }
+                    }
+                }
+                _ = self.handle.stop.cancelled(), if !self.stopping => {
+                    self.stopping = true;
+                    if matches!(phase, Phase::Hello { .. }) {
+                        // Not registered, and nothing but hello may be
+                        // sent before the welcome: just close.
+                        return End::Stopped;
+                    }
+                    let bye = FromWorker::Bye(Bye { reason: "worker stopping".to_owned() });
+                    if let Err(e) = link.send(&bye).await {
+                        return End::Lost(format!("send failed: {e}"));
+                    }
+                    info!(in_flight = self.inflight.len(), "stopping: said bye, finishing in-flight requests");
+                    self.set_state(State::Stopping);
+                    grace_deadline = Some(Instant::now() + self.cfg.grace_period);
+                }
+                _ = self.tracker.wait(), if self.tracker.is_closed() => {
+                    self.flush_and_linger(&mut link).await;
+                    return End::Stopped;
+                }
+                _ = sleep_until(timer) => {
+                    let now = Instant::now();
+                    if grace_deadline.is_some_and(|g| now >= g) {
+                        self.abandon_after_grace(&mut link).await;
+                        return End::Stopped;
+                    }
+                    match &mut phase {
+                        Phase::Hello { resend_at } => {
+                            if now >= give_up_at {
+                                return End::Lost("no welcome within the handshake timeout".to_owned());
+                            }
+                            if now >= *resend_at {
+                                debug!("no welcome yet; saying hello again");
+                                if let Err(e) = link.send(&self.hello()).await {
+                                    return End::Lost(format!("cannot send hello: {e}"));
+                                }
+                                *resend_at = now + self.backoff.next_delay();
+                            }
+                        }
+                        Phase::Live { every, dead_after, next_beat } => {
+                            let silent = now.duration_since(last_heard);
+                            if silent >= *dead_after {
+                                return End::Lost(format!(
+                                    "no message from the router for {} ms",
+                                    silent.as_millis()
+                                ));
+                            }
+                            if now >= *next_beat {
+                                if let Err(e) = link.send(&FromWorker::Heartbeat).await {
+                                    return End::Lost(format!("send failed: {e}"));
+                                }
+                                *next_beat = now + *every;
+                                self.queues.prune();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_welcome(&mut self, w: Welcome) -> Phase {
+        self.backoff.reset();
+        if self.router_id.as_ref().is_some_and(|id| *id != w.router_id) {
+            // A different router process: the connections we knew are gone.
+            self.conns.clear();
+        }
+        let (every, dead_after) = liveness(&w);
+        self.router_id = Some(w.router_id.clone());
+        let mut registrations = 0;
+        self.status.send_modify(|s| {
+            s.registrations += 1;
+            s.state = State::Registered;
+            s.router_id = Some(w.router_id.clone());
+            registrations = s.registrations;
+        });
+        info!(
+            router.id = %w.router_id,
+            heartbeat_ms = w.heartbeat_ms,
+            liveness = w.liveness,
+            registrations,
+            services = ?self.cfg.services,
+            "registered with the router"
+        );
+        Phase::Live {
+            every,
+            dead_after,
+            next_beat: Instant::now() + every,
+        }
+    }
+
+    async fn on_request(&mut self, link: &mut Link, req: Request) -> Result<(), LinkError> {
+        if self.inflight.contains_key(&req.cid) {
+            warn!(correlation.id = %req.cid, "ignoring a duplicate of a request in flight");
+            return Ok(());
+        }
+        let handler = self.handlers.requests.get(&req.msg_type).cloned();
+        let refusal = match &handler {
+            None => Some(HandlerError::unknown_type(&req.msg_type)),
+            // Crossed our bye: retryable, so the router can send it elsewhere.
+            Some(_) if self.stopping => Some(HandlerError::transient("the worker is stopping")),
+            Some(_) if self.inflight.len() >= self.cfg.capacity as usize => {
+                warn!(
+                    correlation.id = %req.cid,
+                    capacity = self.cfg.capacity,
+                    "the router sent more requests than the announced capacity"
+                );
+                Some(HandlerError::overloaded("the worker is at capacity"))
+            }
+            Some(_) => None,
+        };
+        if let Some(e) = refusal {
+            debug!(correlation.id = %req.cid, msg.type = %req.msg_type, code = %e.code, "refusing request");
+            return link.send(&terminal(req.cid, Outcome::Failed(e))).await;
+        }
+        // Invariant: without a refusal, a handler was found.
+        let Some(handler) = handler else {
+            return Ok(());
+        };
+
+        let token = self.hard_stop.child_token();
+        self.inflight.insert(
+            req.cid.clone(),
+            InFlight {
+                token: token.clone(),
+                cancelled: None,
+            },
+        );
+        let timeout = Duration::from_millis(req.timeout_ms).min(MAX_TIMEOUT);
+        let claims = self.conns.get(&req.conn).and_then(|c| c.claims.clone());
+        let span = info_span!(
+            "request",
+            correlation.id = %req.cid,
+            session.id = %req.conn,
+            msg.type = %req.msg_type,
+            attempt = req.attempt,
+        );
+        let ctx = Context {
+            cid: req.cid.into(),
+            conn: req.conn.into(),
+            route: req.route.into(),
+            service: req.service.into(),
+            msg_type: req.msg_type.into(),
+            client_id: req.id,
+            deadline: Instant::now() + timeout,
+            attempt: req.attempt,
+            token,
+            claims,
+            handle: self.handle.clone(),
+        };
+        self.tracker
+            .spawn(run_request(handler, ctx, req.data).instrument(span));
+        Ok(())
+    }
+
+    fn on_cancel(&mut self, c: Cancel) {
+        match self.inflight.get_mut(&c.cid) {
+            Some(entry) => {
+                debug!(correlation.id = %c.cid, reason = %c.reason, "cancelling request");
+                entry.cancelled.get_or_insert(c.reason);
+                entry.token.cancel();
+            }
+            None => debug!(correlation.id = %c.cid, "cancel for a request that already ended"),
+        }
+    }
+
+    /// Book-keeping for everything handlers send; `None` means drop it.
+    fn vet(&mut self, msg: FromWorker) -> Option<FromWorker> {
+        let (cid, is_terminal) = match &msg {
+            FromWorker::Reply(r) => (&r.cid, r.done),
+            FromWorker::Error(e) => (&e.cid, true),
+            _ => return Some(msg),
+        };
+        let Some(entry) = self.inflight.get(cid) else {
+            debug!(correlation.id = %cid, "dropping a message for a request that already ended");
+            return None;
+        };
+        if let Some(reason) = &entry.cancelled {
+            if !is_terminal {
+                return None;
+            }
+            // Whatever the handler managed to return, the router asked for
+            // the request to stop, so it gets the `cancelled` it expects.
+            let message = format!("request cancelled ({reason})");
+            let cid = cid.clone();
+            self.inflight.remove(&cid);
+            return Some(FromWorker::Error(ErrorReply {
+                cid,
+                code: codes::CANCELLED.to_owned(),
+                message,
+                retryable: false,
+                retry_after_ms: None,
+            }));
+        }
+        if is_terminal {
+            self.inflight.remove(cid);
+        }
+        Some(msg)
+    }
+
+    fn event_ctx(
+        &self,
+        conn: &str,
+        route_service: Option<(String, String)>,
+        msg_type: Option<String>,
+    ) -> EventContext {
+        let known = self.conns.get(conn);
+        let (route, service): (Arc<str>, Arc<str>) = match (route_service, known) {
+            (Some((r, s)), _) => (r.into(), s.into()),
+            (None, Some(k)) => (k.route.clone(), k.service.clone()),
+            (None, None) => ("".into(), "".into()),
+        };
+        EventContext {
+            conn: conn.into(),
+            route,
+            service,
+            msg_type: msg_type.map(Into::into),
+            claims: known.and_then(|k| k.claims.clone()),
+            handle: self.handle.clone(),
+        }
+    }
+
+    fn enqueue(&mut self, conn: &str, kind: &'static str, job: Job) {
+        if self.tracker.is_closed() {
+            debug!(session.id = %conn, kind, "stopping; dropping a connection event");
+            return;
+        }
+        self.queues
+            .enqueue(conn, kind, job, &self.tracker, &self.hard_stop);
+    }
+
+    fn on_event(&mut self, e: Event) {
+        let Some(handler) = self.handlers.events.get(&e.msg_type).cloned() else {
+            debug!(session.id = %e.conn, msg.type = %e.msg_type, "no handler for this event; dropped");
+            return;
+        };
+        let ctx = self.event_ctx(&e.conn, Some((e.route, e.service)), Some(e.msg_type));
+        let data = e.data;
+        self.enqueue(
+            &e.conn,
+            "event",
+            Box::pin(async move { handler(ctx, data).await }),
+        );
+    }
+
+    fn on_binary(&mut self, b: bridge_proto::Binary) {
+        let Some(handler) = self.handlers.binary.clone() else {
+            debug!(session.id = %b.conn, bytes = b.data.len(), "no binary handler; frame dropped");
+            return;
+        };
+        let ctx = self.event_ctx(&b.conn, Some((b.route, b.service)), None);
+        let data = Bytes::from(b.data);
+        self.enqueue(
+            &b.conn,
+            "binary",
+            Box::pin(async move { handler(ctx, data).await }),
+        );
+    }
+
+    fn on_raw(&mut self, r: RawFrame) {
+        let Some(handler) = self.handlers.raw.clone() else {
+            debug!(session.id = %r.conn, bytes = r.payload.len(), "no raw handler; frame dropped");
+            return;
+        };
+        let ctx = self.event_ctx(&r.conn, None, None);
+        let frame = Frame {
+            binary: r.binary,
+            payload: Bytes::from(r.payload),
+        };
+        self.enqueue(
+            &r.conn,
+            "raw",
+            Box::pin(async move { handler(ctx, frame).await }),
+        );
+    }
+
+    fn on_connect(&mut self, c: Connect) {
+        if self.conns.len() < MAX_KNOWN_CONNECTIONS || self.conns.contains_key(&c.conn) {
+            self.conns.insert(
+                c.conn.clone(),
+                ConnInfo {
+                    route: c.route.as_str().into(),
+                    service: c.service.as_str().into(),
+                    claims: c.claims.clone().map(Arc::new),
+                },
+            );
+        }
+        let Some(handler) = self.handlers.connect.clone() else {
+            return;
+        };
+        let ctx = self.event_ctx(&c.conn, Some((c.route.clone(), c.service.clone())), None);
+        let conn = c.conn.clone();
+        self.enqueue(
+            &conn,
+            "connect",
+            Box::pin(async move { handler(ctx, c).await }),
+        );
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) {
+        let conn = d.conn.clone();
+        if let Some(handler) = self.handlers.disconnect.clone() {
+            let ctx = self.event_ctx(&conn, Some((d.route.clone(), d.service.clone())), None);
+            self.enqueue(
+                &conn,
+                "disconnect",
+                Box::pin(async move { handler(ctx, d).await }),
+            );
+        }
+        // The queue runs what it holds (the disconnect last) and then ends.
+        self.queues.finish(&conn);
+        self.conns.remove(&conn);
+    }
+
+    /// Forgets every request in flight without answering it (the router
+    /// that sent them is gone) and drops its handler.
+    fn abandon_inflight(&mut self) {
+        if !self.inflight.is_empty() {
+            warn!(
+                count = self.inflight.len(),
+                "abandoning requests in flight on a lost router session"
+            );
+        }
+        for (_, entry) in self.inflight.drain() {
+            entry.token.cancel();
+        }
+    }
+
+    /// The grace period is over: answer what is left and drop its handlers.
+    async fn abandon_after_grace(&mut self, link: &mut Link) {
+        warn!(
+            count = self.inflight.len(),
+            grace_ms = self.cfg.grace_period.as_millis() as u64,
+            "grace period over; failing the requests still in flight"
+        );
+        let mut cids: Vec<String> = self.inflight.keys().cloned().collect();
+        cids.sort();
+        for cid in cids {
+            if let Some(entry) = self.inflight.remove(&cid) {
+                entry.token.cancel();
+            }
+            let msg = FromWorker::Error(ErrorReply {
+                cid,
+                code: codes::WORKER_ERROR.to_owned(),
+                message: "the worker stopped before finishing the request".to_owned(),
+                retryable: true,
+                retry_after_ms: None,
+            });
+            if link.send(&msg).await.is_err() {
+                return;
+            }
+        }
+        self.hard_stop.cancel();
+        self.flush_and_linger(link).await;
+    }
+
+    /// Sends what is already queued, then keeps the socket open for
+    /// `linger` so its writer task can put the last bytes on the wire.
+    async fn flush_and_linger(&mut self, link: &mut Link) {
+        while let Ok(msg) = self.outbound.try_recv() {
+            if let Some(msg) = self.vet(msg) {
+                if link.send(&msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(self.cfg.linger).await;
+    }
+
+    fn set_state(&self, state: State) {
+        self.status.send_if_modified(|s| {
+            let changed = s.state != state;
+            s.state = state;
+            changed
+        });
+    }
+}
+
+/// Heartbeat interval and silence limit from a welcome.
+fn liveness(w: &Welcome) -> (Duration, Duration) {
+    // Guard against zeros from a buggy router: they would spin the timer.
+    let every = Duration::from_millis(w.heartbeat_ms.max(10));
+    (every, every * w.liveness.max(1))
+}
+
+fn kind_to(msg: &ToWorker) -> &'static str {
+    match msg {
+        ToWorker::Welcome(_) => "welcome",
+        ToWorker::Goodbye(_) => "goodbye",
+        ToWorker::Heartbeat => "heartbeat",
+        ToWorker::Request(_) => "request",
+        ToWorker::Event(_) => "event",
+        ToWorker::Binary(_) => "binary",
+        ToWorker::Raw(_) => "raw",
+        ToWorker::Connect(_) => "connect",
+        ToWorker::Disconnect(_) => "disconnect",
+        ToWorker::Cancel(_) => "cancel",
+    }
+}
+
+fn drop_unsent(msg: &FromWorker) {
+    debug!(
+        kind = kind_of(msg),
+        "not connected to a router; dropping an outgoing message"
+    );
+}
+
+fn kind_of(msg: &FromWorker) -> &'static str {
+    match msg {
+        FromWorker::Hello(_) => "hello",
+        FromWorker::Heartbeat => "heartbeat",
+        FromWorker::Reply(_) => "reply",
+        FromWorker::Error(_) => "error",
+        FromWorker::Push(_) => "push",
+        FromWorker::PushBinary(_) => "push_binary",
+        FromWorker::Raw(_) => "raw",
+        FromWorker::Close(_) => "close",
+        FromWorker::Subscribe(_) => "subscribe",
+        FromWorker::Unsubscribe(_) => "unsubscribe",
+        FromWorker::Publish(_) => "publish",
+        FromWorker::Bye(_) => "bye",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_proto::Reply as WireReply;
+
+    fn owner() -> (Owner, mpsc::Sender<FromWorker>) {
+        let cfg = Arc::new(WorkerConfig::new(vec!["svc".into()]));
+        let (tx, rx) = mpsc::channel(8);
+        let (status_tx, status_rx) = watch::channel(Status::initial());
+        let handle = WorkerHandle {
+            tx: tx.clone(),
+            stop: CancellationToken::new(),
+            status: status_rx,
+            worker_id: "w".into(),
+            services: vec!["svc".to_owned()].into(),
+        };
+        let owner = Owner::new(cfg, Arc::new(Handlers::default()), handle, rx, status_tx);
+        (owner, tx)
+    }
+
+    fn reply(cid: &str, done: bool) -> FromWorker {
+        FromWorker::Reply(WireReply {
+            cid: cid.into(),
+            done,
+            msg_type: None,
+            data: Value::Null,
+        })
+    }
+
+    fn track(owner: &mut Owner, cid: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        owner.inflight.insert(
+            cid.into(),
+            InFlight {
+                token: token.clone(),
+                cancelled: None,
+            },
+        );
+        token
+    }
+
+    #[test]
+    fn vet_passes_one_terminal_and_drops_the_rest() {
+        let (mut o, _tx) = owner();
+        track(&mut o, "a");
+        assert!(o.vet(reply("a", false)).is_some(), "partial passes");
+        assert!(o.vet(reply("a", true)).is_some(), "first terminal passes");
+        assert!(o.vet(reply("a", true)).is_none(), "second terminal dropped");
+        assert!(o.vet(reply("a", false)).is_none(), "late partial dropped");
+        assert!(o.vet(reply("unknown", true)).is_none());
+        let push = FromWorker::Bye(Bye { reason: "x".into() });
+        assert!(o.vet(push).is_some(), "non-request messages pass");
+    }
+
+    #[test]
+    fn cancel_turns_the_terminal_into_cancelled() {
+        let (mut o, _tx) = owner();
+        let token = track(&mut o, "a");
+        o.on_cancel(Cancel {
+            cid: "a".into(),
+            reason: "client".into(),
+        });
+        assert!(token.is_cancelled());
+        assert!(
+            o.vet(reply("a", false)).is_none(),
+            "partials after cancel dropped"
+        );
+        match o.vet(reply("a", true)) {
+            Some(FromWorker::Error(e)) => {
+                assert_eq!(e.code, "cancelled");
+                assert!(e.message.contains("client"), "{}", e.message);
+            }
+            other => panic!("expected cancelled error, got {other:?}"),
+        }
+        assert!(o.inflight.is_empty());
+        // A cancel for something already finished is ignored.
+        o.on_cancel(Cancel {
+            cid: "a".into(),
+            reason: "client".into(),
+        });
+    }
+
+    #[test]
+    fn abandon_cancels_everything() {
+        let (mut o, _tx) = owner();
+        let a = track(&mut o, "a");
+        let b = track(&mut o, "b");
+        o.abandon_inflight();
+        assert!(a.is_cancelled() && b.is_cancelled());
+        assert!(o.vet(reply("a", true)).is_none());
+    }
+
+    #[test]
+    fn bad_frames_are_skipped_and_other_versions_named() {
+        assert!(matches!(
+            decode(ZmqMessage::from(vec![0xc1u8])),
+            Decoded::Skipped
+        ));
+        let mut two = ZmqMessage::from(bridge_proto::encode_to_worker(&ToWorker::Heartbeat));
+        two.push_back(Bytes::from_static(b"x"));
+        assert!(matches!(decode(two), Decoded::Skipped));
+        let one = ZmqMessage::from(bridge_proto::encode_to_worker(&ToWorker::Heartbeat));
+        assert!(matches!(decode(one), Decoded::Message(ToWorker::Heartbeat)));
+        // fixmap(2) "v" 2 "kind" "heartbeat"
+        let mut v2 = vec![0x82, 0xa1, b'v', 0x02, 0xa4];
+        v2.extend_from_slice(b"kind");
+        v2.push(0xa9);
+        v2.extend_from_slice(b"heartbeat");
+        match decode(ZmqMessage::from(v2)) {
+            Decoded::OtherVersion(text) => assert!(text.contains('2'), "{text}"),
+            _ => panic!("a v2 frame must be reported as another version"),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Running handlers: one task per request, racing the handler against its
+//! cancellation and deadline and turning whatever happens (reply, error,
+//! panic, cancel, timeout) into exactly one terminal message; and one
+//! sequential queue per client connection for everything that gets no reply.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use bridge_proto::{codes, ErrorReply, FromWorker, Reply as WireReply};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, warn, Instrument};
+
+use crate::context::Context;
+use crate::error::HandlerError;
+use crate::handler::{Reply, RequestFn};
+
+/// How a request ended, before it becomes a wire message.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Replied(Reply),
+    Failed(HandlerError),
+    Panicked,
+    Cancelled,
+    DeadlineExceeded,
+}
+
+/// Runs one request's handler and sends its terminal message.
+///
+/// The handler's future is dropped as soon as the token fires or the deadline
+/// passes, so a handler that never looks at its token still stops.
+pub(crate) async fn run_request(handler: RequestFn, ctx: Context, data: Value) {
+    let cid = ctx.cid.to_string();
+    let token = ctx.token.clone();
+    let deadline = ctx.deadline;
+    let handle = ctx.handle.clone();
+    let started = tokio::time::Instant::now();
+    // The call happens inside the async block so a handler that panics before
+    // returning its future is caught like one that panics while polled.
+    let work = AssertUnwindSafe(async move { handler(ctx, data).await }).catch_unwind();
+
+    let outcome = tokio::select! {
+        biased;
+        _ = token.cancelled() => Outcome::Cancelled,
+        _ = tokio::time::sleep_until(deadline) => {
+            token.cancel();
+            Outcome::DeadlineExceeded
+        }
+        result = work => match result {
+            Ok(Ok(reply)) => Outcome::Replied(reply),
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(_) => Outcome::Panicked,
+        },
+    };
+    match &outcome {
+        Outcome::Replied(_) => debug!(elapsed_ms = started.elapsed().as_millis() as u64, "replied"),
+        Outcome::Failed(e) => debug!(code = %e.code, "handler returned an error"),
+        Outcome::Panicked => error!("handler panicked; answering worker_error"),
+        Outcome::Cancelled => debug!("cancelled"),
+        Outcome::DeadlineExceeded => warn!("deadline passed before the handler finished"),
+    }
+    // The worker may be gone (stopped); then nobody is waiting for the answer.
+    let _ = handle.send(terminal(cid, outcome)).await;
+}
+
+/// The one terminal message for `outcome`.
+pub(crate) fn terminal(cid: String, outcome: Outcome) -> FromWorker {
+    let error = |code: &str, message: String, retryable: bool, retry_after_ms: Option<u64>| {
+        FromWorker::Error(ErrorReply {
+            cid: cid.clone(),
+            code: code.to_owned(),
+            message,
+            retryable,
+            retry_after_ms,
+        })
+    };
+    match outcome {
+        Outcome::Replied(reply) => FromWorker::Reply(WireReply {
+            cid: cid.clone(),
+            done: true,
+            msg_type: reply.msg_type,
+            data: reply.data,
+        }),
+        Outcome::Failed(e) if codes::is_valid_code(&e.code) => {
+            error(&e.code, e.message, e.retryable, e.retry_after_ms)
+        }
+        Outcome::Failed(e) => {
+            warn!(code = ?e.code, "handler error code is not snake_case; sending worker_error");
+            error(
+                codes::WORKER_ERROR,
+                e.message,
+                e.retryable,
+                e.retry_after_ms,
+            )
+        }
+        Outcome::Panicked => error(
+            codes::WORKER_ERROR,
+            "the worker's handler failed unexpectedly".to_owned(),
+            false,
+            None,
+        ),
+        Outcome::Cancelled => error(
+            codes::CANCELLED,
+            "request cancelled".to_owned(),
+            false,
+            None,
+        ),
+        Outcome::DeadlineExceeded => error(
+            codes::TIMEOUT,
+            "the request's deadline passed before the worker finished".to_owned(),
+            false,
+            None,
+        ),
+    }
+}
+
+/// A queued piece of connection work (already bound to its handler and data).
+pub(crate) type Job = BoxFuture<'static, ()>;
+
+/// One sequential job queue per client connection.
+///
+/// Order matters within a connection (audio chunks, raw echo frames), not
+/// across connections. A queue's task exits when it is idle for `idle`, when
+/// its connection disconnects, or on a hard stop; the next job for that
+/// connection starts a new one.
+pub(crate) struct ConnQueues {
+    queues: HashMap<String, mpsc::Sender<Job>>,
+    capacity: usize,
+    idle: Duration,
+}
+
+impl ConnQueues {
+    pub(crate) fn new(capacity: usize, idle: Duration) -> Self {
+        Self {
+            queues: HashMap::new(),
+            capacity,
+            idle,
+        }
+    }
+
+    /// Queues `job` behind the connection's earlier jobs. Drops it (with a
+    /// warning) when the connection already has `capacity` jobs waiting: an
+    /// event nobody can keep up with must not grow memory without bound.
+    pub(crate) fn enqueue(
+        &mut self,
+        conn: &str,
+        kind: &'static str,
+        mut job: Job,
+        tracker: &TaskTracker,
+        hard_stop: &CancellationToken,
+    ) {
+        if let Some(tx) = self.queues.get(conn) {
+            match tx.try_send(job) {
+                Ok(()) => return,
+                Err(TrySendError::Full(_)) => {
+                    warn!(session.id = %conn, kind, capacity = self.capacity,
+                        "connection event queue full; dropping the event");
+                    return;
+                }
+                Err(TrySendError::Closed(j)) => job = j,
+            }
+        }
+        let (tx, rx) = mpsc::channel(self.capacity);
+        // Invariant: a fresh channel with capacity >= 1 has room for one job.
+        tx.try_send(job).expect("new queue has room");
+        self.queues.insert(conn.to_owned(), tx);
+        let span = tracing::debug_span!("connection", session.id = %conn);
+        tracker.spawn(drain(rx, hard_stop.clone(), self.idle).instrument(span));
+    }
+
+    /// Lets the connection's queue finish its jobs and end (after a disconnect).
+    pub(crate) fn finish(&mut self, conn: &str) {
+        self.queues.remove(conn);
+    }
+
+    /// Lets every queue finish its jobs and end (on stop).
+    pub(crate) fn finish_all(&mut self) {
+        self.queues.clear();
+    }
+
+    /// Forgets queues whose task has ended on its own.
+    pub(crate) fn prune(&mut self) {
+        self.queues.retain(|_, tx| !tx.is_closed());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.queues.len()
+    }
+}
+
+async fn drain(mut rx: mpsc::Receiver<Job>, hard_stop: CancellationToken, idle: Duration) {
+    loop {
+        let job = tokio::select! {
+            _ = hard_stop.cancelled() => return,
+            next = tokio::time::timeout(idle, rx.recv()) => match next {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(_) => {
+                    // Close first so the owner sees `Closed` and starts a new
+                    // queue instead of handing us jobs we would never run.
+                    rx.close();
+                    while let Ok(job) = rx.try_recv() {
+                        run_job(job, &hard_stop).await;
+                    }
+                    return;
+                }
+            },
+        };
+        run_job(job, &hard_stop).await;
+    }
+}
+
+async fn run_job(job: Job, hard_stop: &CancellationToken) {
+    tokio::select! {
+        _ = hard_stop.cancelled() => {}
+        result = AssertUnwindSafe(job).catch_unwind() => {
+            if result.is_err() {
+                error!("event handler panicked; the worker carries on");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn terminal_messages() {
+        let cid = || "c1".to_owned();
+        let code_of = |m: FromWorker| match m {
+            FromWorker::Error(e) => e.code,
+            FromWorker::Reply(r) => format!("reply done={}", r.done),
+            other => panic!("unexpected {other:?}"),
+        };
+        for (outcome, expected) in [
+            (Outcome::Replied(Reply::new(Value::Null)), "reply done=true"),
+            (
+                Outcome::Failed(HandlerError::bad_request("x")),
+                "bad_request",
+            ),
+            (
+                Outcome::Failed(HandlerError::new("Bad Code", "x")),
+                "worker_error",
+            ),
+            (Outcome::Panicked, "worker_error"),
+            (Outcome::Cancelled, "cancelled"),
+            (Outcome::DeadlineExceeded, "timeout"),
+        ] {
+            assert_eq!(code_of(terminal(cid(), outcome)), expected);
+        }
+    }
+
+    #[test]
+    fn typed_final_reply_keeps_its_type() {
+        match terminal(
+            "c".into(),
+            Outcome::Replied(Reply::typed("OUTPUT", Value::Null)),
+        ) {
+            FromWorker::Reply(r) => assert_eq!(r.msg_type.as_deref(), Some("OUTPUT")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn queues_keep_order_survive_panics_and_bound_memory() {
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let mut queues = ConnQueues::new(4, Duration::from_secs(60));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        // The first job blocks the queue so the following ones pile up.
+        queues.enqueue(
+            "a",
+            "test",
+            Box::pin(async move {
+                let _ = started_tx.send(());
+                let _ = gate_rx.await;
+                panic!("first job panics after the gate");
+            }),
+            &tracker,
+            &stop,
+        );
+        started_rx.await.unwrap();
+        for i in 0..6 {
+            let seen = seen.clone();
+            queues.enqueue(
+                "a",
+                "test",
+                Box::pin(async move { seen.lock().unwrap().push(i) }),
+                &tracker,
+                &stop,
+            );
+        }
+        gate_tx.send(()).unwrap();
+        queues.finish_all();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("queue tasks end after finish_all");
+        // Capacity 4: the blocking job was taken off the queue, so 4 of the 6
+        // fit and 2 were dropped; the survivors ran in order despite the panic.
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_queues_end_and_restart() {
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let mut queues = ConnQueues::new(8, Duration::from_millis(50));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let job = |n: u32| -> Job {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let _ = tx.send(n);
+            })
+        };
+        queues.enqueue("a", "test", job(1), &tracker, &stop);
+        assert_eq!(rx.recv().await, Some(1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        queues.prune();
+        assert_eq!(queues.len(), 0, "idle queue should have ended");
+        queues.enqueue("a", "test", job(2), &tracker, &stop);
+        assert_eq!(rx.recv().await, Some(2));
+    }
+}

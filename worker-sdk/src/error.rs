@@ -1,0 +1,188 @@
+//! Errors of the SDK: what a handler returns when a request fails
+//! ([`HandlerError`]), why a worker stopped ([`WorkerError`]), why a message
+//! could not be queued ([`SendError`]) and what is wrong with a configuration
+//! ([`ConfigError`]).
+
+use bridge_proto::codes;
+
+/// The failure of one request, sent to the router as a terminal `error`
+/// and passed on to the client as `{"error": {"code", "message"}}`.
+///
+/// `code` is a stable snake_case string the client can switch on (see
+/// [`bridge_proto::codes`] for the shared ones; workers may add their own).
+/// A code that is not well-formed is replaced by `worker_error` when sent.
+/// `retryable` tells the router another attempt on another worker may succeed;
+/// `retry_after_ms` tells the client when to try again (e.g. with
+/// `overloaded`). The message must not contain secrets or payloads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct HandlerError {
+    /// Stable snake_case error code.
+    pub code: String,
+    /// Human-readable sentence for the client.
+    pub message: String,
+    /// Whether another attempt (on another worker) might succeed.
+    pub retryable: bool,
+    /// When the client may try again, if the worker knows.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl HandlerError {
+    /// A non-retryable error with a custom code.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+            retry_after_ms: None,
+        }
+    }
+
+    /// Marks the error as retryable (or not).
+    pub fn with_retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    /// Tells the client when it may try again.
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after_ms = Some(u64::try_from(after.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The client sent data this handler cannot use (`bad_request`).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(codes::BAD_REQUEST, message)
+    }
+
+    /// The handler itself failed (`worker_error`).
+    pub fn worker_error(message: impl Into<String>) -> Self {
+        Self::new(codes::WORKER_ERROR, message)
+    }
+
+    /// A failure that another attempt may not hit (`worker_error`, retryable).
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::worker_error(message).with_retryable(true)
+    }
+
+    /// The worker is too busy for this request (`overloaded`, retryable).
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(codes::OVERLOADED, message).with_retryable(true)
+    }
+
+    /// The caller is not allowed to do this (`unauthorized`).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(codes::UNAUTHORIZED, message)
+    }
+
+    /// The work was cancelled (`cancelled`).
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        Self::new(codes::CANCELLED, message)
+    }
+
+    /// The request's deadline passed (`timeout`).
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(codes::TIMEOUT, message)
+    }
+
+    /// No handler for this message type (`unknown_type`).
+    pub fn unknown_type(msg_type: &str) -> Self {
+        Self::new(
+            codes::UNKNOWN_TYPE,
+            format!("this worker has no handler for message type {msg_type:?}"),
+        )
+    }
+}
+
+impl From<serde_json::Error> for HandlerError {
+    /// Most JSON errors inside a handler come from reading the request's
+    /// `data` into a typed struct, which is the client's fault.
+    fn from(e: serde_json::Error) -> Self {
+        Self::bad_request(format!("invalid data: {e}"))
+    }
+}
+
+impl From<SendError> for HandlerError {
+    fn from(e: SendError) -> Self {
+        Self::transient(e.to_string())
+    }
+}
+
+/// A message could not be handed to the worker's socket task.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The worker has stopped (or was never run); nothing will be sent.
+    #[error("the worker has stopped")]
+    Stopped,
+}
+
+/// A worker configuration that cannot work; lists every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid worker configuration: {}", problems.join("; "))]
+pub struct ConfigError {
+    /// One sentence per problem.
+    pub problems: Vec<String>,
+}
+
+/// Why [`Worker::run`](crate::Worker::run) returned an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The router said `goodbye{reconnect: false}`: retrying will not help
+    /// (wrong secret, unsupported version, ...).
+    #[error("the router at {endpoint} refused this worker: {reason}")]
+    Rejected {
+        /// The router endpoint that refused.
+        endpoint: String,
+        /// The router's reason.
+        reason: String,
+    },
+    /// The SIGTERM/SIGINT handlers could not be installed.
+    #[error("cannot listen for shutdown signals: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constructors_set_code_and_retryable() {
+        for (e, code, retryable) in [
+            (HandlerError::bad_request("x"), "bad_request", false),
+            (HandlerError::worker_error("x"), "worker_error", false),
+            (HandlerError::transient("x"), "worker_error", true),
+            (HandlerError::overloaded("x"), "overloaded", true),
+            (HandlerError::cancelled("x"), "cancelled", false),
+            (HandlerError::timeout("x"), "timeout", false),
+            (HandlerError::unknown_type("nope"), "unknown_type", false),
+            (HandlerError::unauthorized("x"), "unauthorized", false),
+            (
+                HandlerError::new("my_code", "x").with_retryable(true),
+                "my_code",
+                true,
+            ),
+        ] {
+            assert_eq!(e.code, code);
+            assert_eq!(e.retryable, retryable, "{code}");
+        }
+    }
+
+    #[test]
+    fn json_errors_are_bad_requests() {
+        let err = serde_json::from_str::<u32>("\"x\"").unwrap_err();
+        let e: HandlerError = err.into();
+        assert_eq!(e.code, "bad_request");
+        assert!(e.message.starts_with("invalid data"), "{}", e.message);
+    }
+
+    #[test]
+    fn config_error_lists_problems() {
+        let e = ConfigError {
+            problems: vec!["a is bad".into(), "b is bad".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid worker configuration: a is bad; b is bad"
+        );
+    }
+}
