@@ -111,6 +111,10 @@ pub struct Request {
     pub deadline_ms: u64,
     /// 1 for the first attempt, 2.. for retries on another worker.
     pub attempt: u32,
+    /// Verified token claims of the connection, when the route uses auth
+    /// (the same as in its `connect`, so any worker can authorize).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<Value>,
 }
 
 /// Router → worker: a fire-and-forget message from a client.

@@ -96,6 +96,7 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
                         timeout_ms,
                         deadline_ms,
                         attempt,
+                        claims: None,
                     })
                 }
             ),

@@ -86,6 +86,8 @@ pub struct RequestCmd {
     /// Extra attempts allowed after a transient failure.
     pub retries: u32,
     pub breaker: Option<BreakerTicket>,
+    /// Verified token claims of the connection.
+    pub claims: Option<Value>,
 }
 
 /// What sessions ask of the bridge.
@@ -538,6 +540,7 @@ impl Broker {
                 timeout_ms: left.as_millis() as u64,
                 deadline_ms: unix_ms() + left.as_millis() as u64,
                 attempt: req.attempt,
+                claims: cmd.claims.clone(),
             }),
         );
         self.pending.insert(
@@ -1139,6 +1142,7 @@ mod tests {
                     affinity: false,
                     retries: 0,
                     breaker: None,
+                    claims: None,
                 }),
                 &mut self.out,
             );

@@ -58,6 +58,7 @@ where
         let (shared, outbound) = ConnShared::new(start.conn.clone(), start.route.path.clone());
         app.hub.register(shared.clone());
         info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
+        let claims = start.connect.claims.clone();
         let route_name = start.route.path.clone();
         app.metrics.connection_opened(&route_name);
         app.bridge.send(Command::Connect(Box::new(start.connect))).await;
@@ -75,6 +76,7 @@ where
             limiter,
             rejections: 0,
             closing: None,
+            claims,
         };
         let ending = session.serve(socket, outbound).await;
         drop(start.slot);
@@ -115,6 +117,8 @@ struct Session {
     rejections: u32,
     /// Set when the session stops taking requests (shutdown, route removed).
     closing: Option<Closing>,
+    /// Verified token claims, forwarded with every request.
+    claims: Option<Value>,
 }
 
 /// A session on its way out: it closes with `code` when its last in-flight
@@ -730,6 +734,7 @@ impl Session {
             affinity: self.route.affinity,
             retries: self.route.retries,
             breaker: Some(ticket),
+            claims: self.claims.clone(),
         });
         if let Err(Busy(cmd)) = self.app.bridge.try_send(cmd) {
             // Give back a half-open probe slot this request would hold forever.

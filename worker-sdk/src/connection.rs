@@ -507,7 +507,7 @@ impl Owner {
         }
     }
 
-    async fn on_request(&mut self, link: &mut Link, req: Request) -> Result<(), LinkError> {
+    async fn on_request(&mut self, link: &mut Link, mut req: Request) -> Result<(), LinkError> {
         if self.inflight.contains_key(&req.cid) {
             warn!(correlation.id = %req.cid, "ignoring a duplicate of a request in flight");
             return Ok(());
@@ -545,7 +545,12 @@ impl Owner {
             },
         );
         let timeout = Duration::from_millis(req.timeout_ms).min(MAX_TIMEOUT);
-        let claims = self.conns.get(&req.conn).and_then(|c| c.claims.clone());
+        // The request carries the claims (protocol ≥ this field); older
+        // routers only sent them with `connect`.
+        let claims = match req.claims.take() {
+            Some(c) => Some(Arc::new(c)),
+            None => self.conns.get(&req.conn).and_then(|c| c.claims.clone()),
+        };
         let span = info_span!(
             "request",
             correlation.id = %req.cid,

@@ -277,6 +277,7 @@ pub fn catalogue() -> Vec<Vector> {
                 timeout_ms: 30_000,
                 deadline_ms: 1_767_225_630_000,
                 attempt: 1,
+                claims: Some(json!({"exp": 1_767_229_200, "roles": ["viewer"], "sub": "user-42"})),
             }),
         ),
         to(
@@ -292,6 +293,7 @@ pub fn catalogue() -> Vec<Vector> {
                 timeout_ms: 5000,
                 deadline_ms: 1_767_225_605_000,
                 attempt: 2,
+                claims: None,
             }),
         ),
         to(
@@ -614,6 +616,7 @@ pub fn invalid_catalogue() -> Vec<Invalid> {
         timeout_ms: 5000,
         deadline_ms: 1_767_225_605_000,
         attempt: 1,
+        claims: None,
     }));
     let push_with_data = |data: &[u8]| {
         Raw::map(5)

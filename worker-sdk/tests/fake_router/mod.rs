@@ -152,6 +152,7 @@ pub fn request(cid: &str, msg_type: &str, data: Value, timeout_ms: u64) -> Reque
         timeout_ms,
         deadline_ms: 0,
         attempt: 1,
+        claims: None,
     }
 }
 
