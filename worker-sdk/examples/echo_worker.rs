@@ -11,6 +11,7 @@
 //! | `publish` | `{"topic", "data", "type"?}` | publishes, then `{"published": topic}` |
 //! | `close` | `{"code"?, "reason"?}` | closes the connection (default 1000) |
 //! | `whoami` | — | `{"worker_id": ...}` |
+//! | `claims` | — | `{"claims": <the connection's verified token claims or null>, "attempt": n}` |
 //! | binary frame | bytes | the same bytes back (`push_binary`) |
 //! | raw frame | text or binary | the same frame back, unchanged |
 
@@ -43,6 +44,9 @@ fn main() -> ExitCode {
                 .on_request("close", close)
                 .on_request("whoami", |ctx, _data| async move {
                     Ok(json!({ "worker_id": ctx.worker().worker_id() }))
+                })
+                .on_request("claims", |ctx, _data| async move {
+                    Ok(json!({ "claims": ctx.claims(), "attempt": ctx.attempt() }))
                 })
                 .on_binary(|ev, data| async move {
                     let _ = ev.push_binary(data).await;
