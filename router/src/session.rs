@@ -6,7 +6,10 @@
 //! publications) reaches it through the connection's bounded outbound queue
 //! in the [`Hub`](crate::hub::Hub), and the writer stamps `seq` in send order.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::extract::ws::{CloseFrame, Message};
 use bridge_proto::{self as proto, codes};
@@ -188,7 +191,7 @@ impl Session {
                         return self.close(&mut socket, code, &reason).await;
                     }
                     if self.write(&mut socket, out).await.is_err() {
-                        return Ending { code: 1006, reason: "write failed".into() };
+                        return self.gone();
                     }
                 }
                 incoming = socket.next() => {
@@ -204,6 +207,8 @@ impl Session {
                                 .map(|f| (f.code, f.reason.to_string()))
                                 .unwrap_or((1005, String::new()));
                             debug!(code, "client closed");
+                            // The library queued our close reply: flush it out.
+                            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush()).await;
                             return Ending { code, reason };
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
@@ -235,11 +240,26 @@ impl Session {
                     if last_heard.elapsed() > ping_every * 3 {
                         return self.close(&mut socket, 1001, "no answer to pings").await;
                     }
-                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                        return Ending { code: 1006, reason: "write failed".into() };
+                    if self.send_or_give_up(&mut socket, Message::Ping(bytes::Bytes::new())).await.is_err() {
+                        return self.gone();
                     }
                 }
             }
+        }
+    }
+
+    /// The peer stopped reading (or the socket failed): the session ends
+    /// without a close handshake, with the kill reason if there is one.
+    fn gone(&self) -> Ending {
+        match self.shared.kill_reason() {
+            Some(k) => Ending {
+                code: k.code,
+                reason: k.reason,
+            },
+            None => Ending {
+                code: 1006,
+                reason: "write failed or timed out".into(),
+            },
         }
     }
 
@@ -346,12 +366,29 @@ impl Session {
             }
             Outbound::Close { .. } => return Ok(()),
         };
-        socket.send(msg).await.map_err(|_| Gone)
+        self.send_or_give_up(socket, msg).await
     }
 
-    async fn close<S>(&mut self, socket: &mut S, code: u16, reason: &str) -> Ending
+    /// Sends one message, unless the peer stops reading: a send that waits
+    /// longer than three ping intervals, or while the connection is being
+    /// killed (its outbound queue overflowed), gives up on the peer.
+    async fn send_or_give_up<S>(&self, socket: &mut S, msg: Message) -> Result<(), Gone>
     where
         S: Sink<Message> + Unpin,
+    {
+        let patience = self.app.settings.client_ping() * 3;
+        tokio::select! {
+            r = socket.send(msg) => r.map_err(|_| Gone),
+            _ = self.shared.kill.cancelled() => Err(Gone),
+            _ = tokio::time::sleep(patience) => Err(Gone),
+        }
+    }
+
+    /// Sends a close frame and waits (briefly) for the peer's, as RFC 6455
+    /// §7.1 asks; a peer that does not read or answer is dropped.
+    async fn close<S>(&mut self, socket: &mut S, code: u16, reason: &str) -> Ending
+    where
+        S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
     {
         // A close reason is at most 123 bytes (RFC 6455 §5.5: 125 minus the code).
         let mut cut = reason.len().min(123);
@@ -362,8 +399,13 @@ impl Session {
             code,
             reason: reason[..cut].to_owned().into(),
         };
-        let _ = socket.send(Message::Close(Some(frame))).await;
-        let _ = socket.close().await;
+        let handshake = async {
+            if socket.send(Message::Close(Some(frame))).await.is_ok() {
+                // Read until the peer's close frame ends the stream.
+                while let Some(Ok(_)) = socket.next().await {}
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, handshake).await;
         Ending {
             code,
             reason: reason.to_owned(),
@@ -760,6 +802,9 @@ impl Session {
         }
     }
 }
+
+/// How long a close handshake may take before the socket is dropped.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Close code for a failed read (SPEC §3): 1009 too big, 1007 bad UTF-8,
 /// 1002 protocol violation.
