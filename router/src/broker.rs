@@ -93,7 +93,7 @@ pub struct RequestCmd {
 /// What sessions ask of the bridge.
 #[derive(Debug)]
 pub enum Command {
-    Request(RequestCmd),
+    Request(Box<RequestCmd>),
     Event {
         conn: ConnId,
         msg_type: String,
@@ -295,7 +295,7 @@ impl Broker {
 
     pub fn on_command(&mut self, cmd: Command, out: &mut dyn Outbox) {
         match cmd {
-            Command::Request(req) => self.on_request(req, out),
+            Command::Request(req) => self.on_request(*req, out),
             Command::Event {
                 conn,
                 msg_type,
@@ -1129,7 +1129,7 @@ mod tests {
             let key = json!(client_id).to_string();
             assert!(shared.begin_request(key.clone(), cid.clone()));
             self.broker.on_command(
-                Command::Request(RequestCmd {
+                Command::Request(Box::new(RequestCmd {
                     cid: cid.clone(),
                     conn: conn.clone(),
                     client_key: key,
@@ -1143,7 +1143,7 @@ mod tests {
                     retries: 0,
                     breaker: None,
                     claims: None,
-                }),
+                })),
                 &mut self.out,
             );
             cid

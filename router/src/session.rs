@@ -763,7 +763,7 @@ impl Session {
         }
         debug!(correlation.id = %cid, r#type = %msg.msg_type, bytes = msg.data.to_string().len(), "request");
         self.app.metrics.request_started(&self.route.path);
-        let cmd = Command::Request(RequestCmd {
+        let cmd = Command::Request(Box::new(RequestCmd {
             cid: cid.clone(),
             conn,
             client_key: key.clone(),
@@ -777,19 +777,18 @@ impl Session {
             retries: self.route.retries,
             breaker: Some(ticket),
             claims: self.claims.clone(),
-        });
+        }));
         if let Err(Busy(cmd)) = self.app.bridge.try_send(cmd) {
             // Give back a half-open probe slot this request would hold forever.
-            if let Command::Request(RequestCmd {
-                breaker: Some(t), ..
-            }) = *cmd
-            {
-                t.breaker.record(
-                    t.admit,
-                    Outcome::Neutral,
-                    std::time::Instant::now(),
-                    &t.policy,
-                );
+            if let Command::Request(req) = *cmd {
+                if let Some(t) = req.breaker {
+                    t.breaker.record(
+                        t.admit,
+                        Outcome::Neutral,
+                        std::time::Instant::now(),
+                        &t.policy,
+                    );
+                }
             }
             self.shared.end_request(&key);
             self.reply(OutFrame::error(
