@@ -426,9 +426,15 @@ impl Broker {
         &'a self,
         service: &'a str,
     ) -> impl Iterator<Item = (&'a PeerId, &'a Worker)> + 'a {
-        self.workers
-            .iter()
-            .filter(move |(_, w)| !w.draining && w.services.iter().any(|s| s == service))
+        // A worker silent past the liveness limit is dead even if the next
+        // tick has not removed it yet (e.g. it was just frozen): skip it.
+        let limit = self.cfg.heartbeat * self.cfg.liveness;
+        let now = Instant::now();
+        self.workers.iter().filter(move |(_, w)| {
+            !w.draining
+                && now.duration_since(w.last_seen) <= limit
+                && w.services.iter().any(|s| s == service)
+        })
     }
 
     fn has_credit(&self, peer: &PeerId) -> bool {

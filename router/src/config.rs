@@ -666,7 +666,7 @@ mod tests {
             [
                 ("/ws/vision", "vision", false),
                 ("/ws/voice", "voice", true),
-                ("/ws/automation", "automation", false),
+                ("/ws/automation", "automation", true),
                 ("/ws", "chat", false),
             ]
         );

@@ -1,0 +1,56 @@
+"""bridge_worker: write workers for the WebSocket router in Python.
+
+The router owns every WebSocket; workers connect to it over ZeroMQ and serve
+the messages of one or more *services* (routes). A minimal worker::
+
+    from bridge_worker import Worker, cli
+
+    worker = Worker(["chat"])
+
+    @worker.handler("echo")
+    async def echo(ctx, data):
+        return data
+
+    if __name__ == "__main__":
+        cli.main(worker)
+
+Layout:
+
+- :mod:`~bridge_worker.worker`: :class:`Worker` (handlers, session, reconnects, stop)
+- :mod:`~bridge_worker.context`: :class:`Context` / :class:`EventContext` given to handlers
+- :mod:`~bridge_worker.handlers`: :class:`Reply`, :class:`Partial`, :class:`Frame`
+- :mod:`~bridge_worker.publisher`: :class:`Publisher` (PUB socket for topic publications)
+- :mod:`~bridge_worker.protocol`: the wire messages and their MessagePack codec
+- :mod:`~bridge_worker.cli`: the command line of example workers
+- :mod:`~bridge_worker.config`, :mod:`~bridge_worker.errors`, :mod:`~bridge_worker.codes`
+"""
+
+from . import codes, protocol
+from .config import WorkerConfig
+from .context import Context, EventContext
+from .errors import ConfigError, HandlerError, WorkerRejected, WorkerStopped
+from .handlers import Frame, Partial, Reply
+from .publisher import Publisher
+from .worker import SDK_NAME, SDK_VERSION, State, Status, Worker
+
+__version__ = SDK_VERSION
+
+__all__ = [
+    "ConfigError",
+    "Context",
+    "EventContext",
+    "Frame",
+    "HandlerError",
+    "Partial",
+    "Publisher",
+    "Reply",
+    "SDK_NAME",
+    "State",
+    "Status",
+    "Worker",
+    "WorkerConfig",
+    "WorkerRejected",
+    "WorkerStopped",
+    "codes",
+    "protocol",
+]

@@ -1,0 +1,113 @@
+"""Worker settings, with defaults taken from the environment.
+
+Environment lookups go through a mapping argument so tests can pass a dict
+instead of changing the process environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_BRIDGE_ENDPOINT = "tcp://127.0.0.1:5555"
+"""Where the router binds its ROUTER socket by default."""
+DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5556"
+"""Where the router binds its SUB socket by default."""
+DEFAULT_CAPACITY = 16
+
+ENV_BRIDGE_ENDPOINT = "BRIDGE_ENDPOINT"
+ENV_PUBLISH_ENDPOINT = "PUBLISH_ENDPOINT"
+ENV_BRIDGE_SECRET = "BRIDGE_SECRET"
+
+_ENDPOINT = re.compile(r"(tcp|ipc|inproc)://.+")
+
+
+def _env(env: Mapping[str, str], key: str) -> str | None:
+    # Empty counts as unset, so `BRIDGE_SECRET=` disables the secret rather than sending "".
+    value = env.get(key, "").strip()
+    return value or None
+
+
+def default_worker_id() -> str:
+    """A worker id distinct per process on one host."""
+    return f"python-worker-{os.getpid()}"
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs besides its handlers.
+
+    The timing fields have defaults that match the team contract and rarely
+    need changing. Durations are in seconds.
+    """
+
+    services: list[str]
+    """Services (route names) this worker serves."""
+    endpoint: str = DEFAULT_BRIDGE_ENDPOINT
+    """ZeroMQ endpoint of the router's ROUTER socket (``BRIDGE_ENDPOINT``)."""
+    publish_endpoint: str = DEFAULT_PUBLISH_ENDPOINT
+    """ZeroMQ endpoint of the router's SUB socket (``PUBLISH_ENDPOINT``), for :class:`Publisher`."""
+    worker_id: str = field(default_factory=default_worker_id)
+    """Name announced in ``hello`` (for logs and ``/routes``; need not be unique)."""
+    capacity: int = DEFAULT_CAPACITY
+    """Max requests in flight; announced in ``hello`` and enforced locally."""
+    secret: str | None = field(default=None, repr=False)
+    """Shared secret sent in ``hello`` (``BRIDGE_SECRET``); never logged."""
+    grace_period: float = 10.0
+    """How long a graceful stop waits for in-flight work before abandoning it."""
+    backoff_initial: float = 0.1
+    """First reconnect / hello-resend delay."""
+    backoff_max: float = 5.0
+    """Cap of the exponential reconnect / hello-resend delay."""
+    handshake_timeout: float = 5.0
+    """A socket that gets no ``welcome`` within this time is re-created."""
+    linger: float = 1.0
+    """On a graceful stop, how long the socket may take to flush its last messages."""
+    outbound_queue: int = 1024
+    """Messages queued for the socket before senders wait (back-pressure)."""
+    connection_queue: int = 1024
+    """Per-connection queue of events (binary, raw, event, connect, disconnect);
+    events beyond it are dropped and logged."""
+
+    @classmethod
+    def from_env(cls, services: list[str], env: Mapping[str, str] | None = None) -> WorkerConfig:
+        """Defaults, with endpoints and secret from ``env`` (the process environment by default)."""
+        env = os.environ if env is None else env
+        return cls(
+            services=list(services),
+            endpoint=_env(env, ENV_BRIDGE_ENDPOINT) or DEFAULT_BRIDGE_ENDPOINT,
+            publish_endpoint=_env(env, ENV_PUBLISH_ENDPOINT) or DEFAULT_PUBLISH_ENDPOINT,
+            secret=_env(env, ENV_BRIDGE_SECRET),
+        )
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` listing every problem at once."""
+        problems = []
+        for name, ep in (("endpoint", self.endpoint), ("publish_endpoint", self.publish_endpoint)):
+            if not _ENDPOINT.fullmatch(ep):
+                problems.append(f"{name} {ep!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)")
+        if not self.worker_id.strip():
+            problems.append("worker_id is empty")
+        if not self.services:
+            problems.append("no services: a worker must serve at least one")
+        if any(not s.strip() for s in self.services):
+            problems.append("a service name is empty")
+        if not 1 <= self.capacity <= 0xFFFF_FFFF:
+            problems.append(f"capacity {self.capacity} is not in 1..4294967295")
+        if not 0 < self.backoff_initial <= self.backoff_max:
+            problems.append(f"backoff must satisfy 0 < initial ({self.backoff_initial}) <= max ({self.backoff_max})")
+        for name in ("handshake_timeout",):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name in ("grace_period", "linger"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        for name in ("outbound_queue", "connection_queue"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if problems:
+            raise ConfigError(problems)

@@ -1,0 +1,763 @@
+"""The :class:`Worker`: handler registry, the socket session with the router
+(hello, heartbeats, liveness, reconnects), request dispatch and graceful stop.
+
+Shape of a run:
+
+- One *session* per DEALER socket. The worker connects, says ``hello``
+  (again every backoff step until welcomed), then serves: one task reads the
+  socket, one writes it (everything else queues frames for it), one sends
+  heartbeats. A router silent for ``heartbeat_ms * liveness``, a
+  ``goodbye{reconnect: true}`` or no welcome within the handshake timeout
+  ends the session; the worker waits an exponential backoff with jitter and
+  starts a new one on a NEW socket (a new identity at the router).
+- Requests run as one task each and get exactly one terminal message: the
+  handler's final reply or error, ``cancelled`` after the router's
+  ``cancel``, ``timeout`` when the deadline passes. When a session is lost,
+  its requests are abandoned without answer: the router that sent them has
+  already failed them (or is gone), and a new socket could not answer them.
+- Messages without an answer (event, binary, raw, connect, disconnect) run in
+  one sequential queue per connection, so their order is kept.
+- A stop sends ``bye``, lets in-flight work finish within the grace period,
+  answers whatever is left with ``worker_error`` (retryable, so the router
+  may retry it elsewhere), flushes and closes. Requests that cross the
+  ``bye`` are refused the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from . import codes
+from . import protocol as wire
+from .backoff import Backoff
+from .config import WorkerConfig
+from .context import Context, EventContext
+from .errors import HandlerError, WorkerRejected, WorkerStopped
+from .handlers import Frame, Style, run_event, run_request, style_of
+from .outbox import Outbox
+from .protocol import Json
+
+__all__ = ["Worker", "State", "Status", "SDK_NAME"]
+
+SDK_VERSION = "0.1.0"
+SDK_NAME = f"worker-sdk-python/{SDK_VERSION}"
+"""Announced in ``hello`` as ``sdk``."""
+
+log = logging.getLogger("bridge_worker")
+
+MAX_KNOWN_CONNECTIONS = 100_000
+"""Connections whose ``connect`` is remembered (claims, route of raw frames);
+beyond this, new ones are not cached."""
+MAX_TIMEOUT = 7 * 24 * 3600.0
+"""Upper bound on a request's timeout, in seconds (a hostile ``timeout_ms`` stays harmless)."""
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class State(enum.Enum):
+    """Where the worker is in its life."""
+
+    CONNECTING = "connecting"
+    """Connecting or saying hello; no router has welcomed the current socket."""
+    REGISTERED = "registered"
+    """Welcomed by the router and serving."""
+    STOPPING = "stopping"
+    """``bye`` sent; finishing in-flight requests."""
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot of the worker's state."""
+
+    state: State
+    registrations: int
+    """How many times a router has welcomed this worker (2 after the first re-registration)."""
+    router_id: str | None
+    """The ``router_id`` of the last welcome."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Handler:
+    fn: Callable[..., Any]
+    style: Style
+
+
+@dataclass(slots=True)
+class _InFlight:
+    ctx: Context
+    task: asyncio.Task[None]
+    timer: asyncio.TimerHandle
+
+
+class _SessionEnd(Exception):
+    """The session is over and the worker should reconnect."""
+
+
+class Worker:
+    """A worker serving one or more services of the router.
+
+    Register handlers with the decorators, then ``await worker.run()`` (or use
+    :func:`bridge_worker.cli.main` for a ready-made command line). A worker
+    runs once.
+
+    Example::
+
+        worker = Worker(["chat"])
+
+        @worker.handler("echo")
+        async def echo(ctx: Context, data):
+            return data
+
+    ``services`` and keyword settings override :class:`WorkerConfig` fields
+    (``capacity``, ``worker_id``, ``endpoint``, ...); endpoints and the secret
+    default to ``BRIDGE_ENDPOINT``, ``PUBLISH_ENDPOINT`` and ``BRIDGE_SECRET``.
+    """
+
+    def __init__(
+        self, services: list[str] | str | None = None, *, config: WorkerConfig | None = None, **settings: Any
+    ) -> None:
+        if isinstance(services, str):
+            services = [services]
+        if config is None:
+            config = WorkerConfig.from_env(list(services or []))
+        elif services is not None:
+            config.services = list(services)
+        for name, value in settings.items():
+            if name not in WorkerConfig.__dataclass_fields__:
+                raise TypeError(f"unknown worker setting {name!r}")
+            setattr(config, name, value)
+        self.config = config
+        self._requests: dict[str, _Handler] = {}
+        self._events: dict[str, _Handler] = {}
+        self._kinds: dict[str, _Handler] = {}  # connect, disconnect, binary, raw
+        self._status = Status(State.CONNECTING, 0, None)
+        self._status_waiters: list[asyncio.Future[None]] = []
+        self._started = False
+        self._outbox: Outbox | None = None
+        self._inflight: dict[str, _InFlight] = {}
+        self._conns: dict[str, wire.Connect] = {}
+        self._queues: dict[str, collections.deque[Callable[[], Awaitable[None]]]] = {}
+        self._queue_tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        self._stop_deadline: float | None = None
+        self._wake = asyncio.Event()  # progress while draining (work finished, stop shortened)
+        self._executor: ThreadPoolExecutor | None = None
+        self._router_id: str | None = None
+        # Timing of the current session, from its (latest) welcome.
+        self._beat_every = 1.0
+        self._silence_limit = 3.0
+
+    # ----- registration ---------------------------------------------------------
+
+    def handler(self, msg_type: str) -> Callable[[H], H]:
+        """Registers the request handler of ``msg_type``: ``fn(ctx: Context, data)``.
+
+        ``fn`` may be a coroutine function (its return value is the final
+        reply), an async generator (yields are partial replies, a yielded
+        :class:`Reply` is the final one), or a plain function or generator,
+        which runs in the worker's thread pool. Raise :class:`HandlerError`
+        to fail the request.
+        """
+        return self._register(self._requests, msg_type, allow_generators=True)
+
+    def event(self, msg_type: str) -> Callable[[H], H]:
+        """Registers the handler of fire-and-forget messages (no ``id``) of
+        ``msg_type``: ``fn(ctx: EventContext, data)``."""
+        return self._register(self._events, msg_type, allow_generators=False)
+
+    def on_connect(self, fn: H) -> H:
+        """Registers ``fn(ctx: EventContext, info: protocol.Connect)``, called when a
+        client connects (path, params, query, headers, remote address, claims)."""
+        return self._register(self._kinds, "connect", allow_generators=False)(fn)
+
+    def on_disconnect(self, fn: H) -> H:
+        """Registers ``fn(ctx: EventContext, info: protocol.Disconnect)``, called when
+        a client connection closes (close code and reason)."""
+        return self._register(self._kinds, "disconnect", allow_generators=False)(fn)
+
+    def on_binary(self, fn: H) -> H:
+        """Registers ``fn(ctx: EventContext, data: bytes)`` for binary frames from clients."""
+        return self._register(self._kinds, "binary", allow_generators=False)(fn)
+
+    def on_raw(self, fn: H) -> H:
+        """Registers ``fn(ctx: EventContext, frame: Frame)`` for frames of raw routes;
+        answer with :meth:`EventContext.send_raw`."""
+        return self._register(self._kinds, "raw", allow_generators=False)(fn)
+
+    def _register(self, table: dict[str, _Handler], key: str, *, allow_generators: bool) -> Callable[[H], H]:
+        def decorate(fn: H) -> H:
+            if key in table:
+                raise ValueError(f"a handler for {key!r} is already registered")
+            style = style_of(fn)
+            if not allow_generators and style in (Style.ASYNC_GEN, Style.SYNC_GEN):
+                raise TypeError(f"{key!r}: generator handlers are only allowed for requests")
+            table[key] = _Handler(fn, style)
+            return fn
+
+        return decorate
+
+    # ----- operations (from handlers or any task on the worker's loop) ------------
+
+    async def push(self, conn: str, msg_type: str, data: Json = None) -> None:
+        """Sends a JSON message ``{"type": msg_type, "data": data}`` to one client connection.
+
+        Like every operation here it only queues the message (waiting while
+        the queue is full): it returns before the router has it, and
+        messages queued while the worker is reconnecting are dropped (the
+        connections they address belonged to the lost router session).
+        Raises :class:`WorkerStopped` when the worker is not running.
+        """
+        await self._send(wire.Push(conn=conn, msg_type=msg_type, data=data))
+
+    async def push_binary(self, conn: str, data: bytes) -> None:
+        """Sends a binary frame to one client connection."""
+        await self._send(wire.PushBinary(conn=conn, data=bytes(data)))
+
+    async def send_raw(self, conn: str, frame: Frame) -> None:
+        """Sends a frame unchanged to a client of a raw route."""
+        await self._send(wire.Raw(conn=conn, binary=frame.binary, payload=frame.payload))
+
+    async def close(self, conn: str, code: int = 1000, reason: str = "") -> None:
+        """Closes a client connection (code 1000, or 3000-4999 for applications)."""
+        await self._send(wire.Close(conn=conn, code=code, reason=reason))
+
+    async def subscribe(self, conn: str, topic: str) -> None:
+        """Subscribes a client connection to a topic."""
+        await self._send(wire.Subscribe(conn=conn, topic=topic))
+
+    async def unsubscribe(self, conn: str, topic: str) -> None:
+        """Unsubscribes a client connection from a topic."""
+        await self._send(wire.Unsubscribe(conn=conn, topic=topic))
+
+    async def publish(self, topic: str, msg_type: str, data: Json = None) -> None:
+        """Publishes to every client subscribed to ``topic``.
+
+        This goes over the worker's own socket, so it is ordered with the
+        worker's other messages (a ``subscribe`` sent before it takes effect
+        first); a :class:`~bridge_worker.Publisher` has no such ordering.
+        """
+        await self._send(wire.Publish(topic=topic, msg_type=msg_type, data=data))
+
+    async def _send(self, msg: wire.FromWorker) -> None:
+        frame = wire.encode_from_worker(msg)
+        if self._status.state is State.STOPPED or not self._started:
+            raise WorkerStopped()
+        if self._outbox is None:
+            log.debug("not registered: %s message dropped", msg.KIND)
+            return
+        await self._outbox.put(frame)
+
+    def _send_nowait(self, frame: bytes) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(frame)
+
+    # ----- status and stop -------------------------------------------------------
+
+    @property
+    def status(self) -> Status:
+        """The worker's current status."""
+        return self._status
+
+    async def wait_registered(self, registrations: int = 1) -> Status:
+        """Waits until a router has welcomed the worker ``registrations`` times
+        in total; raises :class:`WorkerStopped` if it stops first."""
+        while True:
+            if self._status.registrations >= registrations:
+                return self._status
+            if self._status.state is State.STOPPED:
+                raise WorkerStopped()
+            waiter = asyncio.get_running_loop().create_future()
+            self._status_waiters.append(waiter)
+            await waiter
+
+    def _set_status(self, **changes: Any) -> None:
+        self._status = replace(self._status, **changes)
+        waiters, self._status_waiters = self._status_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Asks the worker to stop gracefully: ``bye``, finish in-flight work
+        within ``grace`` seconds (default: ``config.grace_period``), close.
+        Returns at once; :meth:`run` returns when the worker has stopped.
+        Calling it again with a shorter grace shortens the wait (0: answer
+        in-flight requests with a retryable ``worker_error`` now). Call it from the worker's
+        event loop thread.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.grace_period if grace is None else grace)
+        if self._stop_deadline is None or deadline < self._stop_deadline:
+            self._stop_deadline = deadline
+        self._stop.set()
+        self._wake.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            log.warning("second %s: abandoning in-flight work", sig.name)
+            self.stop(grace=0)
+        else:
+            log.info("%s: stopping gracefully", sig.name)
+            self.stop()
+
+    # ----- run -------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        """Connects, registers and serves until :meth:`stop` (or SIGTERM/SIGINT
+        with ``handle_signals``: the first stops gracefully, a second one
+        abandons in-flight work). Reconnects on its own.
+
+        Raises :class:`ConfigError` for an unusable configuration and
+        :class:`WorkerRejected` when the router refuses the worker for good.
+        """
+        self.config.validate()
+        if self._started:
+            raise RuntimeError("a Worker runs once; create a new one")
+        self._started = True
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.capacity + 4, thread_name_prefix="bridge-worker-handler"
+        )
+        zctx = zmq.asyncio.Context()
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        log.info(
+            "worker %s starting: services %s, capacity %d, router %s",
+            self.config.worker_id,
+            self.config.services,
+            self.config.capacity,
+            self.config.endpoint,
+        )
+        try:
+            first = True
+            while not self._stop.is_set():
+                if not first:
+                    delay = backoff.next_delay()
+                    log.info("reconnecting in %.0f ms", delay * 1000)
+                    if await _wait_event(self._stop, delay):
+                        break
+                first = False
+                await self._session(zctx, backoff)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            self._abandon_all()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            # term() waits for lingering sockets to flush: keep it off the loop.
+            await asyncio.to_thread(zctx.term)
+            self._set_status(state=State.STOPPED)
+            log.info("worker %s stopped", self.config.worker_id)
+
+    async def _session(self, zctx: zmq.asyncio.Context, backoff: Backoff) -> None:
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.endpoint)
+        graceful = False
+        try:
+            welcome = await self._handshake(sock, backoff)
+            if welcome is None:
+                return
+            backoff.reset()
+            if self._router_id is not None and self._router_id != welcome.router_id:
+                # Another router process: the connections we knew are gone.
+                self._conns.clear()
+            self._router_id = welcome.router_id
+            self._set_timing(welcome)
+            outbox = self._outbox = Outbox(self.config.outbound_queue)
+            writer = asyncio.create_task(self._write(sock, outbox), name="bridge-writer")
+            beats = asyncio.create_task(self._beat(outbox), name="bridge-heartbeat")
+            self._set_status(
+                state=State.REGISTERED,
+                registrations=self._status.registrations + 1,
+                router_id=welcome.router_id,
+            )
+            log.info(
+                "registered with router %s (heartbeat %d ms, liveness %d)",
+                welcome.router_id,
+                welcome.heartbeat_ms,
+                welcome.liveness,
+            )
+            try:
+                graceful = await self._serve(sock, writer)
+                if graceful:
+                    try:
+                        await asyncio.wait_for(outbox.flushed(), self.config.linger)
+                    except asyncio.TimeoutError:
+                        log.warning("could not flush the last messages within %.1f s", self.config.linger)
+            finally:
+                beats.cancel()
+                writer.cancel()
+                outbox.close()
+                self._outbox = None
+                self._abandon_all()
+                if not self._stop.is_set():
+                    self._set_status(state=State.CONNECTING)
+        finally:
+            sock.close(linger=int(self.config.linger * 1000) if graceful else 0)
+
+    async def _handshake(self, sock: zmq.asyncio.Socket, backoff: Backoff) -> wire.Welcome | None:
+        """Says hello every backoff step until welcomed; ``None``: give this socket up."""
+        loop = asyncio.get_running_loop()
+        hello = wire.encode_from_worker(
+            wire.Hello(
+                worker_id=self.config.worker_id,
+                services=list(self.config.services),
+                capacity=self.config.capacity,
+                sdk=SDK_NAME,
+                secret=self.config.secret,
+            )
+        )
+        give_up = loop.time() + self.config.handshake_timeout
+        recv: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                # Again: the pipe is full of earlier hellos, the router is not there yet.
+                with contextlib.suppress(zmq.Again):
+                    await sock.send(hello, flags=zmq.NOBLOCK)
+                step_end = min(loop.time() + backoff.next_delay(), give_up)
+                while True:
+                    if recv is None:
+                        recv = asyncio.ensure_future(sock.recv())
+                    got = await _first(recv, self._stop, step_end - loop.time())
+                    if self._stop.is_set():
+                        return None
+                    if not got:
+                        break
+                    try:
+                        frame = recv.result()
+                    except zmq.ZMQError as e:
+                        log.warning("receive from the router failed: %s", e)
+                        return None
+                    recv = None
+                    try:
+                        msg: wire.ToWorker | None = wire.decode_to_worker(frame)
+                    except wire.DecodeError as e:
+                        log.warning("undecodable answer to hello (%d bytes): %s", len(frame), e)
+                        if e.rejection == "version":
+                            # The router speaks another version: retrying would only repeat it.
+                            raise WorkerRejected(self.config.endpoint, str(e)) from None
+                        msg = None
+                    if isinstance(msg, wire.Welcome):
+                        return msg
+                    if isinstance(msg, wire.Goodbye):
+                        if not msg.reconnect:
+                            log.error("router refused this worker: %s", msg.reason)
+                            raise WorkerRejected(self.config.endpoint, msg.reason)
+                        log.info("router said goodbye before welcoming: %s", msg.reason)
+                        return None
+                    if msg is not None:
+                        log.debug("ignoring a %s message that came before the welcome", msg.KIND)
+                if loop.time() >= give_up:
+                    log.warning(
+                        "no welcome from %s within %.1f s; re-creating the socket",
+                        self.config.endpoint,
+                        self.config.handshake_timeout,
+                    )
+                    return None
+        finally:
+            if recv is not None:
+                recv.cancel()
+
+    async def _write(self, sock: zmq.asyncio.Socket, outbox: Outbox) -> None:
+        while True:
+            frame = await outbox.get()
+            await sock.send(frame)
+            outbox.sent()
+
+    def _set_timing(self, welcome: wire.Welcome) -> None:
+        # A heartbeat_ms of 0 would spin; 1 ms is already absurd but harmless.
+        self._beat_every = max(welcome.heartbeat_ms, 1) / 1000
+        self._silence_limit = self._beat_every * max(welcome.liveness, 1)
+
+    async def _beat(self, outbox: Outbox) -> None:
+        frame = wire.encode_from_worker(wire.Heartbeat())
+        while True:
+            await asyncio.sleep(self._beat_every)
+            outbox.put_nowait(frame)
+
+    async def _serve(self, sock: zmq.asyncio.Socket, writer: asyncio.Task[None]) -> bool:
+        """Reads the socket until the session ends; ``True`` after a graceful stop."""
+        loop = asyncio.get_running_loop()
+        drained = asyncio.create_task(self._drain_on_stop(), name="bridge-drain")
+        recv: asyncio.Future[Any] | None = None
+        last_seen = loop.time()
+        try:
+            while True:
+                if recv is None:
+                    recv = asyncio.ensure_future(sock.recv())
+                left = last_seen + self._silence_limit - loop.time()
+                done, _ = await asyncio.wait(
+                    {recv, drained, writer}, timeout=max(left, 0), return_when="FIRST_COMPLETED"
+                )
+                if recv in done:
+                    try:
+                        frame = recv.result()
+                    except zmq.ZMQError as e:
+                        log.warning("receive from the router failed: %s", e)
+                        return False
+                    recv = None
+                    last_seen = loop.time()
+                    try:
+                        self._dispatch(frame)
+                    except _SessionEnd:
+                        return False
+                elif drained in done:
+                    drained.result()
+                    return True
+                elif writer in done:
+                    log.warning("send to the router failed: %r", writer.exception())
+                    return False
+                else:
+                    log.warning("router silent for %.1f s: declaring it dead", self._silence_limit)
+                    return False
+        finally:
+            if recv is not None:
+                recv.cancel()
+            drained.cancel()
+
+    # ----- incoming messages -------------------------------------------------------
+
+    def _dispatch(self, frame: bytes) -> None:
+        msg = _decode(frame)
+        if msg is None or isinstance(msg, wire.Heartbeat):
+            return
+        if isinstance(msg, wire.Welcome):
+            # The answer to a resent hello: only the timing may change.
+            self._set_timing(msg)
+        elif isinstance(msg, wire.Request):
+            self._start_request(msg)
+        elif isinstance(msg, wire.Cancel):
+            self._cancel_request(msg.cid, msg.reason)
+        elif isinstance(msg, wire.Goodbye):
+            if not msg.reconnect:
+                log.error("router refused this worker: %s", msg.reason)
+                raise WorkerRejected(self.config.endpoint, msg.reason)
+            log.info("router said goodbye: %s; reconnecting", msg.reason)
+            raise _SessionEnd()
+        elif isinstance(msg, wire.Connect):
+            if len(self._conns) < MAX_KNOWN_CONNECTIONS or msg.conn in self._conns:
+                self._conns[msg.conn] = msg
+            self._queue_event("connect", msg.conn, msg, msg.route, msg.service)
+        elif isinstance(msg, wire.Disconnect):
+            self._queue_event("disconnect", msg.conn, msg, msg.route, msg.service)
+            self._conns.pop(msg.conn, None)
+        elif isinstance(msg, wire.Event):
+            self._queue_event("event", msg.conn, msg.data, msg.route, msg.service, msg.msg_type)
+        elif isinstance(msg, wire.Binary):
+            self._queue_event("binary", msg.conn, msg.data, msg.route, msg.service)
+        elif isinstance(msg, wire.Raw):
+            # A raw frame does not say its route: the connection's `connect` did, if we got it.
+            known = self._conns.get(msg.conn)
+            route, service = (known.route, known.service) if known else ("", "")
+            self._queue_event("raw", msg.conn, Frame(msg.binary, msg.payload), route, service)
+
+    def _start_request(self, req: wire.Request) -> None:
+        loop = asyncio.get_running_loop()
+        if req.cid in self._inflight:
+            log.warning("request %s is already in flight here: duplicate ignored", req.cid)
+            return
+        connect = self._conns.get(req.conn)
+        deadline = loop.time() + min(req.timeout_ms / 1000, MAX_TIMEOUT)
+        claims = req.claims if req.claims is not None else connect.claims if connect else None
+        ctx = Context(self, req, deadline, claims)
+        handler = self._requests.get(req.msg_type)
+        if handler is None:
+            log.debug("request %s: no handler for its type", req.cid)
+            self._terminate(ctx, _error(req.cid, HandlerError.unknown_type(req.msg_type)))
+            return
+        if self._stop.is_set():
+            # Crossed our bye: retryable, so the router can send it elsewhere.
+            self._terminate(ctx, _error(req.cid, HandlerError.transient("the worker is stopping")))
+            return
+        if len(self._inflight) >= self.config.capacity:
+            # The router keeps to the announced capacity; this only guards against a confused one.
+            log.warning("request %s beyond capacity %d: refused", req.cid, self.config.capacity)
+            self._terminate(ctx, _error(req.cid, HandlerError.overloaded("the worker is at capacity")))
+            return
+        task = asyncio.create_task(self._run_request(ctx, handler, req.data), name=f"request {req.cid}")
+        timer = loop.call_at(ctx.deadline, self._cancel_request, req.cid, "deadline")
+        self._inflight[req.cid] = _InFlight(ctx, task, timer)
+        log.debug("request %s (%s) started", req.cid, req.msg_type)
+
+    async def _run_request(self, ctx: Context, handler: _Handler, data: Json) -> None:
+        assert self._executor is not None  # invariant: set by run() before any session
+        try:
+            reply = await run_request(handler.fn, handler.style, ctx, data, self._executor)
+            msg: wire.FromWorker = wire.Reply(
+                cid=ctx.correlation_id, done=True, msg_type=reply.msg_type, data=reply.data
+            )
+        except HandlerError as e:
+            msg = _error(ctx.correlation_id, e)
+        except asyncio.CancelledError:
+            # Whoever cancelled the task has answered for it, except when the
+            # handler's own code raised CancelledError: answer that here.
+            self._terminate(ctx, _error(ctx.correlation_id, HandlerError.cancelled("the handler was cancelled")))
+            raise
+        except Exception:
+            log.exception("handler of request %s (%s) failed", ctx.correlation_id, ctx.msg_type)
+            msg = _error(ctx.correlation_id, HandlerError.worker_error("the worker's handler failed unexpectedly"))
+        self._terminate(ctx, msg)
+
+    def _cancel_request(self, cid: str, reason: str) -> None:
+        entry = self._inflight.get(cid)
+        if entry is None:
+            log.debug("cancel for request %s, which is not in flight here", cid)
+            return
+        entry.ctx._mark_cancelled(reason)
+        if reason == "deadline":
+            log.warning("request %s passed its deadline", cid)
+            err = HandlerError.timeout("the request's deadline passed before the worker finished")
+        else:
+            log.debug("request %s cancelled (%s)", cid, reason)
+            err = HandlerError.cancelled(f"request cancelled ({reason})")
+        self._terminate(entry.ctx, _error(cid, err))
+        entry.task.cancel()
+
+    def _terminate(self, ctx: Context, msg: wire.FromWorker) -> None:
+        """Sends the request's terminal message, unless one was sent already."""
+        if not ctx._take_terminal():
+            return
+        entry = self._inflight.pop(ctx.correlation_id, None)
+        if entry is not None:
+            entry.timer.cancel()
+        try:
+            frame = wire.encode_from_worker(msg)
+        except wire.EncodeError as e:
+            log.error("request %s: final reply cannot be encoded: %s", ctx.correlation_id, e)
+            frame = wire.encode_from_worker(
+                _error(ctx.correlation_id, HandlerError.worker_error("the worker produced a reply that is not JSON"))
+            )
+        self._send_nowait(frame)
+        self._wake.set()
+
+    def _queue_event(
+        self, kind: str, conn: str, payload: Any, route: str, service: str, msg_type: str | None = None
+    ) -> None:
+        """Queues the handler of a message that gets no answer behind the connection's earlier ones."""
+        handler = self._events.get(msg_type) if msg_type is not None else self._kinds.get(kind)
+        if handler is None:
+            log.debug("no handler for %s on connection %s: dropped", msg_type or kind, conn)
+            return
+        known = self._conns.get(conn)
+        ectx = EventContext(self, conn, route, service, msg_type, known.claims if known else None)
+        executor = self._executor
+        assert executor is not None  # invariant: set by run() before any session
+
+        def job() -> Awaitable[None]:
+            return run_event(handler.fn, handler.style, (ectx, payload), executor)
+
+        queue = self._queues.get(conn)
+        if queue is None:
+            queue = self._queues[conn] = collections.deque([job])
+            self._queue_tasks[conn] = asyncio.create_task(self._drain_queue(conn, queue), name=f"connection {conn}")
+        elif len(queue) >= self.config.connection_queue:
+            log.warning("event queue of connection %s full: %s dropped", conn, kind)
+        else:
+            queue.append(job)
+
+    async def _drain_queue(self, conn: str, queue: collections.deque[Callable[[], Awaitable[None]]]) -> None:
+        try:
+            while queue:
+                job = queue.popleft()
+                try:
+                    await job()
+                except Exception:
+                    log.exception("event handler for connection %s failed; the worker carries on", conn)
+        finally:
+            # No await between the last emptiness check and this: a job queued meanwhile is impossible.
+            if self._queues.get(conn) is queue:
+                del self._queues[conn]
+                del self._queue_tasks[conn]
+            self._wake.set()
+
+    # ----- stop and loss -------------------------------------------------------------
+
+    async def _drain_on_stop(self) -> None:
+        """After a stop: ``bye``, wait for in-flight work within the grace period, answer the rest."""
+        await self._stop.wait()
+        loop = asyncio.get_running_loop()
+        self._set_status(state=State.STOPPING)
+        self._send_nowait(wire.encode_from_worker(wire.Bye(reason="worker stopping")))
+        log.info("stopping: %d request(s) in flight", len(self._inflight))
+        while self._inflight or self._queue_tasks:
+            assert self._stop_deadline is not None  # invariant: set by stop() with the event
+            left = self._stop_deadline - loop.time()
+            if left <= 0:
+                break
+            self._wake.clear()
+            await _wait_event(self._wake, left)
+        if self._inflight:
+            log.warning("grace period over: abandoning %d request(s)", len(self._inflight))
+        for cid, entry in list(self._inflight.items()):
+            entry.ctx._mark_cancelled("shutdown")
+            err = HandlerError.transient("the worker stopped before finishing the request")
+            self._terminate(entry.ctx, _error(cid, err))
+            entry.task.cancel()
+        for task in self._queue_tasks.values():
+            task.cancel()
+
+    def _abandon_all(self) -> None:
+        """Drops every request and event queue without answering (the session is gone)."""
+        if self._inflight:
+            log.warning("connection to the router lost: %d request(s) abandoned", len(self._inflight))
+        for entry in self._inflight.values():
+            entry.ctx._mark_cancelled("lost")
+            entry.ctx._take_terminal()
+            entry.timer.cancel()
+            entry.task.cancel()
+        self._inflight.clear()
+        for task in self._queue_tasks.values():
+            task.cancel()
+        self._queues.clear()
+        self._queue_tasks.clear()
+
+
+def _error(cid: str, e: HandlerError) -> wire.ErrorReply:
+    code = e.code
+    if not codes.is_valid_code(code):
+        log.warning("handler error code %r is not snake_case; sending worker_error", code)
+        code = codes.WORKER_ERROR
+    return wire.ErrorReply(
+        cid=cid, code=code, message=e.message, retryable=e.retryable, retry_after_ms=e.retry_after_ms
+    )
+
+
+def _decode(frame: bytes) -> wire.ToWorker | None:
+    try:
+        return wire.decode_to_worker(frame)
+    except wire.DecodeError as e:
+        log.warning("undecodable message from the router (%d bytes): %s", len(frame), e)
+        return None
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Waits up to ``timeout`` seconds for ``event``; returns whether it is set."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), max(timeout, 0))
+    return event.is_set()
+
+
+async def _first(fut: asyncio.Future[Any], event: asyncio.Event, timeout: float) -> bool:
+    """Waits up to ``timeout`` for ``fut`` or ``event``; returns whether ``fut`` is done."""
+    if not fut.done() and not event.is_set():
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({fut, waiter}, timeout=max(timeout, 0), return_when="FIRST_COMPLETED")
+        finally:
+            waiter.cancel()
+    return fut.done()
