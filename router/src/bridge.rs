@@ -99,6 +99,8 @@ pub async fn start(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(BridgeHandle, Endpoints), BridgeError> {
+    clear_stale_ipc(&cfg.bridge_endpoint);
+    clear_stale_ipc(&cfg.publish_endpoint);
     let mut router = zeromq::RouterSocket::new();
     let bridge = router
         .bind(&cfg.bridge_endpoint)
@@ -128,17 +130,47 @@ pub async fn start(
     let (send_half, recv_half) = router.split();
     let heartbeat = cfg.broker.heartbeat;
     let broker = Broker::new(cfg.broker, hub.clone(), Some(registry), metrics.clone());
-    tracker.spawn(owner_loop(
+    let (bridge_ipc, publish_ipc) = (ipc_path(&bridge), ipc_path(&publish));
+    tracker.spawn(owner_loop(Owner {
         broker,
-        metrics.clone(),
-        send_half,
-        recv_half,
-        rx,
+        metrics: metrics.clone(),
+        send: send_half,
+        recv: recv_half,
+        commands: rx,
         heartbeat,
-        stop.clone(),
-    ));
-    tracker.spawn(publication_loop(sub, hub, stop));
+        stop: stop.clone(),
+        ipc_file: bridge_ipc,
+    }));
+    tracker.spawn(publication_loop(sub, hub, stop, publish_ipc));
     Ok((BridgeHandle { tx }, Endpoints { bridge, publish }))
+}
+
+/// The socket file of an `ipc://` endpoint.
+fn ipc_path(endpoint: &str) -> Option<std::path::PathBuf> {
+    endpoint
+        .strip_prefix("ipc://")
+        .map(std::path::PathBuf::from)
+}
+
+/// A router killed with SIGKILL leaves its `ipc://` socket files behind, and
+/// binding them again fails. A file nobody accepts connections on is stale:
+/// remove it. A live one stays, so a second router on the same endpoint is
+/// still refused.
+fn clear_stale_ipc(endpoint: &str) {
+    let Some(path) = ipc_path(endpoint) else {
+        return;
+    };
+    if !path.exists() {
+        return;
+    }
+    match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(_) => {} // someone listens: let the bind report it
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            info!(path = %path.display(), "removing a stale ipc socket file");
+            let _ = std::fs::remove_file(&path);
+        }
+        Err(_) => {}
+    }
 }
 
 /// Sends to workers through the ROUTER socket. The zeromq crate queues up
@@ -180,15 +212,30 @@ async fn flush(outbox: &mut ZmqOutbox, socket: &mut RouterSendHalf) -> Vec<PeerI
     stuck
 }
 
-async fn owner_loop(
-    mut broker: Broker,
+/// Everything the owner loop owns.
+struct Owner {
+    broker: Broker,
     metrics: Arc<Metrics>,
-    mut send: RouterSendHalf,
-    mut recv: RouterRecvHalf,
-    mut commands: mpsc::Receiver<Command>,
+    send: RouterSendHalf,
+    recv: RouterRecvHalf,
+    commands: mpsc::Receiver<Command>,
     heartbeat: Duration,
     stop: CancellationToken,
-) {
+    /// The ROUTER socket's file, for an `ipc://` endpoint.
+    ipc_file: Option<std::path::PathBuf>,
+}
+
+async fn owner_loop(owner: Owner) {
+    let Owner {
+        mut broker,
+        metrics,
+        mut send,
+        mut recv,
+        mut commands,
+        heartbeat,
+        stop,
+        ipc_file,
+    } = owner;
     let mut outbox = ZmqOutbox { out: Vec::new() };
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,6 +279,12 @@ async fn owner_loop(
     }
     broker.goodbye_all(&mut outbox);
     flush(&mut outbox, &mut send).await;
+    drop((send, recv));
+    // The crate removes its socket file in a background task the runtime
+    // may never run at exit; a restart on the same path needs it gone.
+    if let Some(path) = ipc_file {
+        let _ = std::fs::remove_file(path);
+    }
     info!("bridge stopped");
 }
 
@@ -260,7 +313,12 @@ fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) -> boo
     }
 }
 
-async fn publication_loop(mut sub: zeromq::SubSocket, hub: Arc<Hub>, stop: CancellationToken) {
+async fn publication_loop(
+    mut sub: zeromq::SubSocket,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+    ipc_file: Option<std::path::PathBuf>,
+) {
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => break,
@@ -292,5 +350,9 @@ async fn publication_loop(mut sub: zeromq::SubSocket, hub: Arc<Hub>, stop: Cance
             }
             Err(e) => warn!(topic, error = %e, "undecodable publication: dropped"),
         }
+    }
+    drop(sub);
+    if let Some(path) = ipc_file {
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -788,6 +788,13 @@ impl Broker {
         );
         let conn = cmd.conn.clone();
         p.partial_sent = true;
+        if r.done {
+            // Free the client's id before the client can see the last
+            // frame: it may reuse the id at once.
+            if let Some(c) = self.hub.get(&conn) {
+                c.end_request(&cmd.client_key);
+            }
+        }
         self.deliver(&conn, frame);
         if r.done {
             self.complete(&cid, Outcome::Success, out);
@@ -825,6 +832,9 @@ impl Broker {
                 e.retry_after_ms,
             );
             let conn = cmd.conn.clone();
+            if let Some(c) = self.hub.get(&conn) {
+                c.end_request(&cmd.client_key);
+            }
             self.deliver(&conn, frame);
         }
         self.complete(&cid, outcome, out);

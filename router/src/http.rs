@@ -365,14 +365,20 @@ async fn upgrade(
         // tungstenite allocates its read buffer eagerly (128 KiB by default):
         // a small one keeps idle connections cheap; it grows for big messages.
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(limit.saturating_mul(2).max(64 * 1024))
+        // Frames are fed in batches and flushed once (the buffer grows only
+        // as far as a batch needs).
+        .write_buffer_size(WRITE_BUFFER)
+        // max_write_buffer_size stays unlimited: it also caps the size of
+        // one outbound message, and the buffer only grows past
+        // write_buffer_size while writes fail (then the session gives up).
         .on_failed_upgrade(move |e| info!(%remote, error = %e, "upgrade failed"))
         .on_upgrade(move |socket| sessions.track_future(session::run(socket, app, start)))
 }
 
 /// Initial WebSocket read buffer per connection.
 const READ_BUFFER: usize = 4 * 1024;
+/// Bytes of fed frames tungstenite holds before writing them out.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Query parameters, last value wins; undecodable pairs are kept verbatim.
 fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {

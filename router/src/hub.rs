@@ -23,7 +23,11 @@ use crate::{
 };
 
 /// Frames a connection may have queued before it counts as a slow reader.
-pub const OUTBOUND_QUEUE: usize = 512;
+/// Generous, because workers are not flow-controlled per frame: a worker may
+/// stream a burst far faster than one socket drains it, and a client that
+/// reads at full speed must not be cut off. The channel allocates lazily,
+/// so an idle connection pays nothing for the bound.
+pub const OUTBOUND_QUEUE: usize = 16_384;
 /// Topics one connection may be subscribed to at once.
 pub const MAX_TOPICS_PER_CONN: usize = 64;
 /// Longest topic name, in bytes.

@@ -109,10 +109,13 @@ pub async fn run(
     let http_addr = listener.local_addr()?;
     let app = http::app(state.clone()).into_make_service_with_connect_info::<PeerInfo>();
     let listener = DeadlineListener::new(listener, state.settings.handshake_timeout());
-    let draining = state.draining.clone();
+    // The listener stays open while sessions drain, so `/ready` can answer
+    // 503 and late upgrades get a JSON refusal; it closes after the drain.
+    let stop_http = CancellationToken::new();
+    let http_stopped = stop_http.clone();
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(draining.cancelled_owned())
+            .with_graceful_shutdown(http_stopped.cancelled_owned())
             .await
     });
 
@@ -170,7 +173,15 @@ pub async fn run(
             "sessions still open after the drain timeout"
         );
     }
-    let _ = server.await;
+    stop_http.cancel();
+    // Plain HTTP connections (keep-alive) close at their next idle moment;
+    // do not let one hold the exit.
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+    }
     stop_background.cancel();
     tasks.close();
     tasks.wait().await;

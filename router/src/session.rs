@@ -62,6 +62,7 @@ where
         app.hub.register(shared.clone());
         info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
         let claims = start.connect.claims.clone();
+        let path = start.connect.path.clone();
         let route_name = start.route.path.clone();
         app.metrics.connection_opened(&route_name);
         app.bridge.send(Command::Connect(Box::new(start.connect))).await;
@@ -72,6 +73,7 @@ where
         );
         let mut session = Session {
             app: app.clone(),
+            path,
             route: start.route,
             runtime: start.runtime,
             shared: shared.clone(),
@@ -98,7 +100,7 @@ where
                 cids,
             })
             .await;
-        if matches!(ending.code, 1000 | 1001 | 1005 | 1006) {
+        if matches!(ending.code, 1000 | 1001 | 1005 | 1006 | 1012) {
             info!(code = ending.code, reason = %ending.reason, "connection closed");
         } else {
             info!(code = ending.code, reason = %ending.reason, "connection closed by policy or error");
@@ -111,6 +113,8 @@ where
 struct Session {
     app: Arc<AppState>,
     route: Arc<Route>,
+    /// The request path the client used (the route is the pattern).
+    path: String,
     runtime: Arc<RouteRuntime>,
     shared: Arc<ConnShared>,
     seq: u64,
@@ -187,11 +191,10 @@ impl Session {
                     self.on_routes_changed(&table);
                 }
                 Some(out) = outbound.recv() => {
-                    if let Outbound::Close { code, reason } = out {
-                        return self.close(&mut socket, code, &reason).await;
-                    }
-                    if self.write(&mut socket, out).await.is_err() {
-                        return self.gone();
+                    match self.write_batch(&mut socket, out, &mut outbound).await {
+                        Ok(None) => {}
+                        Ok(Some((code, reason))) => return self.close(&mut socket, code, &reason).await,
+                        Err(Gone) => return self.gone(),
                     }
                 }
                 incoming = socket.next() => {
@@ -200,7 +203,16 @@ impl Session {
                         None => return Ending { code: 1006, reason: "connection dropped".into() },
                         Some(Err(e)) => {
                             let (code, reason) = classify(e);
-                            return self.close(&mut socket, code, &reason).await;
+                            if code == 1006 {
+                                return Ending { code, reason };
+                            }
+                            let ending = self.close(&mut socket, code, &reason).await;
+                            // The rest of the bad message may still sit unread
+                            // in the socket, and closing a socket with unread
+                            // data sends a TCP reset, which can destroy the
+                            // close frame before the client reads it. Linger.
+                            tokio::time::sleep(ERROR_CLOSE_LINGER).await;
+                            return ending;
                         }
                         Some(Ok(Message::Close(frame))) => {
                             let (code, reason) = frame
@@ -240,7 +252,7 @@ impl Session {
                     if last_heard.elapsed() > ping_every * 3 {
                         return self.close(&mut socket, 1001, "no answer to pings").await;
                     }
-                    if self.send_or_give_up(&mut socket, Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    if self.send_or_give_up(&mut socket, vec![Message::Ping(bytes::Bytes::new())]).await.is_err() {
                         return self.gone();
                     }
                 }
@@ -314,6 +326,7 @@ impl Session {
             json!({
                 "session_id": self.shared.id.0,
                 "route": self.route.path,
+                "path": self.path,
                 "heartbeat_ms": self.app.settings.client_ping_ms,
                 "limits": {
                     "max_message_bytes": self.route.max_message_bytes,
@@ -327,6 +340,46 @@ impl Session {
     where
         S: Sink<Message> + Unpin,
     {
+        match self.encode(out) {
+            Some(msg) => self.send_or_give_up(socket, vec![msg]).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `first` and whatever else is already queued (up to a batch),
+    /// with one flush: a stream of small frames costs one syscall per batch
+    /// rather than per frame, so a reading client keeps up with a fast
+    /// worker. A queued close ends the batch and is returned.
+    async fn write_batch<S>(
+        &mut self,
+        socket: &mut S,
+        first: Outbound,
+        outbound: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    ) -> Result<Option<(u16, String)>, Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let mut msgs = Vec::new();
+        let mut close = None;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            if let Outbound::Close { code, reason } = out {
+                close = Some((code, reason));
+                break;
+            }
+            msgs.extend(self.encode(out));
+            if msgs.len() < WRITE_BATCH {
+                next = outbound.try_recv().ok();
+            }
+        }
+        if !msgs.is_empty() {
+            self.send_or_give_up(socket, msgs).await?;
+        }
+        Ok(close)
+    }
+
+    /// The WebSocket message for an outbound item (`None` for a close).
+    fn encode(&mut self, out: Outbound) -> Option<Message> {
         let metrics = &self.app.metrics;
         let route = &self.route.path;
         let msg = match out {
@@ -364,21 +417,27 @@ impl Session {
                     }
                 }
             }
-            Outbound::Close { .. } => return Ok(()),
+            Outbound::Close { .. } => return None,
         };
-        self.send_or_give_up(socket, msg).await
+        Some(msg)
     }
 
     /// Sends one message, unless the peer stops reading: a send that waits
     /// longer than three ping intervals, or while the connection is being
     /// killed (its outbound queue overflowed), gives up on the peer.
-    async fn send_or_give_up<S>(&self, socket: &mut S, msg: Message) -> Result<(), Gone>
+    async fn send_or_give_up<S>(&self, socket: &mut S, msgs: Vec<Message>) -> Result<(), Gone>
     where
         S: Sink<Message> + Unpin,
     {
         let patience = self.app.settings.client_ping() * 3;
+        let send_all = async {
+            for m in msgs {
+                socket.feed(m).await?;
+            }
+            socket.flush().await
+        };
         tokio::select! {
-            r = socket.send(msg) => r.map_err(|_| Gone),
+            r = send_all => r.map_err(|_| Gone),
             _ = self.shared.kill.cancelled() => Err(Gone),
             _ = tokio::time::sleep(patience) => Err(Gone),
         }
@@ -802,17 +861,29 @@ impl Session {
     }
 }
 
+/// How long a socket closed for bad input stays open after its close frame.
+const ERROR_CLOSE_LINGER: Duration = Duration::from_millis(300);
+
+/// Most frames written with one flush.
+const WRITE_BATCH: usize = 64;
+
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Close code for a failed read (SPEC §3): 1009 too big, 1007 bad UTF-8,
 /// 1002 protocol violation.
+/// 1006: the peer is gone, nothing to send.
 fn classify(e: axum::Error) -> (u16, String) {
+    use tungstenite::{error::ProtocolError, Error as E};
     let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(c)) => (1009, format!("message too big: {c}")),
-        Some(tungstenite::Error::Utf8(_)) => (1007, "text frame is not valid UTF-8".into()),
-        Some(tungstenite::Error::Protocol(p)) => (1002, format!("protocol error: {p}")),
+    match inner.downcast_ref::<E>() {
+        Some(E::Capacity(c)) => (1009, format!("message too big: {c}")),
+        Some(E::Utf8(_)) => (1007, "text frame is not valid UTF-8".into()),
+        Some(E::Protocol(ProtocolError::ResetWithoutClosingHandshake))
+        | Some(E::Io(_) | E::ConnectionClosed | E::AlreadyClosed) => {
+            (1006, "connection dropped without a close frame".into())
+        }
+        Some(E::Protocol(p)) => (1002, format!("protocol error: {p}")),
         _ => (1011, format!("read failed: {inner}")),
     }
 }

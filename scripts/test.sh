@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's test command (the README's, and what CI runs).
+#
+# The end-to-end tests in tests/ start the real `router` binary and the example
+# workers as processes, so those binaries are built first; `cargo test` alone
+# does not build a workspace's examples for another crate's tests.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "==> cargo build --workspace --bins --examples (debug)"
+cargo build --workspace --bins --examples
+
+# --no-fail-fast: one run reports every failing test binary, not just the first.
+echo "==> cargo test --workspace --no-fail-fast"
+cargo test --workspace --no-fail-fast
+
+# The Python SDK: its own virtualenv (created once, reused), the package and
+# its test dependencies from PyPI, then pytest against the golden vectors and
+# the router built above. BRIDGE_WORKER_REQUIRE_ROUTER turns "router binary
+# missing" from a skip into a failure.
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> python3 -m venv $VENV"
+    python3 -m venv "$VENV"
+fi
+echo "==> pip install ./worker-sdk/python[test]"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e './worker-sdk/python[test]'
+echo "==> pytest worker-sdk/python"
+BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
+
+echo "==> all tests passed"
