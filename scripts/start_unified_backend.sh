@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts the whole backend on this machine: the router and the four example
-# workers (vision, voice, automation, chat). Waits until the router is ready and
+# workers (vision, voice and chat in Rust; automation in Python, with the
+# Python SDK installed into a virtualenv on first use). Waits until the router is ready and
 # every worker has registered, prints the URLs, then runs until Ctrl-C or
 # SIGTERM, when it stops every process it started and exits 0.
 #
@@ -20,12 +21,16 @@
 #   LOG_DIR             where each process's stdout/stderr go (a new temporary directory)
 #   STARTUP_TIMEOUT_S   bound on startup                   (60)
 #   STOP_TIMEOUT_S      bound on each stop phase before SIGKILL (15)
+#   AUTOMATION_WORKER   `python` (default) or `rust`: which automation worker to run
+#   VENV                virtualenv for the Python worker (<repo>/.venv; created if missing)
 #
 # Needs bash 5 and coreutils; uses curl when present, bash's /dev/tcp otherwise.
 
 set -euo pipefail
 
 WORKERS=(vision_worker voice_worker automation_worker chat_worker)
+# Workers that are Python scripts rather than Rust examples.
+declare -A PYTHON_WORKERS=([automation_worker]=worker-sdk/python/examples/automation_worker.py)
 
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
@@ -65,6 +70,13 @@ export PUBLISH_ENDPOINT=${PUBLISH_ENDPOINT:-tcp://127.0.0.1:5556}
 target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
 [[ $target_dir == /* ]] || target_dir=$repo_root/$target_dir
 bin_dir=$(absolute "${ROUTER_BIN_DIR:-$target_dir/release}")
+automation=${AUTOMATION_WORKER:-python}
+case $automation in
+    python) ;;
+    rust) PYTHON_WORKERS=() ;;
+    *) echo "AUTOMATION_WORKER must be python or rust (got $automation)" >&2; exit 2 ;;
+esac
+venv=$(absolute "${VENV:-$repo_root/.venv}")
 startup_timeout_s=${STARTUP_TIMEOUT_S:-60}
 stop_timeout_s=${STOP_TIMEOUT_S:-15}
 
@@ -127,11 +139,16 @@ log_tail() {
 # terminal's SIGINT *and* our SIGTERM would take the second signal as "exit
 # now" and skip its drain). It is off again at once so that the script's own
 # short commands stay in the foreground group and never take the terminal.
+# start NAME PROGRAM [VAR=VALUE...] [-- ARG...]
 start() {
     local name=$1 bin=$2
     shift 2
+    local -a vars=() args=()
+    while (($#)) && [[ $1 != -- ]]; do vars+=("$1"); shift; done
+    (($#)) && shift
+    args=("$@")
     set -m
-    env "$@" "$bin" </dev/null >"$log_dir/$name.out" 2>"$log_dir/$name.log" &
+    env "${vars[@]}" "$bin" "${args[@]}" </dev/null >"$log_dir/$name.out" 2>"$log_dir/$name.log" &
     local pid=$!
     set +m
     pid_of[$name]=$pid
@@ -218,12 +235,29 @@ if ((build)); then
     [[ -n $stop_signal ]] && exit 0
 fi
 
-for bin in "$bin_dir/router" "${WORKERS[@]/#/$bin_dir/examples/}"; do
+for w in router "${WORKERS[@]}"; do
+    [[ -n ${PYTHON_WORKERS[$w]:-} ]] && continue
+    bin=$bin_dir/examples/$w
+    [[ $w == router ]] && bin=$bin_dir/router
     if [[ ! -x $bin ]]; then
         fail "$bin is missing: build it (drop --no-build) or set ROUTER_BIN_DIR"
         exit 1
     fi
 done
+
+# The Python SDK, in its own virtualenv (pip install runs once; later starts
+# only check that it imports).
+if ((${#PYTHON_WORKERS[@]})); then
+    if ! "$venv/bin/python" -c 'import bridge_worker' 2>/dev/null; then
+        say "installing the Python SDK into $venv"
+        if ! { [[ -x $venv/bin/python ]] || python3 -m venv "$venv"; } ||
+            ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo_root/worker-sdk/python"; then
+            fail "cannot install the Python SDK (python3 with venv and pip is needed; or set AUTOMATION_WORKER=rust)"
+            exit 1
+        fi
+    fi
+    [[ -n $stop_signal ]] && exit 0
+fi
 if [[ ! -r $WEBSOCKET_ROUTES ]]; then
     fail "routes file $WEBSOCKET_ROUTES is not readable (set WEBSOCKET_ROUTES)"
     exit 1
@@ -296,7 +330,12 @@ case $http_host in 0.0.0.0) http_host=127.0.0.1 ;; ::) http_host=::1 ;; esac
 [[ $http_host == *:* ]] && http_addr="[$http_host]:$http_port" || http_addr="$http_host:$http_port"
 
 for w in "${WORKERS[@]}"; do
-    start "$w" "$bin_dir/examples/$w" "BRIDGE_ENDPOINT=$bridge" "PUBLISH_ENDPOINT=$publish"
+    if [[ -n ${PYTHON_WORKERS[$w]:-} ]]; then
+        start "$w" "$venv/bin/python" "BRIDGE_ENDPOINT=$bridge" "PUBLISH_ENDPOINT=$publish" \
+            -- "$repo_root/${PYTHON_WORKERS[$w]}"
+    else
+        start "$w" "$bin_dir/examples/$w" "BRIDGE_ENDPOINT=$bridge" "PUBLISH_ENDPOINT=$publish"
+    fi
 done
 
 pending=("${WORKERS[@]}")

@@ -11,21 +11,23 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 echo "==> cargo build --workspace --bins --examples (debug)"
 cargo build --workspace --bins --examples
 
-# --no-fail-fast: one run reports every failing test binary, not just the first.
-echo "==> cargo test --workspace --no-fail-fast"
-cargo test --workspace --no-fail-fast
-
 # The Python SDK: its own virtualenv (created once, reused), the package and
-# its test dependencies from PyPI, then pytest against the golden vectors and
-# the router built above. BRIDGE_WORKER_REQUIRE_ROUTER turns "router binary
-# missing" from a skip into a failure.
-VENV="${VENV:-.venv}"
+# its test dependencies from PyPI. Installed before the Rust tests, because
+# the start-script test runs the Python automation worker from it; pytest
+# runs last (golden vectors, and the router built above).
+VENV="${VENV:-$PWD/.venv}"
+export VENV
 if [ ! -x "$VENV/bin/python" ]; then
     echo "==> python3 -m venv $VENV"
     python3 -m venv "$VENV"
 fi
 echo "==> pip install ./worker-sdk/python[test]"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e './worker-sdk/python[test]'
+# --no-fail-fast: one run reports every failing test binary, not just the first.
+echo "==> cargo test --workspace --no-fail-fast"
+cargo test --workspace --no-fail-fast
+
+# BRIDGE_WORKER_REQUIRE_ROUTER: a missing router binary fails instead of skipping.
 echo "==> pytest worker-sdk/python"
 BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
 
