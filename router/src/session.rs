@@ -792,7 +792,8 @@ impl Session {
             return;
         }
         let key = id.to_string();
-        if self.shared.cid_of(&key).is_some() {
+        let cid = Cid::new();
+        if !self.shared.begin_request(key.clone(), cid.clone()) {
             self.reply(OutFrame::error(
                 Some(id),
                 None,
@@ -805,21 +806,11 @@ impl Session {
         let ticket = match self.admit_request() {
             Ok(t) => t,
             Err(wait) => {
+                self.shared.end_request(&key);
                 self.reply(self.circuit_open_error(Some(id), wait));
                 return;
             }
         };
-        let cid = Cid::new();
-        if !self.shared.begin_request(key.clone(), cid.clone()) {
-            self.reply(OutFrame::error(
-                Some(id),
-                None,
-                codes::BAD_REQUEST,
-                "a request with this id is already in flight",
-                None,
-            ));
-            return;
-        }
         debug!(correlation.id = %cid, r#type = %msg.msg_type, bytes = msg.data.to_string().len(), "request");
         self.app.metrics.request_started(&self.route.path);
         let cmd = Command::Request(Box::new(RequestCmd {

@@ -43,7 +43,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Environment variables of the router and workers that a developer's shell
 /// may have set; children start without them so only the test decides.
-const STACK_ENV: &[&str] = &[
+pub const STACK_ENV: &[&str] = &[
     "WEBSOCKET_HOST",
     "WEBSOCKET_PORT",
     "WEBSOCKET_ROUTES",

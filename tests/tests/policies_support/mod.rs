@@ -16,7 +16,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e_tests::{example_bin, routes, workspace_root, HttpResponse, Proc, RouterProc, WorkerProc};
+use e2e_tests::{
+    example_bin, routes, workspace_root, HttpResponse, Proc, RouterProc, WorkerProc, STACK_ENV,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,20 +37,6 @@ pub type UpgradeResponse = tungstenite::handshake::client::Response;
 
 /// Bound on one read or handshake in these helpers.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Variables of the stack a developer's shell may have set (as the harness
-/// clears them): the worker we start must only see what the test decides.
-const STACK_ENV: &[&str] = &[
-    "WEBSOCKET_HOST",
-    "WEBSOCKET_PORT",
-    "WEBSOCKET_ROUTES",
-    "BRIDGE_ENDPOINT",
-    "PUBLISH_ENDPOINT",
-    "ENABLE_RATE_LIMIT",
-    "ENABLE_DYNAMIC_ROUTING",
-    "ROUTER_HEARTBEAT_MS",
-    "DRAIN_TIMEOUT_MS",
-];
 
 /// Starts `echo_worker` with the SDK's debug logging on, so that every
 /// request it receives leaves lines carrying its `correlation.id` on stderr
