@@ -209,6 +209,12 @@ impl Metrics {
     }
 
     fn type_label<'a>(&self, route: &str, msg_type: &'a str) -> &'a str {
+        // Hot path (every message): a read lookup, no allocation.
+        if let Some(set) = self.types.get(route) {
+            if set.contains(msg_type) {
+                return msg_type;
+            }
+        }
         let set = self.types.entry(route.to_owned()).or_default();
         if set.contains(msg_type) {
             return msg_type;
