@@ -31,4 +31,10 @@ cargo test --workspace --no-fail-fast
 echo "==> pytest worker-sdk/python"
 BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
 
+# WebSocket conformance (SPEC §9): Autobahn's fuzzing client through a raw
+# route served by the echo worker; fails on any FAILED case. Uses the debug
+# binaries built above; its Python 2.7 virtualenv is cached in target/autobahn.
+echo "==> scripts/conformance.sh (Autobahn|TestSuite)"
+ROUTER_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" scripts/conformance.sh --no-build
+
 echo "==> all tests passed"

@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# Benchmarks (SPEC §9, BENCHMARKS.md): the router with the Rust echo worker
+# against a plain tokio-tungstenite echo server (the no-router baseline),
+# measured in the same run by the same load generator (tests/src/bin/loadgen.rs).
+#
+# Usage: scripts/bench.sh [--no-build] [--perf] [--help]
+#
+#   --no-build   use the release binaries as they are
+#   --perf       also record one `perf` profile of the router and the worker
+#                during a 100-connection run per router target (needs perf)
+#
+# Targets, alternated within every run so drift hits them all alike:
+#   baseline     baseline_echo, loadgen --protocol raw
+#   router-json  router + echo_worker, route /ws (client protocol, `echo` requests)
+#   router-raw   router + echo_worker, raw route /raw (frames echoed unchanged)
+# Scenarios (each run starts fresh processes):
+#   rt-1         closed loop, 1 connection, 1 request in flight: msgs/s, p50, p99
+#   rt-100       closed loop, 100 connections, 1 request in flight each: msgs/s
+#   idle         RSS of the server at 0, 10 000 and 19 000 idle connections
+#
+# Environment: RUNS (5), DURATION_S (5), WARMUP_S (1), SIZE (64 bytes of data),
+#   DEPTH_100 (1: requests in flight per connection in rt-100),
+#   IDLE_STAGES (10000,19000), SCENARIOS ("rt-1 rt-100 idle"),
+#   TARGETS ("baseline router-json router-raw"), BENCH_OUT (a new directory
+#   under ${CARGO_TARGET_DIR:-<repo>/target}/bench), QUIET_MAX_CORES (0.3) and
+#   QUIET_WAIT_S (120): before each load run, wait up to QUIET_WAIT_S for the
+#   machine's other processes to use at most QUIET_MAX_CORES.
+#   ROUTER_THREADS, WORKER_THREADS: tokio worker threads of the router and the
+#   echo worker (TOKIO_WORKER_THREADS for that process only; unset: one per core).
+#
+# Output: a table on stdout; every loadgen summary line in $BENCH_OUT/results.jsonl,
+# process logs beside it. Router settings: ENABLE_RATE_LIMIT=false, routes with
+# maxConnections 20000 and maxInFlight 10000 (generated in $BENCH_OUT), default
+# log level (info); the worker announces capacity 1024.
+
+set -euo pipefail
+
+build=1
+perf=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-build) build=0 ;;
+        --perf) perf=1 ;;
+        -h | --help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "unknown option: $arg" >&2; exit 2 ;;
+    esac
+done
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
+[[ $target_dir == /* ]] || target_dir=$repo_root/$target_dir
+bin=$target_dir/release
+
+runs=${RUNS:-5}
+duration=${DURATION_S:-5}
+warmup=${WARMUP_S:-1}
+size=${SIZE:-64}
+depth_100=${DEPTH_100:-1}
+idle_stages=${IDLE_STAGES:-10000,19000}
+scenarios=${SCENARIOS:-rt-1 rt-100 idle}
+targets=${TARGETS:-baseline router-json router-raw}
+# Whole seconds, for bounds on each loadgen run (the values may be fractional).
+load_bound=$((${warmup%.*} + ${duration%.*} + 60))
+out=${BENCH_OUT:-$target_dir/bench/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+results=$out/results.jsonl
+: >"$results"
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
+
+# Each idle connection costs one descriptor in the server and one in loadgen.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fd_limit=$(ulimit -n)
+top_stage=${idle_stages##*,}
+if [[ $fd_limit != unlimited ]] && ((top_stage + 200 > fd_limit)); then
+    die "IDLE_STAGES up to $top_stage needs more than the descriptor limit $fd_limit"
+fi
+
+if ((build)); then
+    say "cargo build --release (router, worker-sdk examples, loadgen, baseline_echo)"
+    cargo build --release -p router -p worker-sdk -p e2e-tests --bins --examples >&2
+fi
+for b in router examples/echo_worker loadgen baseline_echo; do
+    [[ -x $bin/$b ]] || die "missing $bin/$b (build without --no-build)"
+done
+
+cat >"$out/routes.json" <<'EOF'
+{
+  "description": "Benchmark routes: JSON echo on /ws and a raw echo route, both served by echo_worker (service echo).",
+  "defaults": { "maxConnections": 20000, "maxInFlight": 10000 },
+  "routes": [
+    { "path": "/ws", "service": "echo" },
+    { "path": "/raw", "service": "echo", "raw": true }
+  ]
+}
+EOF
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+pids=()
+stop_all() {
+    local pid
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in {1..100}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
+}
+trap stop_all EXIT
+
+# Waits (bounded) until file $1 holds a line matching $2; prints that line.
+wait_line() {
+    local file=$1 pattern=$2 what=$3 pid=$4 deadline=$((SECONDS + 30)) line
+    while ((SECONDS < deadline)); do
+        line=$(grep -m1 -- "$pattern" "$file" 2>/dev/null || true)
+        if [[ -n $line ]]; then printf '%s\n' "$line"; return 0; fi
+        kill -0 "$pid" 2>/dev/null || { tail -5 "${file%.out}.err" >&2; die "$what exited early"; }
+        sleep 0.05
+    done
+    die "$what did not start within 30 s"
+}
+
+# Starts the server side of target $1 for run label $2; sets url, protocol, watch.
+start_target() {
+    local target=$1 tag=$2 line http bridge
+    # Truncated here, not by the redirections below: those happen in the
+    # background child, possibly after wait_line read a stale file.
+    rm -f "$out/$tag".*
+    case "$target" in
+        baseline)
+            "$bin/baseline_echo" >"$out/$tag.baseline.out" 2>"$out/$tag.baseline.err" &
+            pids+=($!)
+            line=$(wait_line "$out/$tag.baseline.out" '"event":"listening"' baseline_echo $!)
+            http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
+            url=ws://$http/
+            protocol=raw
+            server_pid=${pids[-1]}
+            watch=(--watch "server=$server_pid")
+            ;;
+        router-json | router-raw)
+            env ${ROUTER_THREADS:+TOKIO_WORKER_THREADS=$ROUTER_THREADS} \
+                ENABLE_RATE_LIMIT=false "$bin/router" --port 0 --routes "$out/routes.json" \
+                --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
+                >"$out/$tag.router.out" 2>"$out/$tag.router.err" &
+            pids+=($!)
+            server_pid=$!
+            line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
+            http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
+            bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
+            env ${WORKER_THREADS:+TOKIO_WORKER_THREADS=$WORKER_THREADS} \
+                "$bin/examples/echo_worker" --bridge-endpoint "$bridge" --service echo --capacity 1024 \
+                >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
+            pids+=($!)
+            worker_pid=$!
+            wait_line "$out/$tag.worker.out" '"event":"registered"' echo_worker "$worker_pid" >/dev/null
+            if [[ $target == router-json ]]; then url=ws://$http/ws; protocol=json; else url=ws://$http/raw; protocol=raw; fi
+            watch=(--watch "server=$server_pid" --watch "worker=$worker_pid")
+            ;;
+        *) die "unknown target $target" ;;
+    esac
+}
+
+# Runs loadgen with a bound on its time; appends its summary with labels.
+loadgen() {
+    local scenario=$1 target=$2 run=$3 bound=$4
+    shift 4
+    local line
+    if ! line=$(timeout "$bound" "$bin/loadgen" --url "$url" --protocol "$protocol" "${watch[@]}" \
+        --label "$scenario/$target/$run" "$@" 2>>"$out/loadgen.err"); then
+        tail -5 "$out/loadgen.err" >&2
+        die "loadgen failed: $scenario $target run $run (summary: ${line:-none})"
+    fi
+    printf '{"scenario":"%s","target":"%s","run":%d,"result":%s}\n' "$scenario" "$target" "$run" "$line" >>"$results"
+}
+
+# Busy cores of the whole machine over one second (from /proc/stat).
+busy_cores() {
+    local a b
+    a=$(head -1 /proc/stat)
+    sleep 1
+    b=$(head -1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        split(a, x); split(b, y); busy = 0
+        for (i = 2; i <= 9; i++) if (i != 5 && i != 6) busy += y[i] - x[i]
+        printf "%.2f", busy / 100 }'
+}
+
+# The machine is shared (builds of others): wait, bounded, until it is
+# quiet before a run, so runs are not disturbed more than they must be.
+# The CPU every run saw is in the summary either way ("other" in the table).
+wait_quiet() {
+    local deadline=$((SECONDS + ${QUIET_WAIT_S:-120})) busy
+    while :; do
+        busy=$(busy_cores)
+        awk -v b="$busy" -v m="${QUIET_MAX_CORES:-0.3}" 'BEGIN { exit !(b <= m) }' && return 0
+        if ((SECONDS >= deadline)); then
+            say "machine still busy ($busy cores used by others): running anyway"
+            return 0
+        fi
+        say "machine busy ($busy cores used by others): waiting"
+        sleep 4
+    done
+}
+
+run_scenario() {
+    local scenario=$1 target=$2 run=$3 tag="$1.$2.$3"
+    [[ $scenario == idle ]] || wait_quiet
+    start_target "$target" "$tag"
+    case "$scenario" in
+        rt-1) loadgen "$scenario" "$target" "$run" "$load_bound" --mode closed --connections 1 --depth 1 \
+            --size "$size" --duration "$duration" --warmup "$warmup" --timeout 5 ;;
+        rt-100) loadgen "$scenario" "$target" "$run" "$load_bound" --mode closed --connections 100 --depth "$depth_100" \
+            --size "$size" --duration "$duration" --warmup "$warmup" --timeout 5 ;;
+        idle) loadgen "$scenario" "$target" "$run" 300 --mode idle --stages "$idle_stages" --settle 2 \
+            --sources 32 --timeout 20 ;;
+        *) die "unknown scenario $scenario" ;;
+    esac
+    stop_all
+}
+
+say "results in $out ($runs runs, ${warmup}+${duration} s per load run, $size-byte payloads)"
+for scenario in $scenarios; do
+    for run in $(seq 1 "$runs"); do
+        for target in $targets; do
+            say "$scenario run $run/$runs: $target"
+            run_scenario "$scenario" "$target" "$run"
+        done
+    done
+done
+
+if ((perf)); then
+    command -v perf >/dev/null || die "--perf needs perf (apt-get install linux-perf)"
+    for target in router-json router-raw; do
+        [[ " $targets " == *" $target "* ]] || continue
+        say "perf: 100 connections, $target"
+        start_target "$target" "perf.$target"
+        # DWARF unwinding: release builds keep line tables (debug = 1) but
+        # no frame pointers, so -g alone gives broken stacks.
+        perf record -F 499 --call-graph dwarf,16384 -o "$out/perf.$target.data" -p "$server_pid,$worker_pid" \
+            -- sleep $((load_bound - 60)) >/dev/null 2>"$out/perf.$target.err" &
+        perf_pid=$!
+        loadgen perf "$target" 1 "$load_bound" --mode closed --connections 100 --depth 1 \
+            --size "$size" --duration "$duration" --warmup "$warmup" --timeout 5
+        wait "$perf_pid" || true
+        report() { perf report -i "$out/perf.$target.data" --stdio "$@" 2>/dev/null | grep -v '^#' | grep -v '^$' || true; }
+        # Share of samples per process and thread, then flat (self) and
+        # inclusive (children) symbol lists.
+        report --no-children --sort pid,dso -g none | head -30 >"$out/perf.$target.threads.txt"
+        report --no-children --sort dso,sym -g none | head -80 >"$out/perf.$target.self.txt"
+        report --children --pid "$server_pid" --sort sym -g none | head -250 >"$out/perf.$target.router-children.txt"
+        report --children --pid "$worker_pid" --sort sym -g none | head -150 >"$out/perf.$target.worker-children.txt"
+        stop_all
+        say "perf profiles: $out/perf.$target.*.txt"
+    done
+fi
+
+# ---------------------------------------------------------------------------
+# Table: median and range over runs, ratio of medians against the baseline
+# ---------------------------------------------------------------------------
+python3 - "$results" <<'EOF'
+import json, statistics, sys
+from collections import defaultdict
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+vals = defaultdict(list)  # (metric, target) -> values
+cpu = defaultdict(list)   # (scenario, target, proc) -> cores
+metrics = []
+
+def add(metric, target, v):
+    if v is None:
+        return
+    if metric not in metrics:
+        metrics.append(metric)
+    vals[(metric, target)].append(v)
+
+for r in rows:
+    s, t, res = r["scenario"], r["target"], r["result"]
+    if s == "perf":
+        continue
+    if s in ("rt-1", "rt-100"):
+        n, d = res["connections"], res["depth"]
+        add("%s msgs/s (%d conn x %d)" % (s, n, d), t, res["throughput_msgs_per_s"])
+        add("%s p50 us" % s, t, res["latency_us"]["p50"])
+        add("%s p99 us" % s, t, res["latency_us"]["p99"])
+        cores = res["cpu_cores"]
+        for proc, c in cores.items():
+            if c is not None:
+                cpu[(s, t, proc)].append(c)
+        # Busy time of the machine not used by the benchmark's own processes
+        # (another build, say): a disturbed run shows here.
+        if cores.get("machine") is not None:
+            ours = sum(c for p, c in cores.items() if p != "machine" and c is not None)
+            cpu[(s, t, "other")].append(max(0.0, cores["machine"] - ours))
+    elif s == "idle":
+        for st in res["stages"]:
+            rss = st["rss_kib"].get("server")
+            add("idle RSS MiB @%d" % st["connections"], t, rss / 1024.0 if rss is not None else None)
+        for row in res["bytes_per_connection"].get("server", []):
+            add("idle bytes/conn @%d" % row["connections"], t, row["bytes"])
+
+targets = []
+for r in rows:
+    if r["target"] not in targets and r["scenario"] != "perf":
+        targets.append(r["target"])
+
+def fmt(x):
+    if x >= 100:
+        return "%.0f" % x
+    if x >= 10:
+        return "%.1f" % x
+    return "%.2f" % x
+
+header = "%-28s %-12s %10s %21s %9s %5s" % ("scenario", "target", "median", "min-max", "x base", "runs")
+print(header)
+print("-" * len(header))
+for m in metrics:
+    base = vals.get((m, "baseline"))
+    base_med = statistics.median(base) if base else None
+    for t in targets:
+        v = vals.get((m, t))
+        if not v:
+            continue
+        med = statistics.median(v)
+        ratio = "%.2f" % (med / base_med) if base_med and t != "baseline" else "-"
+        print("%-28s %-12s %10s %21s %9s %5d" % (m, t, fmt(med), "%s-%s" % (fmt(min(v)), fmt(max(v))), ratio, len(v)))
+print()
+print("CPU during the measured window (median over runs, in cores; the machine has %d):" % __import__("os").cpu_count())
+for (s, t, p), v in sorted(cpu.items()):
+    print("  %-7s %-12s %-8s %.2f" % (s, t, p, statistics.median(v)))
+EOF
+say "done: $out"
