@@ -112,7 +112,7 @@ impl Link {
 
 /// What became of one frame from the router.
 enum Decoded {
-    Message(ToWorker),
+    Message(Box<ToWorker>),
     /// Logged and dropped.
     Skipped,
     /// The router speaks another protocol version (named in the text).
@@ -134,7 +134,7 @@ fn decode(message: ZmqMessage) -> Decoded {
         return Decoded::Skipped;
     };
     match decode_to_worker(frame) {
-        Ok(msg) => Decoded::Message(msg),
+        Ok(msg) => Decoded::Message(Box::new(msg)),
         Err(e) => {
             warn!(bytes = frame.len(), error = %e, "ignoring an undecodable router message");
             match e {
@@ -363,7 +363,7 @@ impl Owner {
                     };
                     last_heard = Instant::now();
                     let msg = match decode(message) {
-                        Decoded::Message(msg) => msg,
+                        Decoded::Message(msg) => *msg,
                         Decoded::Skipped => continue,
                         Decoded::OtherVersion(reason) if matches!(phase, Phase::Hello { .. }) => {
                             // The answer to our hello is in another version:
@@ -947,7 +947,7 @@ mod tests {
         two.push_back(Bytes::from_static(b"x"));
         assert!(matches!(decode(two), Decoded::Skipped));
         let one = ZmqMessage::from(bridge_proto::encode_to_worker(&ToWorker::Heartbeat));
-        assert!(matches!(decode(one), Decoded::Message(ToWorker::Heartbeat)));
+        assert!(matches!(decode(one), Decoded::Message(m) if *m == ToWorker::Heartbeat));
         // fixmap(2) "v" 2 "kind" "heartbeat"
         let mut v2 = vec![0x82, 0xa1, b'v', 0x02, 0xa4];
         v2.extend_from_slice(b"kind");
