@@ -376,7 +376,7 @@ async fn upgrade(
 }
 
 /// Initial WebSocket read buffer per connection.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 /// Bytes of fed frames tungstenite holds before writing them out.
 const WRITE_BUFFER: usize = 64 * 1024;
 

@@ -148,12 +148,10 @@ impl Session {
     where
         S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
     {
-        if !self.route.raw
-            && self
-                .write(&mut socket, Outbound::from(self.welcome()))
-                .await
-                .is_err()
-        {
+        // Rare or one-off awaits are boxed: their state would otherwise make
+        // every idle session's future as large as the largest of them.
+        let welcome = Outbound::from(self.welcome());
+        if !self.route.raw && Box::pin(self.write(&mut socket, welcome)).await.is_err() {
             return Ending {
                 code: 1006,
                 reason: "closed during welcome".into(),
@@ -172,7 +170,7 @@ impl Session {
             if let Some(c) = &self.closing {
                 if self.shared.inflight_count() == 0 || tokio::time::Instant::now() >= c.deadline {
                     let (code, reason) = (c.code, c.reason);
-                    return self.close(&mut socket, code, reason).await;
+                    return Box::pin(self.close(&mut socket, code, reason)).await;
                 }
             }
             let closing_at = self.closing.as_ref().map(|c| c.deadline);
@@ -180,7 +178,7 @@ impl Session {
                 biased;
                 _ = self.shared.kill.cancelled() => {
                     let kill = self.shared.kill_reason().unwrap_or(crate::hub::Kill { code: 1011, reason: "closed".into() });
-                    return self.close(&mut socket, kill.code, &kill.reason).await;
+                    return Box::pin(self.close(&mut socket, kill.code, &kill.reason)).await;
                 }
                 _ = draining.cancelled(), if self.closing.is_none() => {
                     self.start_closing(1001, "server shutting down");
@@ -191,9 +189,9 @@ impl Session {
                     self.on_routes_changed(&table);
                 }
                 Some(out) = outbound.recv() => {
-                    match self.write_batch(&mut socket, out, &mut outbound).await {
+                    match Box::pin(self.write_batch(&mut socket, out, &mut outbound)).await {
                         Ok(None) => {}
-                        Ok(Some((code, reason))) => return self.close(&mut socket, code, &reason).await,
+                        Ok(Some((code, reason))) => return Box::pin(self.close(&mut socket, code, &reason)).await,
                         Err(Gone) => return self.gone(),
                     }
                 }
@@ -206,7 +204,7 @@ impl Session {
                             if code == 1006 {
                                 return Ending { code, reason };
                             }
-                            let ending = self.close(&mut socket, code, &reason).await;
+                            let ending = Box::pin(self.close(&mut socket, code, &reason)).await;
                             // The rest of the bad message may still sit unread
                             // in the socket, and closing a socket with unread
                             // data sends a TCP reset, which can destroy the
@@ -250,9 +248,9 @@ impl Session {
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > ping_every * 3 {
-                        return self.close(&mut socket, 1001, "no answer to pings").await;
+                        return Box::pin(self.close(&mut socket, 1001, "no answer to pings")).await;
                     }
-                    if self.send_or_give_up(&mut socket, vec![Message::Ping(bytes::Bytes::new())]).await.is_err() {
+                    if Box::pin(self.send_or_give_up(&mut socket, vec![Message::Ping(bytes::Bytes::new())])).await.is_err() {
                         return self.gone();
                     }
                 }
