@@ -283,7 +283,7 @@ impl Broker {
             .request_finished(&req.cmd.route, req.started.elapsed());
         let cmd = req.cmd;
         if let Some(c) = self.hub.get(&cmd.conn) {
-            c.end_request(&cmd.client_key);
+            c.end_request(&cmd.client_key, &cmd.cid);
         }
         self.deliver(
             &cmd.conn,
@@ -517,6 +517,9 @@ impl Broker {
 
     fn dispatch(&mut self, mut req: InFlight, peer: PeerId, out: &mut dyn Outbox) {
         let Some(worker) = self.workers.get_mut(&peer) else {
+            // Callers pick a registered worker; never lose the request anyway.
+            let msg = "the chosen worker is gone".to_owned();
+            self.fail(req, codes::WORKER_ERROR, msg, Outcome::Failure, false);
             return;
         };
         worker.in_flight += 1;
@@ -562,6 +565,9 @@ impl Broker {
     /// Hands queued requests of these services to workers with free credits.
     fn drain_waiting(&mut self, services: &[String], out: &mut dyn Outbox) {
         for service in services {
+            // Affinity requests whose home worker is busy are set aside (in
+            // order) so they do not hold up requests behind them.
+            let mut set_aside: Vec<Cid> = Vec::new();
             while self.pick(service, true, None).is_some() {
                 let Some(cid) = self.queues.get_mut(service).and_then(|q| q.pop_front()) else {
                     break;
@@ -569,30 +575,37 @@ impl Broker {
                 let Some(req) = self.waiting.remove(&cid) else {
                     continue; // expired or cancelled meanwhile
                 };
-                if req.cmd.affinity {
-                    // Affinity requests wait for their own home worker.
+                let target = if req.cmd.affinity {
                     let conn = req.cmd.conn.clone();
-                    match self.home_of(&conn, out) {
-                        Some((home, _, _)) if self.has_credit(&home) => {
-                            self.dispatch(req, home, out)
-                        }
-                        _ => {
-                            self.waiting.insert(cid.clone(), req);
-                            self.queues
-                                .entry(service.clone())
-                                .or_default()
-                                .push_front(cid);
-                            break;
-                        }
-                    }
+                    self.home_of(&conn, out)
+                        .map(|(home, _, _)| home)
+                        .filter(|home| self.has_credit(home))
                 } else {
-                    let peer = self.pick(service, true, req.avoid.as_ref());
-                    if let Some(peer) = peer {
-                        self.dispatch(req, peer, out);
+                    self.pick(service, true, req.avoid.as_ref())
+                };
+                match target {
+                    Some(peer) => self.dispatch(req, peer, out),
+                    None => {
+                        self.waiting.insert(cid.clone(), req);
+                        set_aside.push(cid);
                     }
                 }
             }
-            if self.queues.get(service).is_some_and(|q| q.is_empty()) {
+            let queue = self.queues.entry(service.clone()).or_default();
+            for cid in set_aside.into_iter().rev() {
+                queue.push_front(cid);
+            }
+            if queue.is_empty() {
+                self.queues.remove(service);
+            }
+        }
+    }
+
+    /// Takes a request out of its service's arrival queue (it left `waiting`).
+    fn unqueue(&mut self, service: &str, cid: &Cid) {
+        if let Some(q) = self.queues.get_mut(service) {
+            q.retain(|c| c != cid);
+            if q.is_empty() {
                 self.queues.remove(service);
             }
         }
@@ -612,6 +625,7 @@ impl Broker {
             self.zombies.insert(cid.clone(), p.worker);
             p.req
         } else if let Some(r) = self.waiting.remove(cid) {
+            self.unqueue(&r.cmd.service.clone(), cid);
             r
         } else if let Some(r) = self.retrying.remove(cid) {
             r
@@ -647,6 +661,7 @@ impl Broker {
             let msg = "no final reply before the request's deadline".to_owned();
             self.fail(p.req, codes::TIMEOUT, msg, Outcome::Failure, true);
         } else if let Some(req) = self.waiting.remove(&cid) {
+            self.unqueue(&req.cmd.service.clone(), &cid);
             warn!(correlation.id = %cid, session.id = %req.cmd.conn, "request timed out waiting for a free worker");
             let msg = "every worker stayed busy until the request's deadline".to_owned();
             self.fail(req, codes::TIMEOUT, msg, Outcome::Failure, true);
@@ -792,7 +807,7 @@ impl Broker {
             // Free the client's id before the client can see the last
             // frame: it may reuse the id at once.
             if let Some(c) = self.hub.get(&conn) {
-                c.end_request(&cmd.client_key);
+                c.end_request(&cmd.client_key, &cmd.cid);
             }
         }
         self.deliver(&conn, frame);
@@ -833,7 +848,7 @@ impl Broker {
             );
             let conn = cmd.conn.clone();
             if let Some(c) = self.hub.get(&conn) {
-                c.end_request(&cmd.client_key);
+                c.end_request(&cmd.client_key, &cmd.cid);
             }
             self.deliver(&conn, frame);
         }
@@ -863,7 +878,7 @@ impl Broker {
             self.metrics
                 .request_finished(&p.req.cmd.route, p.req.started.elapsed());
             if let Some(c) = self.hub.get(&p.req.cmd.conn) {
-                c.end_request(&p.req.cmd.client_key);
+                c.end_request(&p.req.cmd.client_key, &p.req.cmd.cid);
             }
             self.release(&p.worker, out);
         }
@@ -1134,12 +1149,43 @@ mod tests {
             (id, c, rx)
         }
 
+        /// A client the broker knows (it sent `connect`), so it has a home worker.
+        fn connected_client(&mut self) -> (ConnId, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
+            let (id, c, rx) = self.client();
+            self.broker.on_command(
+                Command::Connect(Box::new(proto::Connect {
+                    conn: id.0.clone(),
+                    route: "/ws".into(),
+                    service: "svc".into(),
+                    path: "/ws".into(),
+                    params: Default::default(),
+                    query: Default::default(),
+                    headers: Default::default(),
+                    remote: "127.0.0.1:1".into(),
+                    claims: None,
+                })),
+                &mut self.out,
+            );
+            (id, c, rx)
+        }
+
         fn request(
             &mut self,
             conn: &ConnId,
             shared: &ConnShared,
             client_id: &str,
             timeout_ms: u64,
+        ) -> Cid {
+            self.request_with(conn, shared, client_id, timeout_ms, false)
+        }
+
+        fn request_with(
+            &mut self,
+            conn: &ConnId,
+            shared: &ConnShared,
+            client_id: &str,
+            timeout_ms: u64,
+            affinity: bool,
         ) -> Cid {
             let cid = Cid::new();
             let key = json!(client_id).to_string();
@@ -1155,7 +1201,7 @@ mod tests {
                     msg_type: "echo".into(),
                     data: json!({}),
                     timeout: Duration::from_millis(timeout_ms),
-                    affinity: false,
+                    affinity,
                     retries: 0,
                     breaker: None,
                     claims: None,
@@ -1379,5 +1425,44 @@ mod tests {
             let got = frames(&mut rx);
             assert_eq!(got[0].error.as_ref().unwrap().code, want);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_waiting_requests_leave_the_queue() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 1);
+        let (conn, shared, _rx) = f.client();
+        f.request(&conn, &shared, "busy", 60_000);
+        for i in 0..5 {
+            f.request(&conn, &shared, &i.to_string(), 100);
+        }
+        assert_eq!(f.broker.queues["svc"].len(), 5);
+        for _ in 0..5 {
+            let cid = f.broker.deadlines.next().await.unwrap().into_inner();
+            f.broker.on_deadline(cid, &mut f.out);
+        }
+        assert!(!f.broker.queues.contains_key("svc"), "no dead ids left behind");
+    }
+
+    #[tokio::test]
+    async fn a_busy_home_worker_does_not_hold_up_other_affinity_requests() {
+        let mut f = fixture();
+        let (a, b) = (peer("a"), peer("b"));
+        f.hello(&a, 1);
+        let (c1, s1, _r1) = f.connected_client();
+        f.hello(&b, 1);
+        let (c2, s2, _r2) = f.connected_client();
+        let home = |f: &Fixture, c: &ConnId| f.broker.conns[c].home.clone().unwrap();
+        let (h1, h2) = (home(&f, &c1), home(&f, &c2));
+        assert_ne!(h1, h2, "least loaded: one home each");
+        let busy1 = f.request_with(&c1, &s1, "1", 60_000, true);
+        let busy2 = f.request_with(&c2, &s2, "1", 60_000, true);
+        let _waits1 = f.request_with(&c1, &s1, "2", 60_000, true);
+        let waits2 = f.request_with(&c2, &s2, "2", 60_000, true);
+        let _ = busy1;
+        // c2's home frees: c2's queued request goes, although c1's is ahead of it.
+        f.reply(&h2, &busy2, true);
+        assert!(f.out.requests_to(&h2).contains(&waits2.0));
     }
 }

@@ -113,9 +113,13 @@ impl ConnShared {
         true
     }
 
-    /// Forgets a finished request.
-    pub fn end_request(&self, client_key: &str) {
-        lock(&self.inflight).remove(client_key);
+    /// Forgets a finished request, if `client_key` still names that request
+    /// (the client may already have reused the id for a new one).
+    pub fn end_request(&self, client_key: &str, cid: &Cid) {
+        let mut map = lock(&self.inflight);
+        if map.get(client_key) == Some(cid) {
+            map.remove(client_key);
+        }
     }
 
     pub fn inflight_count(&self) -> usize {
@@ -310,10 +314,18 @@ mod tests {
     #[test]
     fn duplicate_client_ids_are_refused_while_in_flight() {
         let (c, _rx) = ConnShared::new(ConnId::new(), "/ws".into());
-        assert!(c.begin_request("\"1\"".into(), Cid::new()));
+        let first = Cid::new();
+        assert!(c.begin_request("\"1\"".into(), first.clone()));
         assert!(!c.begin_request("\"1\"".into(), Cid::new()));
-        c.end_request("\"1\"");
-        assert!(c.begin_request("\"1\"".into(), Cid::new()));
+        c.end_request("\"1\"", &first);
+        let second = Cid::new();
+        assert!(c.begin_request("\"1\"".into(), second.clone()));
+        c.end_request("\"1\"", &first);
+        assert_eq!(
+            c.inflight_count(),
+            1,
+            "a stale end must not remove the reused id"
+        );
         assert_eq!(c.drain_inflight().len(), 1);
         assert_eq!(c.inflight_count(), 0);
     }

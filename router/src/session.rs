@@ -24,7 +24,7 @@ use crate::{
     hub::ConnShared,
     ids::{Cid, ConnId},
     policy::{
-        breaker::{BreakerState, Outcome},
+        breaker::Outcome,
         ratelimit::{retry_after_ms, Limiter},
         runtime::{ConnectionSlot, RouteRuntime},
     },
@@ -188,11 +188,15 @@ impl Session {
                     let table = routes.borrow_and_update().clone();
                     self.on_routes_changed(&table);
                 }
-                Some(out) = outbound.recv() => {
-                    match Box::pin(self.write_batch(&mut socket, out, &mut outbound)).await {
-                        Ok(None) => {}
-                        Ok(Some((code, reason))) => return Box::pin(self.close(&mut socket, code, &reason)).await,
-                        Err(Gone) => return self.gone(),
+                // Ping and reads before writes: a worker that keeps the outbound
+                // queue busy must not starve the client's frames (a `cancel`) or
+                // the keep-alive; reads are bounded by the rate limits.
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > ping_every * 3 {
+                        return Box::pin(self.close(&mut socket, 1001, "no answer to pings")).await;
+                    }
+                    if Box::pin(self.send_or_give_up(&mut socket, vec![Message::Ping(bytes::Bytes::new())])).await.is_err() {
+                        return self.gone();
                     }
                 }
                 incoming = socket.next() => {
@@ -246,12 +250,11 @@ impl Session {
                         }
                     }
                 }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > ping_every * 3 {
-                        return Box::pin(self.close(&mut socket, 1001, "no answer to pings")).await;
-                    }
-                    if Box::pin(self.send_or_give_up(&mut socket, vec![Message::Ping(bytes::Bytes::new())])).await.is_err() {
-                        return self.gone();
+                Some(out) = outbound.recv() => {
+                    match Box::pin(self.write_batch(&mut socket, out, &mut outbound)).await {
+                        Ok(None) => {}
+                        Ok(Some((code, reason))) => return Box::pin(self.close(&mut socket, code, &reason)).await,
+                        Err(Gone) => return self.gone(),
                     }
                 }
             }
@@ -539,17 +542,13 @@ impl Session {
         }
     }
 
+    /// For messages that get no reply (events, binary frames): refuse them
+    /// while the circuit is open, without taking the half-open probe slot.
     fn circuit_is_open(&self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        (self.runtime.breaker.state(now) == BreakerState::Open).then(|| {
-            retry_after_ms(
-                self.runtime
-                    .breaker
-                    .admit(now, &self.route.breaker)
-                    .err()
-                    .unwrap_or_default(),
-            )
-        })
+        self.runtime
+            .breaker
+            .retry_after(std::time::Instant::now())
+            .map(retry_after_ms)
     }
 
     fn circuit_open_error(&self, id: Option<Value>, retry_after: u64) -> OutFrame {
@@ -804,7 +803,7 @@ impl Session {
         let ticket = match self.admit_request() {
             Ok(t) => t,
             Err(wait) => {
-                self.shared.end_request(&key);
+                self.shared.end_request(&key, &cid);
                 self.reply(self.circuit_open_error(Some(id), wait));
                 return;
             }
@@ -838,7 +837,7 @@ impl Session {
                     );
                 }
             }
-            self.shared.end_request(&key);
+            self.shared.end_request(&key, &cid);
             self.reply(OutFrame::error(
                 Some(id),
                 Some(&cid.0),

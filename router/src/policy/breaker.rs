@@ -145,6 +145,14 @@ impl Breaker {
         }
     }
 
+    /// While open: how long until a probe may go. Never changes the state.
+    pub fn retry_after(&self, now: Instant) -> Option<Duration> {
+        match *self.lock() {
+            Inner::Open { until } if now < until => Some(until - now),
+            _ => None,
+        }
+    }
+
     pub fn state(&self, now: Instant) -> BreakerState {
         match *self.lock() {
             Inner::Closed { .. } => BreakerState::Closed,
