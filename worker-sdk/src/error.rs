@@ -139,6 +139,9 @@ pub enum WorkerError {
     /// The SIGTERM/SIGINT handlers could not be installed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signal(#[source] std::io::Error),
+    /// The socket task ended abnormally (a bug: it panicked or was aborted).
+    #[error("the worker's socket task failed: {0}")]
+    Internal(String),
 }
 
 #[cfg(test)]

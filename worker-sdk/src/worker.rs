@@ -69,7 +69,14 @@ impl Worker {
             self.outbound,
             self.status,
         );
-        owner.run().await
+        // The socket task runs on the runtime rather than inside the
+        // caller's future (often `block_on` on the main thread): handler
+        // tasks it spawns then start on its own worker thread, without a
+        // cross-thread wake-up per request.
+        match tokio::spawn(owner.run()).await {
+            Ok(result) => result,
+            Err(e) => Err(WorkerError::Internal(e.to_string())),
+        }
     }
 
     /// Like [`run`](Self::run), and stops gracefully when `shutdown` completes.
