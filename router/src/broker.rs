@@ -1442,7 +1442,10 @@ mod tests {
             let cid = f.broker.deadlines.next().await.unwrap().into_inner();
             f.broker.on_deadline(cid, &mut f.out);
         }
-        assert!(!f.broker.queues.contains_key("svc"), "no dead ids left behind");
+        assert!(
+            !f.broker.queues.contains_key("svc"),
+            "no dead ids left behind"
+        );
     }
 
     #[tokio::test]
