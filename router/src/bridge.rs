@@ -187,6 +187,9 @@ impl Outbox for ZmqOutbox {
     }
 }
 
+/// How long the ROUTER socket stays open after the shutdown goodbyes.
+const GOODBYE_LINGER: Duration = Duration::from_millis(200);
+
 /// How long one send may wait for room in a peer's queue before the peer
 /// counts as stuck.
 const SEND_STALL: Duration = Duration::from_millis(200);
@@ -279,6 +282,9 @@ async fn owner_loop(owner: Owner) {
     }
     broker.goodbye_all(&mut outbox);
     flush(&mut outbox, &mut send).await;
+    // The crate writes in background tasks and has no linger: give the
+    // goodbyes a moment to leave before the socket goes.
+    tokio::time::sleep(GOODBYE_LINGER).await;
     drop((send, recv));
     // The crate removes its socket file in a background task the runtime
     // may never run at exit; a restart on the same path needs it gone.

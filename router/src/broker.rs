@@ -1454,12 +1454,13 @@ mod tests {
         let (a, b) = (peer("a"), peer("b"));
         f.hello(&a, 1);
         let (c1, s1, _r1) = f.connected_client();
+        // a is busy when b arrives, so c2 (least loaded) gets b as its home.
+        let busy1 = f.request_with(&c1, &s1, "1", 60_000, true);
         f.hello(&b, 1);
         let (c2, s2, _r2) = f.connected_client();
         let home = |f: &Fixture, c: &ConnId| f.broker.conns[c].home.clone().unwrap();
         let (h1, h2) = (home(&f, &c1), home(&f, &c2));
-        assert_ne!(h1, h2, "least loaded: one home each");
-        let busy1 = f.request_with(&c1, &s1, "1", 60_000, true);
+        assert_eq!((&h1, &h2), (&a, &b), "one home each");
         let busy2 = f.request_with(&c2, &s2, "1", 60_000, true);
         let _waits1 = f.request_with(&c1, &s1, "2", 60_000, true);
         let waits2 = f.request_with(&c2, &s2, "2", 60_000, true);

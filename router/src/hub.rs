@@ -38,6 +38,9 @@ pub const MAX_TOPIC_LEN: usize = 256;
 pub struct Kill {
     pub code: u16,
     pub reason: String,
+    /// Write what is already queued before the close frame (not for a slow
+    /// reader: its queue is what is wrong).
+    pub flush: bool,
 }
 
 /// The part of a session that others may touch.
@@ -79,20 +82,30 @@ impl ConnShared {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                self.close(1008, "outbound queue full: the client reads too slowly");
+                self.kill_with(
+                    1008,
+                    "outbound queue full: the client reads too slowly",
+                    false,
+                );
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    /// Asks the session to close with this code (first reason wins).
+    /// Asks the session to close with this code once it has written what
+    /// is already queued (first reason wins).
     pub fn close(&self, code: u16, reason: &str) {
+        self.kill_with(code, reason, true);
+    }
+
+    fn kill_with(&self, code: u16, reason: &str, flush: bool) {
         let mut slot = lock(&self.kill_reason);
         if slot.is_none() {
             *slot = Some(Kill {
                 code,
                 reason: reason.to_owned(),
+                flush,
             });
         }
         drop(slot);

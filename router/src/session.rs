@@ -177,7 +177,10 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.shared.kill.cancelled() => {
-                    let kill = self.shared.kill_reason().unwrap_or(crate::hub::Kill { code: 1011, reason: "closed".into() });
+                    let kill = self.shared.kill_reason().unwrap_or(crate::hub::Kill { code: 1011, reason: "closed".into(), flush: false });
+                    if kill.flush {
+                        Box::pin(self.flush_queue(&mut socket, &mut outbound)).await;
+                    }
                     return Box::pin(self.close(&mut socket, kill.code, &kill.reason)).await;
                 }
                 _ = draining.cancelled(), if self.closing.is_none() => {
@@ -377,6 +380,32 @@ impl Session {
             self.send_or_give_up(socket, msgs).await?;
         }
         Ok(close)
+    }
+
+    /// Writes what is queued right now (before a close that is not the
+    /// queue's fault: answers already admitted still reach the client).
+    /// Bounded by the queue's length and [`CLOSE_HANDSHAKE`].
+    async fn flush_queue<S>(
+        &mut self,
+        socket: &mut S,
+        outbound: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    ) where
+        S: Sink<Message> + Unpin,
+    {
+        let mut msgs = Vec::new();
+        while let Ok(out) = outbound.try_recv() {
+            if matches!(out, Outbound::Close { .. }) {
+                break;
+            }
+            msgs.extend(self.encode(out));
+        }
+        let send_all = async {
+            for m in msgs {
+                socket.feed(m).await?;
+            }
+            socket.flush().await
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, send_all).await;
     }
 
     /// The WebSocket message for an outbound item (`None` for a close).
