@@ -72,17 +72,18 @@ fn body<B: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<B, DecodeError>
 
 /// Encodes a router → worker message.
 pub fn encode_to_worker(msg: &ToWorker) -> Vec<u8> {
+    let kind = msg.kind();
     match msg {
-        ToWorker::Welcome(b) => encode("welcome", b),
-        ToWorker::Goodbye(b) => encode("goodbye", b),
-        ToWorker::Heartbeat => encode("heartbeat", &Empty {}),
-        ToWorker::Request(b) => encode("request", b),
-        ToWorker::Event(b) => encode("event", b),
-        ToWorker::Binary(b) => encode("binary", b),
-        ToWorker::Raw(b) => encode("raw", b),
-        ToWorker::Connect(b) => encode("connect", b),
-        ToWorker::Disconnect(b) => encode("disconnect", b),
-        ToWorker::Cancel(b) => encode("cancel", b),
+        ToWorker::Welcome(b) => encode(kind, b),
+        ToWorker::Goodbye(b) => encode(kind, b),
+        ToWorker::Heartbeat => encode(kind, &Empty {}),
+        ToWorker::Request(b) => encode(kind, b),
+        ToWorker::Event(b) => encode(kind, b),
+        ToWorker::Binary(b) => encode(kind, b),
+        ToWorker::Raw(b) => encode(kind, b),
+        ToWorker::Connect(b) => encode(kind, b),
+        ToWorker::Disconnect(b) => encode(kind, b),
+        ToWorker::Cancel(b) => encode(kind, b),
     }
 }
 
@@ -107,19 +108,20 @@ pub fn decode_to_worker(bytes: &[u8]) -> Result<ToWorker, DecodeError> {
 
 /// Encodes a worker → router message.
 pub fn encode_from_worker(msg: &FromWorker) -> Vec<u8> {
+    let kind = msg.kind();
     match msg {
-        FromWorker::Hello(b) => encode("hello", b),
-        FromWorker::Heartbeat => encode("heartbeat", &Empty {}),
-        FromWorker::Reply(b) => encode("reply", b),
-        FromWorker::Error(b) => encode("error", b),
-        FromWorker::Push(b) => encode("push", b),
-        FromWorker::PushBinary(b) => encode("push_binary", b),
-        FromWorker::Raw(b) => encode("raw", b),
-        FromWorker::Close(b) => encode("close", b),
-        FromWorker::Subscribe(b) => encode("subscribe", b),
-        FromWorker::Unsubscribe(b) => encode("unsubscribe", b),
-        FromWorker::Publish(b) => encode("publish", b),
-        FromWorker::Bye(b) => encode("bye", b),
+        FromWorker::Hello(b) => encode(kind, b),
+        FromWorker::Heartbeat => encode(kind, &Empty {}),
+        FromWorker::Reply(b) => encode(kind, b),
+        FromWorker::Error(b) => encode(kind, b),
+        FromWorker::Push(b) => encode(kind, b),
+        FromWorker::PushBinary(b) => encode(kind, b),
+        FromWorker::Raw(b) => encode(kind, b),
+        FromWorker::Close(b) => encode(kind, b),
+        FromWorker::Subscribe(b) => encode(kind, b),
+        FromWorker::Unsubscribe(b) => encode(kind, b),
+        FromWorker::Publish(b) => encode(kind, b),
+        FromWorker::Bye(b) => encode(kind, b),
     }
 }
 

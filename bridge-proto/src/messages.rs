@@ -65,6 +65,45 @@ pub enum FromWorker {
     Bye(Bye),
 }
 
+impl ToWorker {
+    /// The `kind` field on the wire (no wildcard arm: a new variant must
+    /// name its kind here to compile).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToWorker::Welcome(_) => "welcome",
+            ToWorker::Goodbye(_) => "goodbye",
+            ToWorker::Heartbeat => "heartbeat",
+            ToWorker::Request(_) => "request",
+            ToWorker::Event(_) => "event",
+            ToWorker::Binary(_) => "binary",
+            ToWorker::Raw(_) => "raw",
+            ToWorker::Connect(_) => "connect",
+            ToWorker::Disconnect(_) => "disconnect",
+            ToWorker::Cancel(_) => "cancel",
+        }
+    }
+}
+
+impl FromWorker {
+    /// The `kind` field on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FromWorker::Hello(_) => "hello",
+            FromWorker::Heartbeat => "heartbeat",
+            FromWorker::Reply(_) => "reply",
+            FromWorker::Error(_) => "error",
+            FromWorker::Push(_) => "push",
+            FromWorker::PushBinary(_) => "push_binary",
+            FromWorker::Raw(_) => "raw",
+            FromWorker::Close(_) => "close",
+            FromWorker::Subscribe(_) => "subscribe",
+            FromWorker::Unsubscribe(_) => "unsubscribe",
+            FromWorker::Publish(_) => "publish",
+            FromWorker::Bye(_) => "bye",
+        }
+    }
+}
+
 /// Router → worker: registration accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {

@@ -282,9 +282,7 @@ impl Broker {
         self.metrics
             .request_finished(&req.cmd.route, req.started.elapsed());
         let cmd = req.cmd;
-        if let Some(c) = self.hub.get(&cmd.conn) {
-            c.end_request(&cmd.client_key, &cmd.cid);
-        }
+        Self::free_client_id(&self.hub, &cmd);
         self.deliver(
             &cmd.conn,
             OutFrame::error(Some(cmd.client_id), Some(&cmd.cid.0), code, message, None),
@@ -806,9 +804,7 @@ impl Broker {
         if r.done {
             // Free the client's id before the client can see the last
             // frame: it may reuse the id at once.
-            if let Some(c) = self.hub.get(&conn) {
-                c.end_request(&cmd.client_key, &cmd.cid);
-            }
+            Self::free_client_id(&self.hub, cmd);
         }
         self.deliver(&conn, frame);
         if r.done {
@@ -847,9 +843,7 @@ impl Broker {
                 e.retry_after_ms,
             );
             let conn = cmd.conn.clone();
-            if let Some(c) = self.hub.get(&conn) {
-                c.end_request(&cmd.client_key, &cmd.cid);
-            }
+            Self::free_client_id(&self.hub, cmd);
             self.deliver(&conn, frame);
         }
         self.complete(&cid, outcome, out);
@@ -870,16 +864,23 @@ impl Broker {
         }
     }
 
-    /// The worker's terminal frame was delivered.
+    /// The request is over for its client: its id may be reused. Done
+    /// before the last frame is queued, because the client may reuse the id
+    /// as soon as it reads that frame.
+    fn free_client_id(hub: &Hub, cmd: &RequestCmd) {
+        if let Some(c) = hub.get(&cmd.conn) {
+            c.end_request(&cmd.client_key, &cmd.cid);
+        }
+    }
+
+    /// The worker's terminal frame was delivered (the client id was freed
+    /// before it was).
     fn complete(&mut self, cid: &Cid, outcome: Outcome, out: &mut dyn Outbox) {
         if let Some(p) = self.pending.remove(cid) {
             self.deadlines.try_remove(&p.req.deadline);
             p.req.record(outcome);
             self.metrics
                 .request_finished(&p.req.cmd.route, p.req.started.elapsed());
-            if let Some(c) = self.hub.get(&p.req.cmd.conn) {
-                c.end_request(&p.req.cmd.client_key, &p.req.cmd.cid);
-            }
             self.release(&p.worker, out);
         }
     }

@@ -399,13 +399,7 @@ impl Session {
             }
             msgs.extend(self.encode(out));
         }
-        let send_all = async {
-            for m in msgs {
-                socket.feed(m).await?;
-            }
-            socket.flush().await
-        };
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, send_all).await;
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, send_all(socket, msgs)).await;
     }
 
     /// The WebSocket message for an outbound item (`None` for a close).
@@ -460,14 +454,8 @@ impl Session {
         S: Sink<Message> + Unpin,
     {
         let patience = self.app.settings.client_ping() * 3;
-        let send_all = async {
-            for m in msgs {
-                socket.feed(m).await?;
-            }
-            socket.flush().await
-        };
         tokio::select! {
-            r = send_all => r.map_err(|_| Gone),
+            r = send_all(socket, msgs) => r.map_err(|_| Gone),
             _ = self.shared.kill.cancelled() => Err(Gone),
             _ = tokio::time::sleep(patience) => Err(Gone),
         }
@@ -876,6 +864,17 @@ impl Session {
             ));
         }
     }
+}
+
+/// Feeds every message, then flushes once.
+async fn send_all<S>(socket: &mut S, msgs: Vec<Message>) -> Result<(), S::Error>
+where
+    S: Sink<Message> + Unpin,
+{
+    for m in msgs {
+        socket.feed(m).await?;
+    }
+    socket.flush().await
 }
 
 /// How long a socket closed for bad input stays open after its close frame.

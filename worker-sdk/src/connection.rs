@@ -390,7 +390,7 @@ impl Owner {
                         }
                         (ToWorker::Heartbeat, _) => {}
                         (other, Phase::Hello { .. }) => {
-                            debug!(kind = kind_to(&other), "ignoring a message that came before the welcome");
+                            debug!(kind = other.kind(), "ignoring a message that came before the welcome");
                         }
                         (ToWorker::Request(r), _) => {
                             if let Err(e) = self.on_request(&mut link, r).await {
@@ -806,43 +806,11 @@ fn liveness(w: &Welcome) -> (Duration, Duration) {
     (every, every * w.liveness.max(1))
 }
 
-fn kind_to(msg: &ToWorker) -> &'static str {
-    match msg {
-        ToWorker::Welcome(_) => "welcome",
-        ToWorker::Goodbye(_) => "goodbye",
-        ToWorker::Heartbeat => "heartbeat",
-        ToWorker::Request(_) => "request",
-        ToWorker::Event(_) => "event",
-        ToWorker::Binary(_) => "binary",
-        ToWorker::Raw(_) => "raw",
-        ToWorker::Connect(_) => "connect",
-        ToWorker::Disconnect(_) => "disconnect",
-        ToWorker::Cancel(_) => "cancel",
-    }
-}
-
 fn drop_unsent(msg: &FromWorker) {
     debug!(
-        kind = kind_of(msg),
+        kind = msg.kind(),
         "not connected to a router; dropping an outgoing message"
     );
-}
-
-fn kind_of(msg: &FromWorker) -> &'static str {
-    match msg {
-        FromWorker::Hello(_) => "hello",
-        FromWorker::Heartbeat => "heartbeat",
-        FromWorker::Reply(_) => "reply",
-        FromWorker::Error(_) => "error",
-        FromWorker::Push(_) => "push",
-        FromWorker::PushBinary(_) => "push_binary",
-        FromWorker::Raw(_) => "raw",
-        FromWorker::Close(_) => "close",
-        FromWorker::Subscribe(_) => "subscribe",
-        FromWorker::Unsubscribe(_) => "unsubscribe",
-        FromWorker::Publish(_) => "publish",
-        FromWorker::Bye(_) => "bye",
-    }
 }
 
 #[cfg(test)]
