@@ -8,7 +8,7 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::{error::DecodeError, messages::*, PROTOCOL_VERSION};
+use crate::{error::DecodeError, messages::*, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 #[derive(Serialize)]
 struct Wire<'a, B: Serialize> {
@@ -28,12 +28,8 @@ struct Header {
     kind: String,
 }
 
-fn encode<B: Serialize>(kind: &str, body: &B) -> Vec<u8> {
-    let wire = Wire {
-        v: PROTOCOL_VERSION,
-        kind,
-        body,
-    };
+fn encode<B: Serialize>(v: u8, kind: &str, body: &B) -> Vec<u8> {
+    let wire = Wire { v, kind, body };
     // Invariant: every message type is a struct of maps, strings, numbers,
     // booleans, byte strings and JSON values with string keys, all of which
     // rmp-serde can encode into a Vec (which cannot fail to grow).
@@ -52,15 +48,16 @@ fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode:
     T::deserialize(&mut de)
 }
 
-fn header(bytes: &[u8]) -> Result<Header, DecodeError> {
+/// Reads `v` and `kind`; `v` must be a version this crate speaks.
+fn header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
     let header: Header = from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
-    if header.v != u64::from(PROTOCOL_VERSION) {
-        return Err(DecodeError::Version {
+    match u8::try_from(header.v) {
+        Ok(v) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) => Ok((v, header.kind)),
+        _ => Err(DecodeError::Version {
             found: header.v,
             supported: PROTOCOL_VERSION,
-        });
+        }),
     }
-    Ok(header)
 }
 
 fn body<B: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<B, DecodeError> {
@@ -70,92 +67,123 @@ fn body<B: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<B, DecodeError>
     })
 }
 
-/// Encodes a router → worker message.
+/// Encodes a router → worker message in the current version.
 pub fn encode_to_worker(msg: &ToWorker) -> Vec<u8> {
+    encode_to_worker_as(PROTOCOL_VERSION, msg)
+}
+
+/// Encodes a router → worker message with `v` = `version` (the router
+/// answers each worker in the version of its `hello`).
+pub fn encode_to_worker_as(version: u8, msg: &ToWorker) -> Vec<u8> {
     let kind = msg.kind();
     match msg {
-        ToWorker::Welcome(b) => encode(kind, b),
-        ToWorker::Goodbye(b) => encode(kind, b),
-        ToWorker::Heartbeat => encode(kind, &Empty {}),
-        ToWorker::Request(b) => encode(kind, b),
-        ToWorker::Event(b) => encode(kind, b),
-        ToWorker::Binary(b) => encode(kind, b),
-        ToWorker::Raw(b) => encode(kind, b),
-        ToWorker::Connect(b) => encode(kind, b),
-        ToWorker::Disconnect(b) => encode(kind, b),
-        ToWorker::Cancel(b) => encode(kind, b),
+        ToWorker::Welcome(b) => encode(version, kind, b),
+        ToWorker::Challenge(b) => encode(version, kind, b),
+        ToWorker::Goodbye(b) => encode(version, kind, b),
+        ToWorker::Heartbeat => encode(version, kind, &Empty {}),
+        ToWorker::Request(b) => encode(version, kind, b),
+        ToWorker::Event(b) => encode(version, kind, b),
+        ToWorker::Binary(b) => encode(version, kind, b),
+        ToWorker::Raw(b) => encode(version, kind, b),
+        ToWorker::Connect(b) => encode(version, kind, b),
+        ToWorker::Disconnect(b) => encode(version, kind, b),
+        ToWorker::Cancel(b) => encode(version, kind, b),
     }
 }
 
-/// Decodes a router → worker message.
+/// Decodes a router → worker message of any supported version.
 pub fn decode_to_worker(bytes: &[u8]) -> Result<ToWorker, DecodeError> {
-    let h = header(bytes)?;
-    let k = h.kind.as_str();
-    Ok(match k {
-        "welcome" => ToWorker::Welcome(body(k, bytes)?),
-        "goodbye" => ToWorker::Goodbye(body(k, bytes)?),
-        "heartbeat" => ToWorker::Heartbeat,
-        "request" => ToWorker::Request(body(k, bytes)?),
-        "event" => ToWorker::Event(body(k, bytes)?),
-        "binary" => ToWorker::Binary(body(k, bytes)?),
-        "raw" => ToWorker::Raw(body(k, bytes)?),
-        "connect" => ToWorker::Connect(body(k, bytes)?),
-        "disconnect" => ToWorker::Disconnect(body(k, bytes)?),
-        "cancel" => ToWorker::Cancel(body(k, bytes)?),
-        _ => return Err(DecodeError::UnknownKind { kind: h.kind }),
-    })
+    decode_to_worker_versioned(bytes).map(|(_, m)| m)
 }
 
-/// Encodes a worker → router message.
+/// Decodes a router → worker message and tells its version.
+pub fn decode_to_worker_versioned(bytes: &[u8]) -> Result<(u8, ToWorker), DecodeError> {
+    let (v, kind) = header(bytes)?;
+    let k = kind.as_str();
+    Ok((
+        v,
+        match k {
+            "welcome" => ToWorker::Welcome(body(k, bytes)?),
+            "challenge" => ToWorker::Challenge(body(k, bytes)?),
+            "goodbye" => ToWorker::Goodbye(body(k, bytes)?),
+            "heartbeat" => ToWorker::Heartbeat,
+            "request" => ToWorker::Request(body(k, bytes)?),
+            "event" => ToWorker::Event(body(k, bytes)?),
+            "binary" => ToWorker::Binary(body(k, bytes)?),
+            "raw" => ToWorker::Raw(body(k, bytes)?),
+            "connect" => ToWorker::Connect(body(k, bytes)?),
+            "disconnect" => ToWorker::Disconnect(body(k, bytes)?),
+            "cancel" => ToWorker::Cancel(body(k, bytes)?),
+            _ => return Err(DecodeError::UnknownKind { kind }),
+        },
+    ))
+}
+
+/// Encodes a worker → router message in the current version.
 pub fn encode_from_worker(msg: &FromWorker) -> Vec<u8> {
+    encode_from_worker_as(PROTOCOL_VERSION, msg)
+}
+
+/// Encodes a worker → router message with `v` = `version`.
+pub fn encode_from_worker_as(version: u8, msg: &FromWorker) -> Vec<u8> {
     let kind = msg.kind();
     match msg {
-        FromWorker::Hello(b) => encode(kind, b),
-        FromWorker::Heartbeat => encode(kind, &Empty {}),
-        FromWorker::Reply(b) => encode(kind, b),
-        FromWorker::Error(b) => encode(kind, b),
-        FromWorker::Push(b) => encode(kind, b),
-        FromWorker::PushBinary(b) => encode(kind, b),
-        FromWorker::Raw(b) => encode(kind, b),
-        FromWorker::Close(b) => encode(kind, b),
-        FromWorker::Subscribe(b) => encode(kind, b),
-        FromWorker::Unsubscribe(b) => encode(kind, b),
-        FromWorker::Publish(b) => encode(kind, b),
-        FromWorker::Bye(b) => encode(kind, b),
+        FromWorker::Hello(b) => encode(version, kind, b),
+        FromWorker::Auth(b) => encode(version, kind, b),
+        FromWorker::Heartbeat => encode(version, kind, &Empty {}),
+        FromWorker::Reply(b) => encode(version, kind, b),
+        FromWorker::Error(b) => encode(version, kind, b),
+        FromWorker::Push(b) => encode(version, kind, b),
+        FromWorker::PushBinary(b) => encode(version, kind, b),
+        FromWorker::Raw(b) => encode(version, kind, b),
+        FromWorker::Close(b) => encode(version, kind, b),
+        FromWorker::Subscribe(b) => encode(version, kind, b),
+        FromWorker::Unsubscribe(b) => encode(version, kind, b),
+        FromWorker::Publish(b) => encode(version, kind, b),
+        FromWorker::Bye(b) => encode(version, kind, b),
     }
 }
 
-/// Decodes a worker → router message.
+/// Decodes a worker → router message of any supported version.
 pub fn decode_from_worker(bytes: &[u8]) -> Result<FromWorker, DecodeError> {
-    let h = header(bytes)?;
-    let k = h.kind.as_str();
-    Ok(match k {
-        "hello" => FromWorker::Hello(body(k, bytes)?),
-        "heartbeat" => FromWorker::Heartbeat,
-        "reply" => FromWorker::Reply(body(k, bytes)?),
-        "error" => FromWorker::Error(body(k, bytes)?),
-        "push" => FromWorker::Push(body(k, bytes)?),
-        "push_binary" => FromWorker::PushBinary(body(k, bytes)?),
-        "raw" => FromWorker::Raw(body(k, bytes)?),
-        "close" => FromWorker::Close(body(k, bytes)?),
-        "subscribe" => FromWorker::Subscribe(body(k, bytes)?),
-        "unsubscribe" => FromWorker::Unsubscribe(body(k, bytes)?),
-        "publish" => FromWorker::Publish(body(k, bytes)?),
-        "bye" => FromWorker::Bye(body(k, bytes)?),
-        _ => return Err(DecodeError::UnknownKind { kind: h.kind }),
-    })
+    decode_from_worker_versioned(bytes).map(|(_, m)| m)
+}
+
+/// Decodes a worker → router message and tells its version.
+pub fn decode_from_worker_versioned(bytes: &[u8]) -> Result<(u8, FromWorker), DecodeError> {
+    let (v, kind) = header(bytes)?;
+    let k = kind.as_str();
+    Ok((
+        v,
+        match k {
+            "hello" => FromWorker::Hello(body(k, bytes)?),
+            "auth" => FromWorker::Auth(body(k, bytes)?),
+            "heartbeat" => FromWorker::Heartbeat,
+            "reply" => FromWorker::Reply(body(k, bytes)?),
+            "error" => FromWorker::Error(body(k, bytes)?),
+            "push" => FromWorker::Push(body(k, bytes)?),
+            "push_binary" => FromWorker::PushBinary(body(k, bytes)?),
+            "raw" => FromWorker::Raw(body(k, bytes)?),
+            "close" => FromWorker::Close(body(k, bytes)?),
+            "subscribe" => FromWorker::Subscribe(body(k, bytes)?),
+            "unsubscribe" => FromWorker::Unsubscribe(body(k, bytes)?),
+            "publish" => FromWorker::Publish(body(k, bytes)?),
+            "bye" => FromWorker::Bye(body(k, bytes)?),
+            _ => return Err(DecodeError::UnknownKind { kind }),
+        },
+    ))
 }
 
 /// Encodes the payload frame of a publication (the topic is the frame before it).
 pub fn encode_publication(p: &Publication) -> Vec<u8> {
-    encode("publication", p)
+    encode(PROTOCOL_VERSION, "publication", p)
 }
 
 /// Decodes the payload frame of a publication.
 pub fn decode_publication(bytes: &[u8]) -> Result<Publication, DecodeError> {
-    let h = header(bytes)?;
-    if h.kind != "publication" {
-        return Err(DecodeError::UnknownKind { kind: h.kind });
+    let (_, kind) = header(bytes)?;
+    if kind != "publication" {
+        return Err(DecodeError::UnknownKind { kind });
     }
     body("publication", bytes)
 }
@@ -168,8 +196,8 @@ mod tests {
     #[test]
     fn heartbeat_is_a_two_entry_map() {
         let bytes = encode_to_worker(&ToWorker::Heartbeat);
-        // fixmap(2) "v" 1 "kind" "heartbeat"
-        let mut expected = vec![0x82, 0xa1, b'v', 0x01, 0xa4];
+        // fixmap(2) "v" 2 "kind" "heartbeat"
+        let mut expected = vec![0x82, 0xa1, b'v', 0x02, 0xa4];
         expected.extend_from_slice(b"kind");
         expected.push(0xa9);
         expected.extend_from_slice(b"heartbeat");
@@ -179,12 +207,30 @@ mod tests {
 
     #[test]
     fn wrong_version_is_named() {
-        let bytes = rmp_serde::to_vec_named(&json!({"v": 2, "kind": "heartbeat"})).unwrap();
-        let err = decode_from_worker(&bytes).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::Version { found: 2, .. }),
-            "{err}"
-        );
+        for v in [0, 3, 256] {
+            let bytes = rmp_serde::to_vec_named(&json!({"v": v, "kind": "heartbeat"})).unwrap();
+            let err = decode_from_worker(&bytes).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::Version { found, .. } if found == v),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_versions_decode_and_tell_which() {
+        for v in [1, 2] {
+            let bytes = encode_from_worker_as(v, &FromWorker::Heartbeat);
+            assert_eq!(
+                decode_from_worker_versioned(&bytes).unwrap(),
+                (v, FromWorker::Heartbeat)
+            );
+            let bytes = encode_to_worker_as(v, &ToWorker::Heartbeat);
+            assert_eq!(
+                decode_to_worker_versioned(&bytes).unwrap(),
+                (v, ToWorker::Heartbeat)
+            );
+        }
     }
 
     #[test]

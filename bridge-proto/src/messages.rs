@@ -16,6 +16,8 @@ use serde_json::Value;
 pub enum ToWorker {
     /// Answer to a valid `hello`: the worker is registered.
     Welcome(Welcome),
+    /// Answer to a `hello` when the router has a secret: prove you know it.
+    Challenge(Challenge),
     /// The router will not (or no longer) talk to this worker.
     Goodbye(Goodbye),
     /// Liveness signal; sent every `heartbeat_ms`.
@@ -41,6 +43,8 @@ pub enum ToWorker {
 pub enum FromWorker {
     /// First message on a new socket: registers the worker.
     Hello(Hello),
+    /// Answer to a `challenge`: the proof that the worker knows the secret.
+    Auth(Auth),
     /// Liveness signal; sent every `heartbeat_ms` (from the welcome).
     Heartbeat,
     /// A partial (`done: false`) or final (`done: true`) reply to a request.
@@ -71,6 +75,7 @@ impl ToWorker {
     pub fn kind(&self) -> &'static str {
         match self {
             ToWorker::Welcome(_) => "welcome",
+            ToWorker::Challenge(_) => "challenge",
             ToWorker::Goodbye(_) => "goodbye",
             ToWorker::Heartbeat => "heartbeat",
             ToWorker::Request(_) => "request",
@@ -89,6 +94,7 @@ impl FromWorker {
     pub fn kind(&self) -> &'static str {
         match self {
             FromWorker::Hello(_) => "hello",
+            FromWorker::Auth(_) => "auth",
             FromWorker::Heartbeat => "heartbeat",
             FromWorker::Reply(_) => "reply",
             FromWorker::Error(_) => "error",
@@ -114,6 +120,20 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     /// Missed heartbeat intervals after which a peer is declared dead.
     pub liveness: u32,
+    /// The largest frame (bytes) the router accepts from this worker; a
+    /// bigger one closes the worker's connection. Absent from older routers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u64>,
+}
+
+/// Router → worker: the router has a secret; the worker answers with
+/// [`Auth`] (version 2 and later). See [`crate::auth`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Random bytes, fresh for each worker session
+    /// ([`crate::auth::NONCE_LEN`] bytes).
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
 }
 
 /// Router → worker: registration refused or withdrawn.
@@ -237,9 +257,15 @@ pub struct Hello {
     pub capacity: u32,
     /// SDK name and version, e.g. `worker-sdk-rust/0.1.0`.
     pub sdk: String,
-    /// Shared secret, when the router requires one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret: Option<String>,
+}
+
+/// Worker → router: the answer to a [`Challenge`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Auth {
+    /// HMAC-SHA256 of the challenge's nonce under the shared secret
+    /// ([`crate::auth::proof`]).
+    #[serde(with = "serde_bytes")]
+    pub proof: Vec<u8>,
 }
 
 /// Worker → router: a reply to a request.

@@ -46,7 +46,6 @@ fn nil_optional_fields_count_as_absent() {
                 services: vec!["echo".into()],
                 capacity: 2,
                 sdk: "sdk/1".into(),
-                secret: None,
             }),
         ),
         (
@@ -122,6 +121,7 @@ fn integers_may_use_any_width() {
             router_id: "r".into(),
             heartbeat_ms: 1000,
             liveness: 3,
+            max_frame_bytes: None,
         })
     );
 }

@@ -64,13 +64,17 @@ fn raw_frame() -> impl Strategy<Value = RawFrame> {
 
 fn to_worker() -> impl Strategy<Value = ToWorker> {
     prop_oneof![
-        (text(), any::<u64>(), any::<u32>()).prop_map(|(router_id, heartbeat_ms, liveness)| {
-            ToWorker::Welcome(Welcome {
-                router_id,
-                heartbeat_ms,
-                liveness,
-            })
-        }),
+        (text(), any::<u64>(), any::<u32>(), option::of(any::<u64>())).prop_map(
+            |(router_id, heartbeat_ms, liveness, max_frame_bytes)| {
+                ToWorker::Welcome(Welcome {
+                    router_id,
+                    heartbeat_ms,
+                    liveness,
+                    max_frame_bytes,
+                })
+            }
+        ),
+        vec(any::<u8>(), 0..40).prop_map(|nonce| ToWorker::Challenge(Challenge { nonce })),
         (text(), any::<bool>())
             .prop_map(|(reason, reconnect)| ToWorker::Goodbye(Goodbye { reason, reconnect })),
         Just(ToWorker::Heartbeat),
@@ -161,22 +165,17 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
 
 fn from_worker() -> impl Strategy<Value = FromWorker> {
     prop_oneof![
-        (
-            text(),
-            vec(text(), 0..4),
-            any::<u32>(),
-            text(),
-            option::of(text())
-        )
-            .prop_map(|(worker_id, services, capacity, sdk, secret)| {
+        (text(), vec(text(), 0..4), any::<u32>(), text(),).prop_map(
+            |(worker_id, services, capacity, sdk)| {
                 FromWorker::Hello(Hello {
                     worker_id,
                     services,
                     capacity,
                     sdk,
-                    secret,
                 })
-            }),
+            }
+        ),
+        vec(any::<u8>(), 0..40).prop_map(|proof| FromWorker::Auth(Auth { proof })),
         Just(FromWorker::Heartbeat),
         (text(), any::<bool>(), option::of(text()), json_value()).prop_map(
             |(cid, done, msg_type, data)| {
@@ -481,13 +480,13 @@ proptest! {
         prop_assert_eq!(decode_publication(&bytes)?, p);
     }
 
-    /// The wire layout of PROTOCOL.md: a map whose first two keys are `v` = 1
+    /// The wire layout of PROTOCOL.md: a map whose first two keys are `v` (the current version)
     /// and `kind`, and whose values hold no `bin` except in byte fields.
     #[test]
     fn encodings_start_with_v_and_kind(msg in any_msg()) {
         let generic = Mp::decode(&msg.encode())?;
         let entries = generic.entries().expect("a map with string keys");
-        prop_assert_eq!(entries[0], ("v", &Mp::Uint(1)));
+        prop_assert_eq!(entries[0], ("v", &Mp::Uint(u64::from(PROTOCOL_VERSION))));
         prop_assert_eq!(entries[1], ("kind", &Mp::Str(msg.kind().to_owned())));
     }
 

@@ -108,8 +108,9 @@ impl Direction {
     }
 }
 
-pub const TO_WORKER_KINDS: [&str; 10] = [
+pub const TO_WORKER_KINDS: [&str; 11] = [
     "welcome",
+    "challenge",
     "goodbye",
     "heartbeat",
     "request",
@@ -121,8 +122,9 @@ pub const TO_WORKER_KINDS: [&str; 10] = [
     "cancel",
 ];
 
-pub const FROM_WORKER_KINDS: [&str; 12] = [
+pub const FROM_WORKER_KINDS: [&str; 13] = [
     "hello",
+    "auth",
     "heartbeat",
     "reply",
     "error",
@@ -182,6 +184,11 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 const CID: &str = "01JD8ZQ6W3N4V5X7Y9A2B3C4D5";
 const CONN: &str = "01JD8ZQ5KX0M1N2P3Q4R5S6T7V";
+/// The nonce of the `challenge` vector (and of the proof in `auth`).
+const CHALLENGE_NONCE: [u8; 32] = [
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    26, 27, 28, 29, 30, 31,
+];
 
 /// Every golden vector. The main vector of each kind has every optional
 /// field present; `.<variant>` vectors cover the other shapes.
@@ -204,12 +211,28 @@ pub fn catalogue() -> Vec<Vector> {
                 router_id: s("router-01JD8ZPZ7E5V0C2G4H6J8K0M2N"),
                 heartbeat_ms: 1000,
                 liveness: 3,
+                max_frame_bytes: Some(16_842_752),
+            }),
+        ),
+        to(
+            "welcome.minimal",
+            T::Welcome(Welcome {
+                router_id: s("router-01JD8ZPZ7E5V0C2G4H6J8K0M2N"),
+                heartbeat_ms: 1000,
+                liveness: 3,
+                max_frame_bytes: None,
+            }),
+        ),
+        to(
+            "challenge",
+            T::Challenge(Challenge {
+                nonce: CHALLENGE_NONCE.to_vec(),
             }),
         ),
         to(
             "goodbye",
             T::Goodbye(Goodbye {
-                reason: s("unsupported protocol version 2 (this router speaks 1)"),
+                reason: s("unsupported protocol version 3 (this router speaks 1 to 2)"),
                 reconnect: false,
             }),
         ),
@@ -357,7 +380,13 @@ pub fn catalogue() -> Vec<Vector> {
                 services: vec![s("vision"), s("vision-beta")],
                 capacity: 8,
                 sdk: s("worker-sdk-rust/0.1.0"),
-                secret: Some(s("s3cr3t-✓")),
+            }),
+        ),
+        from(
+            "auth",
+            F::Auth(Auth {
+                // auth::proof(b"s3cret", <the challenge vector's nonce>)
+                proof: bridge_proto::auth::proof(b"s3cret", &CHALLENGE_NONCE).to_vec(),
             }),
         ),
         from(
@@ -367,7 +396,6 @@ pub fn catalogue() -> Vec<Vector> {
                 services: vec![s("echo")],
                 capacity: 1,
                 sdk: s("worker-sdk-python/0.1.0"),
-                secret: None,
             }),
         ),
         from("heartbeat", F::Heartbeat),
@@ -618,19 +646,19 @@ pub fn invalid_catalogue() -> Vec<Invalid> {
             Raw::map(1).str("kind").str("heartbeat").0,
         ),
         inv(
-            "version_2",
+            "version_3",
             D::FromWorker,
             Version,
-            "`v` is 2: an unsupported protocol version",
-            Raw::map(2).header(2, "heartbeat").0,
+            "`v` is 3: an unsupported protocol version",
+            Raw::map(2).header(3, "heartbeat").0,
         ),
         inv(
-            "version_2_hello",
+            "version_3_hello",
             D::FromWorker,
             Version,
-            "a hello that speaks protocol version 2 (the router answers goodbye{reconnect:false})",
+            "a hello that speaks protocol version 3 (the router answers goodbye{reconnect:false})",
             Raw::map(6)
-                .header(2, "hello")
+                .header(3, "hello")
                 .str("worker_id")
                 .str("w")
                 .str("services")
@@ -666,7 +694,6 @@ pub fn invalid_catalogue() -> Vec<Invalid> {
                 services: vec![s("echo")],
                 capacity: 1,
                 sdk: s("sdk/1"),
-                secret: None,
             })),
         ),
         inv(
