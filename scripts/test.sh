@@ -31,11 +31,18 @@ echo "==> pip install ./worker-sdk/python[test]"
 echo "==> cargo test --workspace --no-fail-fast"
 cargo test --workspace --no-fail-fast
 
+# The patched zeromq crate (third_party/zeromq, not a workspace member): its
+# unit tests, the property test of the capped decoder, and the sockets
+# against hostile raw TCP peers. Same target dir, so nothing builds twice.
+echo "==> cargo test third_party/zeromq (patched decoder, untrusted peers)"
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
+    cargo test --manifest-path third_party/zeromq/Cargo.toml --lib --test untrusted_peers
+
 # BRIDGE_WORKER_REQUIRE_ROUTER: a missing router binary fails instead of skipping.
 echo "==> pytest worker-sdk/python"
 BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
 
-# WebSocket conformance (SPEC §9): Autobahn's fuzzing client through a raw
+# WebSocket conformance (README, tests): Autobahn's fuzzing client through a raw
 # route served by the echo worker; fails on any FAILED case. Uses the debug
 # binaries built above; its Python 2.7 virtualenv is cached in target/autobahn.
 echo "==> scripts/conformance.sh (Autobahn|TestSuite)"

@@ -1,21 +1,33 @@
 //! The bridge task: the only code in the router that touches ZeroMQ sockets.
 //!
-//! It binds the ROUTER socket that workers connect to and the SUB socket that
-//! publishers connect to, and runs one owner loop that feeds a [`Broker`] with
-//! session commands, decoded worker frames, heartbeat ticks and deadline
-//! expiries. Sessions talk to it over a bounded channel ([`BridgeHandle`]).
-//! Undecodable frames are logged with their peer and reason and dropped;
-//! they never stop the loop.
+//! It binds the ROUTER socket that workers connect to and (unless a secret
+//! makes it unnecessary) the SUB socket that publishers connect to, and runs
+//! one owner loop that feeds a [`Broker`] with session commands, decoded
+//! worker frames, heartbeat ticks and deadline expiries. Sessions talk to it
+//! over a bounded channel ([`BridgeHandle`]). Undecodable frames are logged
+//! with their peer and reason and dropped; they never stop the loop.
+//!
+//! Both sockets face untrusted peers (PROTOCOL.md §14), so they are built
+//! with the limits of our patched `zeromq` crate (`third_party/zeromq`):
+//! frame and message sizes checked on the length header, a deadline on the
+//! ZMTP handshake, a routing id of the router's choosing for every
+//! connection (a peer cannot take over another's id), and a byte bound on
+//! what is queued for each peer.
 
 use std::{sync::Arc, time::Duration};
 
-use bridge_proto::{decode_from_worker, decode_publication, encode_to_worker, ToWorker};
+use bridge_proto::{
+    decode_from_worker_versioned, decode_publication, encode_to_worker_as, DecodeError, ToWorker,
+};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
-use zeromq::{RouterRecvHalf, RouterSendHalf, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{
+    RouterRecvHalf, RouterSendHalf, Socket, SocketOptions, SocketRecv, SocketSend, ZmqError,
+    ZmqMessage,
+};
 
 use crate::{
     broker::{Broker, BrokerConfig, Command, Outbox, PeerId, Snapshot},
@@ -80,13 +92,33 @@ impl BridgeHandle {
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub bridge: String,
-    pub publish: String,
+    /// `None` when the SUB socket is not bound (a secret is set and
+    /// unauthenticated publishing was not asked for).
+    pub publish: Option<String>,
 }
 
 pub struct BridgeConfig {
     pub bridge_endpoint: String,
-    pub publish_endpoint: String,
+    /// `None`: do not bind the SUB socket.
+    pub publish_endpoint: Option<String>,
+    /// Largest frame and message a peer may send.
+    pub max_frame_bytes: usize,
+    /// Bytes that may be queued for one worker before it counts as stuck.
+    pub worker_send_queue_bytes: usize,
+    /// How long a peer may take over the ZMTP greeting and READY exchange.
+    pub zmtp_handshake_timeout: Duration,
     pub broker: BrokerConfig,
+}
+
+/// Options of both sockets: every limit that makes them safe to expose.
+fn socket_options(cfg: &BridgeConfig) -> SocketOptions {
+    let mut o = SocketOptions::default();
+    o.max_frame_size(cfg.max_frame_bytes)
+        .max_message_size(cfg.max_frame_bytes)
+        .handshake_timeout(Some(cfg.zmtp_handshake_timeout))
+        .assign_peer_ids(true)
+        .send_queue_max_bytes(cfg.worker_send_queue_bytes);
+    o
 }
 
 /// Binds both sockets and spawns the bridge tasks on `tracker`. They stop
@@ -100,8 +132,7 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<(BridgeHandle, Endpoints), BridgeError> {
     clear_stale_ipc(&cfg.bridge_endpoint);
-    clear_stale_ipc(&cfg.publish_endpoint);
-    let mut router = zeromq::RouterSocket::new();
+    let mut router = zeromq::RouterSocket::with_options(socket_options(&cfg));
     let bridge = router
         .bind(&cfg.bridge_endpoint)
         .await
@@ -110,27 +141,19 @@ pub async fn start(
             source,
         })?
         .to_string();
-    let mut sub = zeromq::SubSocket::new();
-    let publish = sub
-        .bind(&cfg.publish_endpoint)
-        .await
-        .map_err(|source| BridgeError::BindSub {
-            endpoint: cfg.publish_endpoint.clone(),
-            source,
-        })?
-        .to_string();
-    sub.subscribe("")
-        .await
-        .map_err(|source| BridgeError::BindSub {
-            endpoint: cfg.publish_endpoint.clone(),
-            source,
-        })?;
+    let publication = match &cfg.publish_endpoint {
+        Some(endpoint) => Some(bind_sub(endpoint, socket_options(&cfg)).await?),
+        None => {
+            info!("publish endpoint not bound: with a bridge secret, publications come through authenticated bridge sessions");
+            None
+        }
+    };
 
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (send_half, recv_half) = router.split();
     let heartbeat = cfg.broker.heartbeat;
     let broker = Broker::new(cfg.broker, hub.clone(), Some(registry), metrics.clone());
-    let (bridge_ipc, publish_ipc) = (ipc_path(&bridge), ipc_path(&publish));
+    let bridge_ipc = ipc_path(&bridge);
     tracker.spawn(owner_loop(Owner {
         broker,
         metrics: metrics.clone(),
@@ -141,8 +164,26 @@ pub async fn start(
         stop: stop.clone(),
         ipc_file: bridge_ipc,
     }));
-    tracker.spawn(publication_loop(sub, hub, stop, publish_ipc));
+    let publish = publication.map(|(sub, publish)| {
+        tracker.spawn(publication_loop(sub, hub, stop, ipc_path(&publish)));
+        publish
+    });
     Ok((BridgeHandle { tx }, Endpoints { bridge, publish }))
+}
+
+async fn bind_sub(
+    endpoint: &str,
+    options: SocketOptions,
+) -> Result<(zeromq::SubSocket, String), BridgeError> {
+    clear_stale_ipc(endpoint);
+    let err = |source| BridgeError::BindSub {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    let mut sub = zeromq::SubSocket::with_options(options);
+    let bound = sub.bind(endpoint).await.map_err(err)?.to_string();
+    sub.subscribe("").await.map_err(err)?;
+    Ok((sub, bound))
 }
 
 /// The socket file of an `ipc://` endpoint.
@@ -173,17 +214,21 @@ fn clear_stale_ipc(endpoint: &str) {
     }
 }
 
-/// Sends to workers through the ROUTER socket. The zeromq crate queues up
-/// to 100k messages per peer, so `send` only waits on a stuck peer after
-/// that many; credits bound the requests, and heartbeats declare a stuck
-/// worker dead long before.
+/// Sends to workers through the ROUTER socket. What is queued for one
+/// peer is bounded in bytes (`worker_send_queue_bytes`): a send past the
+/// bound fails at once, and the peer is declared dead.
 struct ZmqOutbox {
-    out: Vec<(PeerId, ToWorker)>,
+    /// Peer, protocol version (`None`: the peer's own), message.
+    out: Vec<(PeerId, Option<u8>, ToWorker)>,
 }
 
 impl Outbox for ZmqOutbox {
     fn send(&mut self, peer: &PeerId, msg: ToWorker) {
-        self.out.push((peer.clone(), msg));
+        self.out.push((peer.clone(), None, msg));
+    }
+
+    fn send_as(&mut self, peer: &PeerId, version: u8, msg: ToWorker) {
+        self.out.push((peer.clone(), Some(version), msg));
     }
 }
 
@@ -194,21 +239,27 @@ const GOODBYE_LINGER: Duration = Duration::from_millis(200);
 /// counts as stuck.
 const SEND_STALL: Duration = Duration::from_millis(200);
 
-/// Sends what the broker queued. Returns the peers whose queue stayed full.
-async fn flush(outbox: &mut ZmqOutbox, socket: &mut RouterSendHalf) -> Vec<PeerId> {
+/// Sends what the broker queued. Returns the peers whose queue is full.
+async fn flush(
+    outbox: &mut ZmqOutbox,
+    socket: &mut RouterSendHalf,
+    broker: &Broker,
+) -> Vec<PeerId> {
     let mut stuck: Vec<PeerId> = Vec::new();
-    for (peer, msg) in outbox.out.drain(..) {
+    for (peer, version, msg) in outbox.out.drain(..) {
         if stuck.contains(&peer) {
             continue;
         }
-        let mut frame = ZmqMessage::from(Bytes::from(encode_to_worker(&msg)));
+        let version = version.unwrap_or_else(|| broker.version_of(&peer));
+        let mut frame = ZmqMessage::from(Bytes::from(encode_to_worker_as(version, &msg)));
         frame.push_front(peer.clone());
         match tokio::time::timeout(SEND_STALL, socket.send(frame)).await {
             Ok(Ok(())) => {}
+            // More bytes queued for the peer than it may have: it is not reading.
+            Ok(Err(ZmqError::BufferFull(_))) => stuck.push(peer),
             // The peer's connection is gone; its silence will get it declared dead.
             Ok(Err(e)) => debug!(error = %e, "send to worker failed"),
-            // The crate queues 100k messages per peer before `send` waits:
-            // a peer that far behind is not reading.
+            // The crate's message-count bound made `send` wait: not reading either.
             Err(_) => stuck.push(peer),
         }
     }
@@ -272,16 +323,20 @@ async fn owner_loop(owner: Owner) {
             Some(due) = broker.retry_timers.next() => {
                 broker.on_retry_due(due.into_inner(), &mut outbox);
             }
+            Some(due) = broker.zombie_timers.next() => {
+                broker.on_cancel_grace(due.into_inner(), &mut outbox);
+            }
             _ = ticker.tick() => broker.on_tick(&mut outbox),
         }
-        let stuck = flush(&mut outbox, &mut send).await;
+        let stuck = flush(&mut outbox, &mut send, &broker).await;
         for peer in stuck {
-            warn!(peer = ?peer, "worker's send queue stayed full: declaring it dead");
+            warn!(peer = ?peer, "worker's send queue is full: declaring it dead");
+            metrics.bound_hit("worker_send_queue");
             broker.remove_worker(&peer, "not reading its queue", &mut outbox);
         }
     }
     broker.goodbye_all(&mut outbox);
-    flush(&mut outbox, &mut send).await;
+    flush(&mut outbox, &mut send, &broker).await;
     // The crate writes in background tasks and has no linger: give the
     // goodbyes a moment to leave before the socket goes.
     tokio::time::sleep(GOODBYE_LINGER).await;
@@ -307,10 +362,14 @@ fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) -> boo
         return false;
     }
     let payload = &frames[0];
-    match decode_from_worker(payload) {
-        Ok(m) => {
-            broker.on_worker_message(peer, m, outbox);
+    match decode_from_worker_versioned(payload) {
+        Ok((version, m)) => {
+            broker.on_worker_message(peer, version, m, outbox);
             true
+        }
+        Err(DecodeError::Version { found, .. }) => {
+            broker.on_unsupported_version(peer, found, outbox);
+            false
         }
         Err(e) => {
             warn!(peer = ?peer, bytes = payload.len(), error = %e, "undecodable bridge message: dropped");

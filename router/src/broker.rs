@@ -25,7 +25,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -39,6 +42,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     client::{unix_ms, OutFrame, Outbound},
+    handshake::{Admitted, Handshake, Step},
     hub::Hub,
     ids::{Cid, ConnId},
     metrics::Metrics,
@@ -57,7 +61,13 @@ const RETRY_BASE: Duration = Duration::from_millis(50);
 
 /// Where the broker's messages to workers go.
 pub trait Outbox {
+    /// Sends in the peer's protocol version ([`Broker::version_of`]).
     fn send(&mut self, peer: &PeerId, msg: ToWorker);
+    /// Sends in this protocol version (answers to a `hello`, before the
+    /// peer is registered).
+    fn send_as(&mut self, peer: &PeerId, _version: u8, msg: ToWorker) {
+        self.send(peer, msg);
+    }
 }
 
 /// The route's breaker, the admission the session got from it, and the
@@ -88,6 +98,8 @@ pub struct RequestCmd {
     pub breaker: Option<BreakerTicket>,
     /// Verified token claims of the connection.
     pub claims: Option<Value>,
+    /// Bytes of the client's frame: what holding this request costs.
+    pub size: usize,
 }
 
 /// What sessions ask of the bridge.
@@ -148,12 +160,39 @@ struct Worker {
     last_seen: Instant,
     draining: bool,
     sdk: String,
+    /// The protocol version of its `hello`: every message to it uses it.
+    version: u8,
+}
+
+/// Bytes of request data one request holds, counted in a total shared by
+/// all of them. Dropping the charge (whatever path the request leaves by)
+/// gives the bytes back, so the total cannot drift.
+#[derive(Debug)]
+struct Charge {
+    total: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Charge {
+    /// The request no longer keeps its data (sent with no retry left).
+    fn release(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// A request the router still owes a terminal frame.
 #[derive(Debug)]
 struct InFlight {
     cmd: RequestCmd,
+    /// Its data's bytes, while the broker keeps the data.
+    charge: Charge,
     /// 1 for the first attempt.
     attempt: u32,
     deadline: delay_queue::Key,
@@ -200,6 +239,14 @@ pub struct BrokerConfig {
     pub heartbeat: Duration,
     pub liveness: u32,
     pub secret: Option<String>,
+    /// The largest frame the bridge socket accepts (told to workers in
+    /// `welcome`).
+    pub max_frame_bytes: usize,
+    /// Bytes of client requests the broker may hold at once.
+    pub max_held_request_bytes: usize,
+    /// How long after a `cancel` a request keeps its worker credit while
+    /// the router waits for the terminal message.
+    pub cancel_grace: Duration,
 }
 
 /// Outcome of a worker's error reply, for the breaker: errors that say the
@@ -220,9 +267,14 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     workers: HashMap<PeerId, Worker>,
     pending: HashMap<Cid, Pending>,
-    /// Requests the router gave up on but the worker has not finished:
-    /// they keep their credit until the worker's terminal message.
+    /// Requests the router gave up on (and sent `cancel` for) but the
+    /// worker has not finished: they keep their credit until the worker's
+    /// terminal message, or until `cancel_grace` has passed.
     zombies: HashMap<Cid, PeerId>,
+    /// When each zombie's credit is freed without a terminal message.
+    pub zombie_timers: DelayQueue<Cid>,
+    /// Bytes of request data held, the sum of every live [`Charge`].
+    held_bytes: Arc<AtomicUsize>,
     waiting: HashMap<Cid, InFlight>,
     /// Arrival order of `waiting`, per service (may hold ids already gone).
     queues: HashMap<String, VecDeque<Cid>>,
@@ -230,6 +282,8 @@ pub struct Broker {
     conns: HashMap<ConnId, ConnEntry>,
     /// Unregistered peers sent a goodbye since the last tick.
     told_to_hello: HashSet<PeerId>,
+    /// Open challenges of peers that have not proved the secret yet.
+    handshake: Handshake,
     /// Deadlines of every request the router still owes a terminal frame.
     pub deadlines: DelayQueue<Cid>,
     /// When each request in `retrying` gets its next attempt.
@@ -244,6 +298,7 @@ impl Broker {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            handshake: Handshake::new(cfg.secret.as_deref()),
             cfg,
             hub,
             registry,
@@ -251,6 +306,8 @@ impl Broker {
             workers: HashMap::new(),
             pending: HashMap::new(),
             zombies: HashMap::new(),
+            zombie_timers: DelayQueue::new(),
+            held_bytes: Arc::new(AtomicUsize::new(0)),
             waiting: HashMap::new(),
             queues: HashMap::new(),
             retrying: HashMap::new(),
@@ -468,15 +525,34 @@ impl Broker {
     }
 
     fn on_request(&mut self, cmd: RequestCmd, out: &mut dyn Outbox) {
+        let held = self.held_bytes.load(Ordering::Relaxed);
+        let over = held.saturating_add(cmd.size) > self.cfg.max_held_request_bytes;
+        self.held_bytes.fetch_add(cmd.size, Ordering::Relaxed);
+        let charge = Charge {
+            total: self.held_bytes.clone(),
+            bytes: cmd.size,
+        };
         let deadline = self.deadlines.insert(cmd.cid.clone(), cmd.timeout);
         let req = InFlight {
             cmd,
+            charge,
             attempt: 1,
             deadline,
             avoid: None,
             started: Instant::now(),
         };
+        if over {
+            self.metrics.bound_hit("held_request_bytes");
+            let msg = "the router holds too much request data: try again shortly".to_owned();
+            self.fail(req, codes::OVERLOADED, msg, Outcome::Neutral, false);
+            return;
+        }
         self.place(req, out);
+    }
+
+    /// Bytes of request data held now (for metrics and tests).
+    pub fn held_request_bytes(&self) -> usize {
+        self.held_bytes.load(Ordering::Relaxed)
     }
 
     /// Sends a request to a worker with a free credit, or queues it.
@@ -530,6 +606,7 @@ impl Broker {
         let data = if req.may_retry() {
             req.cmd.data.clone()
         } else {
+            req.charge.release();
             std::mem::take(&mut req.cmd.data)
         };
         let cmd = &req.cmd;
@@ -620,7 +697,7 @@ impl Broker {
                     reason: reason.to_owned(),
                 }),
             );
-            self.zombies.insert(cid.clone(), p.worker);
+            self.make_zombie(cid.clone(), p.worker);
             p.req
         } else if let Some(r) = self.waiting.remove(cid) {
             self.unqueue(&r.cmd.service.clone(), cid);
@@ -654,7 +731,7 @@ impl Broker {
                     reason: "timeout".into(),
                 }),
             );
-            self.zombies.insert(cid.clone(), p.worker);
+            self.make_zombie(cid.clone(), p.worker);
             warn!(correlation.id = %cid, session.id = %p.req.cmd.conn, "request timed out at the worker");
             let msg = "no final reply before the request's deadline".to_owned();
             self.fail(p.req, codes::TIMEOUT, msg, Outcome::Failure, true);
@@ -668,6 +745,28 @@ impl Broker {
             let msg = "the request's deadline passed before another attempt".to_owned();
             self.fail(req, codes::TIMEOUT, msg, Outcome::Failure, true);
         }
+    }
+
+    /// The router sent `cancel` for a request at `peer`: it keeps its
+    /// credit until the worker's terminal message or the grace's end.
+    fn make_zombie(&mut self, cid: Cid, peer: PeerId) {
+        self.zombie_timers
+            .insert(cid.clone(), self.cfg.cancel_grace);
+        self.zombies.insert(cid, peer);
+    }
+
+    /// A cancelled request's grace is over. If its worker still has not
+    /// sent the terminal message (it may never: a request it could not
+    /// decode, a handler that ignores cancellation), the credit comes back
+    /// now, and a terminal message arriving later is dropped.
+    pub fn on_cancel_grace(&mut self, cid: Cid, out: &mut dyn Outbox) {
+        let Some(peer) = self.zombies.remove(&cid) else {
+            return; // answered in time, or its worker is gone
+        };
+        let worker = self.workers.get(&peer).map_or("?", |w| w.name.as_str());
+        warn!(correlation.id = %cid, worker = %worker, "no terminal message within the grace after cancel: credit freed");
+        self.metrics.credit_reclaimed();
+        self.release(&peer, out);
     }
 
     /// A retry's backoff is over: try another worker.
@@ -708,10 +807,28 @@ impl Broker {
 
     // ----- messages from workers --------------------------------------------------
 
-    pub fn on_worker_message(&mut self, peer: PeerId, msg: FromWorker, out: &mut dyn Outbox) {
-        if let FromWorker::Hello(hello) = msg {
-            self.on_hello(peer, hello, out);
-            return;
+    /// A decoded message of protocol `version` from `peer`.
+    pub fn on_worker_message(
+        &mut self,
+        peer: PeerId,
+        version: u8,
+        msg: FromWorker,
+        out: &mut dyn Outbox,
+    ) {
+        let now = Instant::now();
+        match msg {
+            FromWorker::Hello(hello) => {
+                let registered = self.workers.contains_key(&peer);
+                let step = self
+                    .handshake
+                    .on_hello(&peer, version, hello, registered, now);
+                return self.on_handshake(peer, step, out);
+            }
+            FromWorker::Auth(a) => {
+                let step = self.handshake.on_auth(&peer, version, &a, now);
+                return self.on_handshake(peer, step, out);
+            }
+            _ => {}
         }
         let Some(worker) = self.workers.get_mut(&peer) else {
             // At most one goodbye per peer per heartbeat interval: a peer that
@@ -729,9 +846,9 @@ impl Broker {
             );
             return;
         };
-        worker.last_seen = Instant::now();
+        worker.last_seen = now;
         match msg {
-            FromWorker::Hello(_) | FromWorker::Heartbeat => {}
+            FromWorker::Hello(_) | FromWorker::Auth(_) | FromWorker::Heartbeat => {}
             FromWorker::Reply(r) => self.on_reply(peer, r, out),
             FromWorker::Error(e) => self.on_error(peer, e, out),
             FromWorker::Push(p) => {
@@ -860,7 +977,9 @@ impl Broker {
                 self.release(peer, out);
             }
         } else {
-            warn!(correlation.id = %cid, "reply for a request this worker does not hold: dropped");
+            // Also the fate of a terminal message after its credit was
+            // reclaimed (`on_cancel_grace`).
+            debug!(correlation.id = %cid, "reply for a request this worker does not hold: dropped");
         }
     }
 
@@ -900,36 +1019,29 @@ impl Broker {
         self.drain_waiting(&services, out);
     }
 
-    fn on_hello(&mut self, peer: PeerId, hello: proto::Hello, out: &mut dyn Outbox) {
-        let refuse = |out: &mut dyn Outbox, reason: String| {
-            warn!(worker = %hello.worker_id, %reason, "worker refused");
-            out.send(
-                &peer,
-                ToWorker::Goodbye(proto::Goodbye {
-                    reason,
-                    reconnect: false,
-                }),
-            );
-        };
-        if let Some(secret) = &self.cfg.secret {
-            if hello.secret.as_deref() != Some(secret.as_str()) {
-                return refuse(out, "missing or wrong bridge secret".into());
+    fn on_handshake(&mut self, peer: PeerId, step: Step, out: &mut dyn Outbox) {
+        let admitted = match step {
+            Step::Register(a) => a,
+            Step::Reply(version, msg) => return out.send_as(&peer, version, msg),
+            Step::Refuse(version, reason) => {
+                warn!(peer = ?peer, %reason, "worker refused");
+                self.metrics.bridge_refused();
+                return out.send_as(
+                    &peer,
+                    version,
+                    ToWorker::Goodbye(proto::Goodbye {
+                        reason,
+                        reconnect: false,
+                    }),
+                );
             }
-        }
-        if hello.services.is_empty() || hello.services.iter().any(|s| s.is_empty()) {
-            return refuse(out, "hello must name at least one non-empty service".into());
-        }
-        if hello.capacity == 0 {
-            return refuse(out, "capacity must be at least 1".into());
-        }
-        let services: Vec<String> = {
-            let mut seen = HashSet::new();
-            hello
-                .services
-                .into_iter()
-                .filter(|s| seen.insert(s.clone()))
-                .collect()
+            Step::Ignore => return,
         };
+        let Admitted {
+            hello,
+            services,
+            version,
+        } = admitted;
         match self.workers.get_mut(&peer) {
             Some(w) => {
                 w.services = services.clone();
@@ -938,7 +1050,7 @@ impl Broker {
                 w.draining = false;
             }
             None => {
-                info!(worker = %hello.worker_id, services = ?services, capacity = hello.capacity, sdk = %hello.sdk, "worker registered");
+                info!(worker = %hello.worker_id, services = ?services, capacity = hello.capacity, sdk = %hello.sdk, version, "worker registered");
                 self.workers.insert(
                     peer.clone(),
                     Worker {
@@ -949,6 +1061,7 @@ impl Broker {
                         last_seen: Instant::now(),
                         draining: false,
                         sdk: hello.sdk,
+                        version,
                     },
                 );
             }
@@ -959,19 +1072,57 @@ impl Broker {
                 router_id: self.cfg.router_id.clone(),
                 heartbeat_ms: self.cfg.heartbeat.as_millis() as u64,
                 liveness: self.cfg.liveness,
+                max_frame_bytes: Some(self.cfg.max_frame_bytes as u64),
             }),
         );
         if let Some(registry) = &self.registry {
             for s in &services {
-                registry.add_dynamic(s);
+                if registry.add_dynamic(s).is_err() {
+                    self.metrics.bound_hit("dynamic_routes");
+                }
             }
         }
         self.drain_waiting(&services, out);
     }
 
+    /// A frame of a protocol version this router does not speak. A peer's
+    /// first frame is its `hello`, so an unregistered peer is told, once per
+    /// heartbeat interval, in the `goodbye` shape every version keeps.
+    pub fn on_unsupported_version(&mut self, peer: PeerId, found: u64, out: &mut dyn Outbox) {
+        if self.workers.contains_key(&peer) || !self.told_to_hello.insert(peer.clone()) {
+            return;
+        }
+        let reason = format!(
+            "unsupported protocol version {found} (this router speaks {} to {})",
+            proto::MIN_PROTOCOL_VERSION,
+            proto::PROTOCOL_VERSION
+        );
+        warn!(peer = ?peer, %reason, "worker refused");
+        self.metrics.bridge_refused();
+        out.send_as(
+            &peer,
+            proto::MIN_PROTOCOL_VERSION,
+            ToWorker::Goodbye(proto::Goodbye {
+                reason,
+                reconnect: false,
+            }),
+        );
+    }
+
+    /// The protocol version to write to `peer` (the current one for peers
+    /// that are not registered).
+    pub fn version_of(&self, peer: &PeerId) -> u8 {
+        self.workers
+            .get(peer)
+            .map_or(proto::PROTOCOL_VERSION, |w| w.version)
+    }
+
     /// Heartbeats out, dead workers out. Call every heartbeat interval.
     pub fn on_tick(&mut self, out: &mut dyn Outbox) {
         self.told_to_hello.clear();
+        self.handshake.expire(Instant::now());
+        self.metrics
+            .set_held_request_bytes(self.held_bytes.load(Ordering::Relaxed));
         let limit = self.cfg.heartbeat * self.cfg.liveness;
         let now = Instant::now();
         let dead: Vec<PeerId> = self
@@ -1116,6 +1267,9 @@ mod tests {
             heartbeat: Duration::from_millis(100),
             liveness: 3,
             secret: None,
+            max_frame_bytes: 1 << 20,
+            max_held_request_bytes: 1 << 20,
+            cancel_grace: Duration::from_secs(5),
         };
         Fixture {
             broker: Broker::new(cfg, hub.clone(), None, Arc::new(Metrics::new())),
@@ -1132,12 +1286,12 @@ mod tests {
         fn hello(&mut self, p: &PeerId, capacity: u32) {
             self.broker.on_worker_message(
                 p.clone(),
+                2,
                 FromWorker::Hello(Hello {
                     worker_id: String::from_utf8_lossy(p).into_owned(),
                     services: vec!["svc".into()],
                     capacity,
                     sdk: "test".into(),
-                    secret: None,
                 }),
                 &mut self.out,
             );
@@ -1145,7 +1299,7 @@ mod tests {
 
         fn client(&self) -> (ConnId, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
             let id = ConnId::new();
-            let (c, rx) = ConnShared::new(id.clone(), "/ws".into());
+            let (c, rx) = ConnShared::new(id.clone(), "/ws".into(), 1 << 20);
             self.hub.register(c.clone());
             (id, c, rx)
         }
@@ -1206,6 +1360,7 @@ mod tests {
                     retries: 0,
                     breaker: None,
                     claims: None,
+                    size: 100,
                 })),
                 &mut self.out,
             );
@@ -1215,6 +1370,7 @@ mod tests {
         fn reply(&mut self, p: &PeerId, cid: &Cid, done: bool) {
             self.broker.on_worker_message(
                 p.clone(),
+                2,
                 FromWorker::Reply(Reply {
                     cid: cid.0.clone(),
                     done,
@@ -1348,6 +1504,7 @@ mod tests {
         // The worker's late terminal answer is dropped but frees the credit.
         f.broker.on_worker_message(
             w.clone(),
+            2,
             FromWorker::Error(ErrorReply {
                 cid: cid.0.clone(),
                 code: "cancelled".into(),
@@ -1386,19 +1543,224 @@ mod tests {
         assert!(frames(&mut rx).is_empty());
     }
 
+    fn with_secret(f: &mut Fixture) {
+        f.broker.handshake = Handshake::new(Some("s3cret"));
+    }
+
     #[tokio::test]
     async fn bad_hellos_are_refused_and_unknown_peers_told_to_hello() {
         let mut f = fixture();
-        f.broker.cfg.secret = Some("s3cret".into());
         let w = peer("w");
-        f.hello(&w, 1);
+        f.broker.on_worker_message(
+            w.clone(),
+            2,
+            FromWorker::Hello(Hello {
+                worker_id: "w".into(),
+                services: vec!["svc".into()],
+                capacity: 0,
+                sdk: "test".into(),
+            }),
+            &mut f.out,
+        );
         assert!(
-            matches!(&f.out.0[0].1, ToWorker::Goodbye(g) if !g.reconnect && g.reason.contains("secret"))
+            matches!(&f.out.0[0].1, ToWorker::Goodbye(g) if !g.reconnect && g.reason.contains("capacity"))
         );
         assert_eq!(f.broker.worker_count(), 0);
         f.broker
-            .on_worker_message(w.clone(), FromWorker::Heartbeat, &mut f.out);
+            .on_worker_message(w.clone(), 2, FromWorker::Heartbeat, &mut f.out);
         assert!(matches!(&f.out.0[1].1, ToWorker::Goodbye(g) if g.reconnect));
+    }
+
+    #[tokio::test]
+    async fn with_a_secret_only_the_right_proof_registers() {
+        let mut f = fixture();
+        with_secret(&mut f);
+        let w = peer("w");
+        f.hello(&w, 1);
+        assert_eq!(
+            f.broker.worker_count(),
+            0,
+            "a hello alone does not register"
+        );
+        let ToWorker::Challenge(c) = f.out.0[0].1.clone() else {
+            panic!("expected a challenge: {:?}", f.out.0);
+        };
+        // Before the proof, the peer gets nothing but goodbyes.
+        f.broker
+            .on_worker_message(w.clone(), 2, FromWorker::Heartbeat, &mut f.out);
+        assert!(matches!(&f.out.0[1].1, ToWorker::Goodbye(g) if g.reconnect));
+        let proof = proto::auth::proof(b"s3cret", &c.nonce).to_vec();
+        f.broker.on_worker_message(
+            w.clone(),
+            2,
+            FromWorker::Auth(proto::Auth { proof }),
+            &mut f.out,
+        );
+        assert_eq!(f.broker.worker_count(), 1);
+        assert!(
+            matches!(&f.out.0[2].1, ToWorker::Welcome(wl) if wl.max_frame_bytes == Some(1 << 20))
+        );
+
+        let intruder = peer("x");
+        f.hello(&intruder, 1);
+        let ToWorker::Challenge(c2) = f.out.0[3].1.clone() else {
+            panic!("expected a challenge");
+        };
+        assert_ne!(c.nonce, c2.nonce);
+        // A captured proof of another session is refused for good.
+        let replayed = proto::auth::proof(b"s3cret", &c.nonce).to_vec();
+        f.broker.on_worker_message(
+            intruder.clone(),
+            2,
+            FromWorker::Auth(proto::Auth { proof: replayed }),
+            &mut f.out,
+        );
+        assert!(matches!(&f.out.0[4].1, ToWorker::Goodbye(g) if !g.reconnect));
+        assert_eq!(f.broker.worker_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_a_secret_a_v1_hello_is_told_which_version_it_needs() {
+        let mut f = fixture();
+        with_secret(&mut f);
+        let w = peer("old");
+        f.broker.on_worker_message(
+            w.clone(),
+            1,
+            FromWorker::Hello(Hello {
+                worker_id: "old".into(),
+                services: vec!["svc".into()],
+                capacity: 1,
+                sdk: "v1".into(),
+            }),
+            &mut f.out,
+        );
+        assert_eq!(f.broker.worker_count(), 0);
+        assert!(
+            matches!(&f.out.0[0].1, ToWorker::Goodbye(g) if !g.reconnect && g.reason.contains("version 2"))
+        );
+        assert_eq!(f.broker.version_of(&w), proto::PROTOCOL_VERSION);
+    }
+
+    #[tokio::test]
+    async fn without_a_secret_a_v1_worker_is_answered_in_v1() {
+        let mut f = fixture();
+        let w = peer("old");
+        f.broker.on_worker_message(
+            w.clone(),
+            1,
+            FromWorker::Hello(Hello {
+                worker_id: "old".into(),
+                services: vec!["svc".into()],
+                capacity: 1,
+                sdk: "v1".into(),
+            }),
+            &mut f.out,
+        );
+        assert_eq!(f.broker.worker_count(), 1);
+        assert_eq!(f.broker.version_of(&w), 1);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_registers_without_services_and_gets_no_requests() {
+        let mut f = fixture();
+        let p = peer("pub");
+        f.broker.on_worker_message(
+            p.clone(),
+            2,
+            FromWorker::Hello(Hello {
+                worker_id: "pub".into(),
+                services: vec![],
+                capacity: 0,
+                sdk: "test".into(),
+            }),
+            &mut f.out,
+        );
+        assert!(matches!(&f.out.0[0].1, ToWorker::Welcome(_)));
+        let (conn, shared, mut rx) = f.client();
+        f.request(&conn, &shared, "1", 1000);
+        assert_eq!(
+            frames(&mut rx)[0].error.as_ref().unwrap().code,
+            codes::NO_WORKERS
+        );
+        assert!(f.out.requests_to(&p).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_credit_comes_back_after_the_cancel_grace_without_a_terminal_message() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 1);
+        let (conn, shared, mut rx) = f.client();
+        // The worker cannot decode this request and never answers it.
+        let stuck = f.request(&conn, &shared, "1", 100);
+        let expired = f.broker.deadlines.next().await.unwrap().into_inner();
+        f.broker.on_deadline(expired, &mut f.out);
+        assert_eq!(
+            frames(&mut rx)[0].error.as_ref().unwrap().code,
+            codes::TIMEOUT
+        );
+        let second = f.request(&conn, &shared, "2", 60_000);
+        assert_eq!(
+            f.out.requests_to(&w),
+            vec![stuck.0.clone()],
+            "the zombie holds the only credit"
+        );
+
+        let before = tokio::time::Instant::now();
+        let due = f.broker.zombie_timers.next().await.unwrap().into_inner();
+        assert_eq!(
+            before.elapsed(),
+            Duration::from_secs(5),
+            "exactly the grace"
+        );
+        assert_eq!(due, stuck);
+        f.broker.on_cancel_grace(due, &mut f.out);
+        assert_eq!(
+            f.out.requests_to(&w),
+            vec![stuck.0.clone(), second.0.clone()],
+            "the freed credit takes the waiting request"
+        );
+        // A terminal message after the reclaim is dropped and frees nothing twice.
+        f.reply(&w, &stuck, true);
+        let third = f.request(&conn, &shared, "3", 60_000);
+        assert_eq!(
+            f.out.requests_to(&w).len(),
+            2,
+            "{third:?} must wait for a credit"
+        );
+    }
+
+    #[tokio::test]
+    async fn held_request_bytes_are_bounded_and_given_back() {
+        let mut f = fixture();
+        f.broker.cfg.max_held_request_bytes = 250;
+        let w = peer("w");
+        f.hello(&w, 1);
+        let (conn, shared, mut rx) = f.client();
+        // 100 bytes each: the first goes out (no retries: not held), the
+        // next two wait (held), the fourth would pass 250.
+        let first = f.request(&conn, &shared, "1", 60_000);
+        assert_eq!(f.broker.held_request_bytes(), 0);
+        f.request(&conn, &shared, "2", 60_000);
+        f.request(&conn, &shared, "3", 60_000);
+        assert_eq!(f.broker.held_request_bytes(), 200);
+        f.request(&conn, &shared, "4", 60_000);
+        let got = frames(&mut rx);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].error.as_ref().unwrap().code, codes::OVERLOADED);
+        assert_eq!(got[0].id, Some(json!("4")));
+        assert_eq!(
+            f.broker.held_request_bytes(),
+            200,
+            "a refused request holds nothing"
+        );
+        f.reply(&w, &first, true);
+        assert_eq!(
+            f.broker.held_request_bytes(),
+            100,
+            "request 2 left the queue"
+        );
     }
 
     #[tokio::test]
@@ -1414,6 +1776,7 @@ mod tests {
             let cid = f.request(&conn, &shared, client_id, 10_000);
             f.broker.on_worker_message(
                 w.clone(),
+                2,
                 FromWorker::Error(ErrorReply {
                     cid: cid.0,
                     code: code.into(),

@@ -1,4 +1,4 @@
-//! The client protocol (SPEC §3): JSON frames between browsers and the router.
+//! The client protocol (README, "Client protocol"): JSON frames between browsers and the router.
 //!
 //! Inbound: `{"type": "...", "id": <optional string|number>, "data": <any>}`.
 //! Outbound: replies, errors, pushes and router frames, all built here so the
@@ -110,6 +110,10 @@ pub struct OutFrame {
     pub error: Option<ErrorBody>,
     /// Per-connection sequence number, set by the session writer.
     pub seq: u64,
+    /// What the frame costs in its connection's outbound queue (see
+    /// [`Outbound::cost`]); 0 until first asked.
+    #[serde(skip)]
+    cost: usize,
 }
 
 impl OutFrame {
@@ -123,6 +127,7 @@ impl OutFrame {
             done: None,
             error: None,
             seq: 0,
+            cost: 0,
         }
     }
 
@@ -182,6 +187,29 @@ impl OutFrame {
     }
 }
 
+/// Roughly the bytes of `v` as JSON, without serializing it: exact for
+/// strings without escapes, literals and integers; a fixed 24 for floats.
+/// What the outbound queue charges a frame; the same value is given back
+/// when the frame leaves the queue, so the estimate cannot drift.
+pub fn json_size_hint(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(true) => 4,
+        Value::Bool(false) => 5,
+        Value::Number(n) if n.is_f64() => 24,
+        Value::Number(n) => n
+            .as_i64()
+            .map_or(20, |i| i.unsigned_abs().max(1).ilog10() as usize + 2),
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|x| json_size_hint(x) + 1).sum::<usize>(),
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, x)| k.len() + 4 + json_size_hint(x))
+                .sum::<usize>()
+        }
+    }
+}
+
 /// What a session sends to its client; queued on the connection's bounded
 /// outbound channel by the session itself, the bridge and publications.
 #[derive(Debug, Clone)]
@@ -198,6 +226,34 @@ pub enum Outbound {
         code: u16,
         reason: String,
     },
+}
+
+impl Outbound {
+    /// Bytes this item counts for in the outbound queue's byte bound:
+    /// payload bytes, or an estimate of the frame's JSON (computed once and
+    /// kept with the frame, so a publication cloned to many subscribers and
+    /// the dequeue see the same number).
+    pub fn cost(&mut self) -> usize {
+        match self {
+            Outbound::Frame(f) => {
+                if f.cost == 0 {
+                    f.cost = 64
+                        + f.msg_type.len()
+                        + f.id.as_ref().map_or(0, json_size_hint)
+                        + f.correlation_id.as_ref().map_or(0, String::len)
+                        + f.topic.as_ref().map_or(0, String::len)
+                        + f.data.as_ref().map_or(0, json_size_hint)
+                        + f.error
+                            .as_ref()
+                            .map_or(0, |e| e.code.len() + e.message.len() + 32);
+                }
+                f.cost
+            }
+            Outbound::Binary(b) => b.len(),
+            Outbound::Raw { payload, .. } => payload.len(),
+            Outbound::Close { .. } => 0,
+        }
+    }
 }
 
 impl From<OutFrame> for Outbound {

@@ -18,7 +18,7 @@
 //! - `defaults`: `requestTimeoutMs`, `maxMessageBytes`, `maxConnections`, `maxInFlight`,
 //!   `binary`, `retries`; unset ones take [`RouteDefaults::BUILTIN`].
 //! - route: `path` (required; see [`crate::routes`] for patterns), `service` (default: the
-//!   path, SPEC §4), `description`, `capabilities`, `pythonModule` (informational), `raw`,
+//!   path, README: routes file), `description`, `capabilities`, `pythonModule` (informational), `raw`,
 //!   `allowedTypes` (absent = any type), `affinity`, and every `defaults` knob, which
 //!   overrides the file's `defaults` for that route.
 
@@ -46,7 +46,7 @@ pub const REQUEST_TIMEOUT_MS: RangeInclusive<u64> = 1..=600_000;
 pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 16..=67_108_864;
 pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=u64::MAX;
 pub const MAX_IN_FLIGHT: RangeInclusive<u64> = 1..=10_000;
-/// At most 3 attempts in all (SPEC §6).
+/// At most 3 attempts in all (README, policies).
 pub const RETRIES: RangeInclusive<u64> = 0..=2;
 
 /// One thing wrong with a routes file, and where.

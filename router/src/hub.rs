@@ -8,7 +8,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
@@ -22,7 +22,8 @@ use crate::{
     ids::{Cid, ConnId},
 };
 
-/// Frames a connection may have queued before it counts as a slow reader.
+/// Frames a connection may have queued before it counts as a slow reader
+/// (the byte bound, `MAX_OUTBOUND_BYTES`, usually comes first).
 /// Generous, because workers are not flow-controlled per frame: a worker may
 /// stream a burst far faster than one socket drains it, and a client that
 /// reads at full speed must not be cut off. The channel allocates lazily,
@@ -58,10 +59,23 @@ pub struct ConnShared {
     topics: Mutex<HashSet<String>>,
     /// Frames dropped because the queue was full (for metrics and logs).
     pub dropped: AtomicU64,
+    /// Whether the byte bound (rather than the frame count) was what the
+    /// client overflowed.
+    pub over_bytes: AtomicBool,
+    /// Bytes queued and not yet taken by the session writer
+    /// ([`Outbound::cost`] of each).
+    queued_bytes: AtomicUsize,
+    /// The byte bound of the queue. One item is always taken when nothing
+    /// is queued, whatever its size.
+    max_bytes: usize,
 }
 
 impl ConnShared {
-    pub fn new(id: ConnId, route: String) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
+    pub fn new(
+        id: ConnId,
+        route: String,
+        max_bytes: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let shared = Arc::new(Self {
             id,
@@ -72,15 +86,33 @@ impl ConnShared {
             inflight: Mutex::new(HashMap::new()),
             topics: Mutex::new(HashSet::new()),
             dropped: AtomicU64::new(0),
+            over_bytes: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
         });
         (shared, rx)
     }
 
-    /// Queues a frame; never waits. A full queue closes the connection.
-    pub fn send(&self, out: Outbound) -> bool {
+    /// Queues a frame; never waits. A full queue (in frames or in bytes)
+    /// closes the connection.
+    pub fn send(&self, mut out: Outbound) -> bool {
+        let cost = out.cost();
+        let before = self.queued_bytes.fetch_add(cost, Ordering::AcqRel);
+        if before > 0 && before.saturating_add(cost) > self.max_bytes {
+            self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.over_bytes.store(true, Ordering::Relaxed);
+            self.kill_with(
+                1008,
+                "outbound queue over its byte limit: the client reads too slowly",
+                false,
+            );
+            return false;
+        }
         match self.tx.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 self.kill_with(
                     1008,
@@ -89,8 +121,21 @@ impl ConnShared {
                 );
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+                false
+            }
         }
+    }
+
+    /// The session writer took `out` off the queue.
+    pub fn dequeued(&self, out: &mut Outbound) {
+        self.queued_bytes.fetch_sub(out.cost(), Ordering::AcqRel);
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
     }
 
     /// Asks the session to close with this code once it has written what
@@ -257,10 +302,11 @@ impl Hub {
             Some(set) => set.iter().cloned().collect(),
             None => return 0,
         };
-        let frame = OutFrame::push(msg_type, Some(topic.to_owned()), data);
+        let mut frame = Outbound::from(OutFrame::push(msg_type, Some(topic.to_owned()), data));
+        frame.cost(); // once, carried by every clone
         subscribers
             .iter()
-            .filter(|id| self.send(id, frame.clone().into()))
+            .filter(|id| self.send(id, frame.clone()))
             .count()
     }
 
@@ -276,7 +322,7 @@ mod tests {
 
     fn conn(hub: &Hub) -> (ConnId, mpsc::Receiver<Outbound>) {
         let id = ConnId::new();
-        let (c, rx) = ConnShared::new(id.clone(), "/ws".into());
+        let (c, rx) = ConnShared::new(id.clone(), "/ws".into(), usize::MAX);
         hub.register(c);
         (id, rx)
     }
@@ -325,8 +371,34 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_bound_closes_a_slow_reader_and_dequeues_give_bytes_back() {
+        let (c, mut rx) = ConnShared::new(ConnId::new(), "/ws".into(), 10_000);
+        let big = || Outbound::Binary(bytes::Bytes::from(vec![0u8; 6_000]));
+        // One item is always taken into an empty queue, whatever its size.
+        assert!(c.send(Outbound::Binary(bytes::Bytes::from(vec![0u8; 50_000]))));
+        let mut first = rx.try_recv().unwrap();
+        c.dequeued(&mut first);
+        assert_eq!(c.queued_bytes(), 0);
+        assert!(c.send(big()));
+        assert_eq!(c.queued_bytes(), 6_000);
+        assert!(!c.send(big()), "12 000 bytes would pass the bound");
+        assert!(c.over_bytes.load(Ordering::Relaxed));
+        assert_eq!(c.kill_reason().unwrap().code, 1008);
+        assert_eq!(c.queued_bytes(), 6_000, "the refused frame is not counted");
+        // Frames are charged what their dequeue gives back.
+        let (c, mut rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
+        for i in 0..10 {
+            assert!(c.send(OutFrame::push("t", None, json!({"i": i, "s": "é".repeat(i)})).into()));
+        }
+        while let Ok(mut out) = rx.try_recv() {
+            c.dequeued(&mut out);
+        }
+        assert_eq!(c.queued_bytes(), 0);
+    }
+
+    #[test]
     fn duplicate_client_ids_are_refused_while_in_flight() {
-        let (c, _rx) = ConnShared::new(ConnId::new(), "/ws".into());
+        let (c, _rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
         let first = Cid::new();
         assert!(c.begin_request("\"1\"".into(), first.clone()));
         assert!(!c.begin_request("\"1\"".into(), Cid::new()));

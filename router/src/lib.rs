@@ -27,6 +27,7 @@ pub mod bridge;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod handshake;
 pub mod http;
 pub mod hub;
 pub mod ids;

@@ -10,6 +10,10 @@ use tokio::net::TcpListener;
 fn main() -> ExitCode {
     let settings = Settings::parse();
     init_logging(&settings.log_format);
+    if let Err(e) = settings.check_bridge_exposure() {
+        eprintln!("router: {e}");
+        return ExitCode::from(2);
+    }
     let routes = match config::load_routes(&settings.routes) {
         Ok(r) => r,
         Err(e) => {

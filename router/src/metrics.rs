@@ -79,6 +79,11 @@ pub struct Metrics {
     reloads: Family<L1, Counter>,
     outbound_dropped: Counter,
     bridge_invalid: Counter,
+    bridge_refused: Counter,
+    bound_hits: Family<L1, Counter>,
+    credits_reclaimed: Counter,
+    held_request_bytes: Gauge,
+    outbound_bytes: Gauge,
     types: DashMap<String, DashSet<String>>,
     routes: DashMap<String, Arc<RouteCounters>>,
     config: Mutex<Option<ConfigStatus>>,
@@ -118,6 +123,11 @@ impl Metrics {
             reloads: Family::default(),
             outbound_dropped: Counter::default(),
             bridge_invalid: Counter::default(),
+            bridge_refused: Counter::default(),
+            bound_hits: Family::default(),
+            credits_reclaimed: Counter::default(),
+            held_request_bytes: Gauge::default(),
+            outbound_bytes: Gauge::default(),
             types: DashMap::new(),
             routes: DashMap::new(),
             config: Mutex::new(None),
@@ -197,6 +207,32 @@ impl Metrics {
             "bridge_invalid_frames",
             "Bridge frames dropped as undecodable",
             m.bridge_invalid.clone(),
+        );
+        registry.register(
+            "bridge_refused",
+            "Worker handshakes refused (wrong secret, version, bounds of hello)",
+            m.bridge_refused.clone(),
+        );
+        registry.register(
+            "bound_hits",
+            "Times a size bound refused something, by bound (outbound_bytes, \
+             held_request_bytes, worker_send_queue, dynamic_routes)",
+            m.bound_hits.clone(),
+        );
+        registry.register(
+            "credits_reclaimed",
+            "Worker credits freed because no terminal message came within the grace after a cancel",
+            m.credits_reclaimed.clone(),
+        );
+        registry.register(
+            "held_request_bytes",
+            "Bytes of client requests the bridge holds (waiting for a credit or kept for a retry)",
+            m.held_request_bytes.clone(),
+        );
+        registry.register(
+            "outbound_bytes",
+            "Bytes queued for clients across all connections, not yet written",
+            m.outbound_bytes.clone(),
         );
         Self { registry, ..m }
     }
@@ -300,6 +336,35 @@ impl Metrics {
 
     pub fn bridge_invalid(&self) {
         self.bridge_invalid.inc();
+    }
+
+    pub fn bridge_refused(&self) {
+        self.bridge_refused.inc();
+    }
+
+    /// A size bound refused something; `bound` is one of a fixed set of names.
+    pub fn bound_hit(&self, bound: &'static str) {
+        self.bound_hits.get_or_create(&l1("bound", bound)).inc();
+    }
+
+    pub fn credit_reclaimed(&self) {
+        self.credits_reclaimed.inc();
+    }
+
+    pub fn set_held_request_bytes(&self, bytes: usize) {
+        self.held_request_bytes.set(bytes as i64);
+    }
+
+    /// Bytes queued for clients changed by `delta`.
+    pub fn outbound_bytes(&self, delta: i64) {
+        self.outbound_bytes.inc_by(delta);
+    }
+
+    /// Forgets the per-route entries of routes no longer served (`keep`
+    /// says which are), so route churn cannot grow the registry.
+    pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
+        self.routes.retain(|r, _| keep(r));
+        self.types.retain(|r, _| keep(r));
     }
 
     pub fn set_breaker(&self, route: &str, state: i64) {

@@ -15,9 +15,12 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::routes::{Pattern, Route, RouteTable};
+
+/// Default of `MAX_DYNAMIC_ROUTES`.
+pub const DEFAULT_MAX_DYNAMIC: usize = 256;
 
 struct Inner {
     file: RouteTable,
@@ -42,7 +45,15 @@ pub struct RouteRegistry {
     inner: Mutex<Inner>,
     tx: watch::Sender<Arc<RouteTable>>,
     dynamic_enabled: bool,
+    /// Most dynamic routes at once: workers cannot grow the table without
+    /// bound.
+    max_dynamic: usize,
 }
+
+/// The registry already holds its maximum of dynamic routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("at most {0} dynamic routes may be registered")]
+pub struct DynamicRoutesFull(pub usize);
 
 impl RouteRegistry {
     pub fn new(file: RouteTable, dynamic_enabled: bool) -> Self {
@@ -54,7 +65,14 @@ impl RouteRegistry {
             }),
             tx,
             dynamic_enabled,
+            max_dynamic: DEFAULT_MAX_DYNAMIC,
         }
+    }
+
+    /// Sets the most dynamic routes held at once.
+    pub fn with_max_dynamic(mut self, max: usize) -> Self {
+        self.max_dynamic = max;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -108,23 +126,31 @@ impl RouteRegistry {
 
     /// A worker serves `service`: registers it as a route if it is a path
     /// that no route covers. Returns whether a route was added.
-    pub fn add_dynamic(&self, service: &str) -> bool {
+    pub fn add_dynamic(&self, service: &str) -> Result<bool, DynamicRoutesFull> {
         if !self.dynamic_enabled || !service.starts_with('/') {
-            return false;
+            return Ok(false);
         }
         let mut inner = self.lock();
         if inner.dynamic.contains_key(service) || inner.file.get(service).is_some() {
-            return false;
+            return Ok(false);
         }
         if Pattern::parse(service).is_err() {
-            return false;
+            return Ok(false);
+        }
+        if inner.dynamic.len() >= self.max_dynamic {
+            warn!(
+                route = service,
+                max = self.max_dynamic,
+                "dynamic route refused: the limit is reached"
+            );
+            return Err(DynamicRoutesFull(self.max_dynamic));
         }
         let mut route = inner.file.defaults().route(service, service);
         route.dynamic = true;
         inner.dynamic.insert(service.to_owned(), route);
         info!(route = service, "dynamic route registered by a worker");
         self.publish(&inner);
-        true
+        Ok(true)
     }
 
     /// The last worker of `service` is gone: drops its dynamic route, if any.
@@ -171,12 +197,15 @@ mod tests {
     fn dynamic_routes_come_and_go_and_never_shadow_the_file() {
         let file = || parse_routes(r#"{"routes":[{"path":"/ws"}]}"#).unwrap();
         let off = RouteRegistry::new(file(), false);
-        assert!(!off.add_dynamic("/ws/new"));
-        let reg = RouteRegistry::new(file(), true);
+        assert_eq!(off.add_dynamic("/ws/new"), Ok(false));
+        let reg = RouteRegistry::new(file(), true).with_max_dynamic(2);
         let mut rx = reg.subscribe();
-        assert!(!reg.add_dynamic("chat"), "not a path");
-        assert!(!reg.add_dynamic("/ws"), "the file has it");
-        assert!(reg.add_dynamic("/ws/new"));
+        assert_eq!(reg.add_dynamic("chat"), Ok(false), "not a path");
+        assert_eq!(reg.add_dynamic("/ws"), Ok(false), "the file has it");
+        assert_eq!(reg.add_dynamic("/ws/new"), Ok(true));
+        assert_eq!(reg.add_dynamic("/ws/other"), Ok(true));
+        assert_eq!(reg.add_dynamic("/ws/third"), Err(DynamicRoutesFull(2)));
+        assert!(reg.remove_dynamic("/ws/other"));
         assert!(rx.has_changed().unwrap());
         let table = rx.borrow_and_update().clone();
         let route = table.find("/ws/new").unwrap().route;

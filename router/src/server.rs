@@ -65,19 +65,30 @@ pub async fn run(
         reloads: 0,
         failed_reloads: 0,
     });
-    let registry = Arc::new(RouteRegistry::new(routes, settings.enable_dynamic_routing));
+    let registry = Arc::new(
+        RouteRegistry::new(routes, settings.enable_dynamic_routing)
+            .with_max_dynamic(settings.max_dynamic_routes),
+    );
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
     let router_id = ConnId::new().0;
     let (bridge, endpoints) = bridge::start(
         BridgeConfig {
             bridge_endpoint: settings.bridge_endpoint.clone(),
-            publish_endpoint: settings.publish_endpoint.clone(),
+            publish_endpoint: settings
+                .publish_bound()
+                .then(|| settings.publish_endpoint.clone()),
+            max_frame_bytes: settings.bridge_max_frame_bytes as usize,
+            worker_send_queue_bytes: settings.worker_send_queue_bytes as usize,
+            zmtp_handshake_timeout: settings.handshake_timeout(),
             broker: BrokerConfig {
                 router_id: router_id.clone(),
                 heartbeat: settings.heartbeat(),
                 liveness: settings.liveness,
                 secret: settings.bridge_secret.clone(),
+                max_frame_bytes: settings.bridge_max_frame_bytes as usize,
+                max_held_request_bytes: settings.max_held_request_bytes as usize,
+                cancel_grace: settings.cancel_grace(),
             },
         },
         hub.clone(),
@@ -128,13 +139,21 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = janitor_stop.cancelled() => break,
-                _ = every.tick() => janitor_state.runtimes.evict_idle(),
+                _ = every.tick() => {
+                    janitor_state.runtimes.evict_idle();
+                    // Per-route state of routes that are gone (reloads,
+                    // dynamic routes whose workers left) is dropped.
+                    let table = janitor_state.registry.current();
+                    let keep = |route: &str| table.get(route).is_some();
+                    janitor_state.runtimes.retain_routes(keep);
+                    janitor_state.metrics.retain_routes(keep);
+                }
             }
         }
     });
 
     state.set_ready(true);
-    info!(http = %http_addr, bridge = %endpoints.bridge, publish = %endpoints.publish, router.id = %router_id, "router listening");
+    info!(http = %http_addr, bridge = %endpoints.bridge, publish = endpoints.publish.as_deref().unwrap_or("(not bound)"), router.id = %router_id, "router listening");
     on_listening(&Listening {
         http: http_addr,
         endpoints,

@@ -58,7 +58,11 @@ where
 {
     let span = tracing::info_span!("session", session.id = %start.conn, route = %start.route.path);
     async move {
-        let (shared, outbound) = ConnShared::new(start.conn.clone(), start.route.path.clone());
+        let (shared, outbound) = ConnShared::new(
+            start.conn.clone(),
+            start.route.path.clone(),
+            app.settings.max_outbound_bytes as usize,
+        );
         app.hub.register(shared.clone());
         info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
         let claims = start.connect.claims.clone();
@@ -88,6 +92,9 @@ where
         app.metrics.connection_closed(&route_name, ending.code);
         if shared.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0 {
             app.metrics.outbound_dropped();
+            if shared.over_bytes.load(std::sync::atomic::Ordering::Relaxed) {
+                app.metrics.bound_hit("outbound_bytes");
+            }
         }
 
         app.hub.unregister(&start.conn);
@@ -366,7 +373,8 @@ impl Session {
         let mut msgs = Vec::new();
         let mut close = None;
         let mut next = Some(first);
-        while let Some(out) = next.take() {
+        while let Some(mut out) = next.take() {
+            self.shared.dequeued(&mut out);
             if let Outbound::Close { code, reason } = out {
                 close = Some((code, reason));
                 break;
@@ -393,7 +401,8 @@ impl Session {
         S: Sink<Message> + Unpin,
     {
         let mut msgs = Vec::new();
-        while let Ok(out) = outbound.try_recv() {
+        while let Ok(mut out) = outbound.try_recv() {
+            self.shared.dequeued(&mut out);
             if matches!(out, Outbound::Close { .. }) {
                 break;
             }
@@ -403,6 +412,7 @@ impl Session {
     }
 
     /// The WebSocket message for an outbound item (`None` for a close).
+    /// Items taken off the queue are `dequeued` by the caller first.
     fn encode(&mut self, out: Outbound) -> Option<Message> {
         let metrics = &self.app.metrics;
         let route = &self.route.path;
@@ -665,7 +675,7 @@ impl Session {
             )),
             "subscribe" | "unsubscribe" => self.on_topic(msg),
             "cancel" => self.on_cancel(msg),
-            _ => self.forward(msg),
+            _ => self.forward(msg, text.len()),
         }
     }
 
@@ -754,7 +764,8 @@ impl Session {
         }
     }
 
-    fn forward(&self, msg: ClientMessage) {
+    /// Hands a client message to the bridge; `size`: its frame's bytes.
+    fn forward(&self, msg: ClientMessage, size: usize) {
         if let Some(allowed) = &self.route.allowed_types {
             if !allowed.contains(&msg.msg_type) {
                 self.reply(OutFrame::error(
@@ -841,6 +852,7 @@ impl Session {
             retries: self.route.retries,
             breaker: Some(ticket),
             claims: self.claims.clone(),
+            size,
         }));
         if let Err(Busy(cmd)) = self.app.bridge.try_send(cmd) {
             // Give back a half-open probe slot this request would hold forever.
@@ -886,7 +898,7 @@ const WRITE_BATCH: usize = 64;
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
-/// Close code for a failed read (SPEC §3): 1009 too big, 1007 bad UTF-8,
+/// Close code for a failed read (README, client protocol): 1009 too big, 1007 bad UTF-8,
 /// 1002 protocol violation.
 /// 1006: the peer is gone, nothing to send.
 fn classify(e: axum::Error) -> (u16, String) {

@@ -1,6 +1,6 @@
 //! Process settings: CLI flags, each backed by an environment variable.
 //!
-//! These are fixed for the life of the process (SPEC §4); everything that can
+//! These are fixed for the life of the process (README, process settings); everything that can
 //! change at run time lives in the routes file instead.
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
@@ -34,9 +34,46 @@ pub struct Settings {
     /// ZeroMQ endpoint of the SUB socket that publishers connect to.
     #[arg(long, env = "PUBLISH_ENDPOINT", default_value = "tcp://127.0.0.1:5556")]
     pub publish_endpoint: String,
-    /// Shared secret that workers must present in their hello (unset: none required).
+    /// Shared secret that workers prove they know (challenge-response, it
+    /// never crosses the wire). Unset: any peer that reaches the bridge
+    /// endpoint may register.
     #[arg(long, env = "BRIDGE_SECRET", hide_env_values = true)]
     pub bridge_secret: Option<String>,
+    /// With a secret, still bind the unauthenticated PUBLISH_ENDPOINT (SUB).
+    /// Off by default: with a secret, publications go through
+    /// authenticated bridge sessions only.
+    #[arg(long, env = "PUBLISH_UNAUTHENTICATED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub publish_unauthenticated: bool,
+    /// Start even though a bridge or publish endpoint is reachable beyond
+    /// this host without a secret protecting it.
+    #[arg(long, env = "ALLOW_INSECURE_BRIDGE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_insecure_bridge: bool,
+    /// Largest ZeroMQ frame (and message) a bridge or publish peer may
+    /// send, checked on its length header before anything is buffered; a
+    /// bigger one closes that peer's connection.
+    #[arg(long, env = "BRIDGE_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = clap::value_parser!(u64).range(65_536..=1_073_741_824))]
+    pub bridge_max_frame_bytes: u64,
+    /// Bytes queued for one worker and not yet written to its connection;
+    /// a worker that lets more pile up is not reading and is declared dead.
+    #[arg(long, env = "WORKER_SEND_QUEUE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(65_536..=17_179_869_184))]
+    pub worker_send_queue_bytes: u64,
+    /// Bytes queued for one client and not yet written; a client that lets
+    /// more pile up is a slow reader and is closed with 1008. A frame is
+    /// always taken when nothing is queued, whatever its size.
+    #[arg(long, env = "MAX_OUTBOUND_BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=17_179_869_184))]
+    pub max_outbound_bytes: u64,
+    /// Bytes of client requests the bridge may hold at once (waiting for a
+    /// worker credit, or kept for a retry); beyond it requests get
+    /// `overloaded`.
+    #[arg(long, env = "MAX_HELD_REQUEST_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(65_536..=17_179_869_184))]
+    pub max_held_request_bytes: u64,
+    /// How long after a `cancel` the router waits for the worker's terminal
+    /// message before it frees the request's credit anyway, in milliseconds.
+    #[arg(long, env = "CANCEL_GRACE_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub cancel_grace_ms: u64,
+    /// Routes that workers may register with ENABLE_DYNAMIC_ROUTING.
+    #[arg(long, env = "MAX_DYNAMIC_ROUTES", default_value_t = 256)]
+    pub max_dynamic_routes: usize,
     /// Interval of bridge heartbeats, in milliseconds, both ways.
     #[arg(long, env = "ROUTER_HEARTBEAT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub heartbeat_ms: u64,
@@ -65,7 +102,68 @@ pub struct Settings {
     pub log_format: String,
 }
 
+/// Default of `BRIDGE_MAX_FRAME_BYTES`: a 16 MiB client message (the
+/// largest `maxMessageBytes` the default limit allows through) plus
+/// [`FRAME_ENVELOPE_BYTES`] of bridge envelope.
+pub const DEFAULT_MAX_FRAME_BYTES: u64 = (16 << 20) + FRAME_ENVELOPE_BYTES;
+
+/// Room a bridge frame needs beyond the client's message (ids, route,
+/// claims): a route's `maxMessageBytes` must leave this much of the frame cap.
+pub const FRAME_ENVELOPE_BYTES: u64 = 64 << 10;
+
+/// Why the settings do not let the router start.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SettingsError {
+    #[error(
+        "{name} {endpoint} accepts connections from beyond this host, and {why}: anyone who \
+         can reach it could {what}. Bind it to 127.0.0.1, ::1 or an ipc:// path, set \
+         BRIDGE_SECRET, or pass --allow-insecure-bridge (ALLOW_INSECURE_BRIDGE=true) if the \
+         network is private"
+    )]
+    InsecureEndpoint {
+        name: &'static str,
+        endpoint: String,
+        why: &'static str,
+        what: &'static str,
+    },
+}
+
 impl Settings {
+    /// Refuses endpoints that untrusted hosts could reach without a secret
+    /// (PROTOCOL.md §14), unless explicitly allowed.
+    pub fn check_bridge_exposure(&self) -> Result<(), SettingsError> {
+        if self.allow_insecure_bridge {
+            return Ok(());
+        }
+        if self.bridge_secret.is_none() && !is_local_endpoint(&self.bridge_endpoint) {
+            return Err(SettingsError::InsecureEndpoint {
+                name: "BRIDGE_ENDPOINT",
+                endpoint: self.bridge_endpoint.clone(),
+                why: "no BRIDGE_SECRET is set",
+                what: "register as a worker and receive client requests",
+            });
+        }
+        if self.publish_bound() && !is_local_endpoint(&self.publish_endpoint) {
+            return Err(SettingsError::InsecureEndpoint {
+                name: "PUBLISH_ENDPOINT",
+                endpoint: self.publish_endpoint.clone(),
+                why: "publications on it are not authenticated",
+                what: "publish to clients' topics",
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the SUB socket is bound: always without a secret; with one
+    /// only when `PUBLISH_UNAUTHENTICATED` asks for it.
+    pub fn publish_bound(&self) -> bool {
+        self.bridge_secret.is_none() || self.publish_unauthenticated
+    }
+
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::from_millis(self.cancel_grace_ms)
+    }
+
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
     }
@@ -91,9 +189,102 @@ impl Settings {
     }
 }
 
+/// Whether a ZeroMQ endpoint only accepts local connections: `ipc://`
+/// (file permissions guard it), or `tcp://` on 127.0.0.0/8 or ::1. Host
+/// names, `*` and unspecified addresses count as reachable from elsewhere.
+pub fn is_local_endpoint(endpoint: &str) -> bool {
+    if endpoint.starts_with("ipc://") {
+        return true;
+    }
+    let Some(rest) = endpoint.strip_prefix("tcp://") else {
+        return false;
+    };
+    let host = match rest.rsplit_once(':') {
+        Some((host, _port)) => host,
+        None => rest,
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_endpoints_are_loopback_and_ipc_only() {
+        for (endpoint, local) in [
+            ("tcp://127.0.0.1:5555", true),
+            ("tcp://127.1.2.3:0", true),
+            ("tcp://[::1]:5555", true),
+            ("ipc:///tmp/bridge.sock", true),
+            ("tcp://0.0.0.0:5555", false),
+            ("tcp://*:5555", false),
+            ("tcp://[::]:5555", false),
+            ("tcp://localhost:5555", false),
+            ("tcp://10.0.0.5:5555", false),
+            ("tcp://192.168.1.2:5555", false),
+            ("inproc://x", false),
+        ] {
+            assert_eq!(is_local_endpoint(endpoint), local, "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn exposed_endpoints_need_a_secret_or_an_explicit_allowance() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["router"];
+            v.extend_from_slice(args);
+            Settings::try_parse_from(v).unwrap()
+        };
+        assert_eq!(parse(&[]).check_bridge_exposure(), Ok(()));
+        let open = parse(&["--bridge-endpoint", "tcp://0.0.0.0:5555"]);
+        assert!(matches!(
+            open.check_bridge_exposure(),
+            Err(SettingsError::InsecureEndpoint {
+                name: "BRIDGE_ENDPOINT",
+                ..
+            })
+        ));
+        let with_secret = parse(&[
+            "--bridge-endpoint",
+            "tcp://0.0.0.0:5555",
+            "--publish-endpoint",
+            "tcp://0.0.0.0:5556",
+            "--bridge-secret",
+            "s",
+        ]);
+        assert_eq!(
+            with_secret.check_bridge_exposure(),
+            Ok(()),
+            "SUB is not bound"
+        );
+        let sub_asked = parse(&[
+            "--publish-endpoint",
+            "tcp://0.0.0.0:5556",
+            "--bridge-secret",
+            "s",
+            "--publish-unauthenticated",
+            "true",
+        ]);
+        assert!(matches!(
+            sub_asked.check_bridge_exposure(),
+            Err(SettingsError::InsecureEndpoint {
+                name: "PUBLISH_ENDPOINT",
+                ..
+            })
+        ));
+        let allowed = parse(&[
+            "--bridge-endpoint",
+            "tcp://0.0.0.0:5555",
+            "--allow-insecure-bridge",
+            "true",
+        ]);
+        assert_eq!(allowed.check_bridge_exposure(), Ok(()));
+    }
 
     #[test]
     fn defaults_match_the_spec() {

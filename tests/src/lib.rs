@@ -10,7 +10,7 @@
 //!   [`WorkerProc`] and [`run`] (the overall timeout every test runs under).
 //! - [`process`]: spawning children, waiting on their output, signals, and
 //!   killing them on drop so a failing test leaves no orphans.
-//! - [`ws`]: the WebSocket client ([`WsClient`]) that speaks SPEC §3.
+//! - [`ws`]: the WebSocket client ([`WsClient`]) that speaks the README's client protocol.
 //! - [`http`]: a tiny GET client for `/health`, `/ready`, `/routes`, and the
 //!   bounded polls on `/routes` ([`wait_live_workers`]).
 //!
@@ -53,6 +53,15 @@ pub const STACK_ENV: &[&str] = &[
     "ENABLE_DYNAMIC_ROUTING",
     "ROUTER_HEARTBEAT_MS",
     "DRAIN_TIMEOUT_MS",
+    "BRIDGE_SECRET",
+    "PUBLISH_UNAUTHENTICATED",
+    "ALLOW_INSECURE_BRIDGE",
+    "BRIDGE_MAX_FRAME_BYTES",
+    "WORKER_SEND_QUEUE_BYTES",
+    "MAX_OUTBOUND_BYTES",
+    "MAX_HELD_REQUEST_BYTES",
+    "CANCEL_GRACE_MS",
+    "MAX_DYNAMIC_ROUTES",
 ];
 
 /// Runs a test body under an overall timeout, so a hung test fails (and its
@@ -249,8 +258,12 @@ pub struct RouterProc {
     pub http: SocketAddr,
     /// The bridge endpoint as the router resolved it (what workers connect to).
     pub bridge: String,
-    /// The publish endpoint as the router resolved it (what publishers connect to).
+    /// The publish endpoint as the router resolved it (what publishers
+    /// connect to); the configured one when the router did not bind it.
     pub publish: String,
+    /// Whether the router bound its SUB socket (not with a secret, unless
+    /// unauthenticated publishing was asked for).
+    pub publish_bound: bool,
     config: RouterConfig,
     routes_file: PathBuf,
 }
@@ -276,7 +289,8 @@ impl RouterProc {
             proc,
             http,
             bridge,
-            publish,
+            publish_bound: publish.is_some(),
+            publish: publish.unwrap_or_else(|| config.endpoints.publish.clone()),
             config,
             routes_file,
         }
@@ -299,7 +313,10 @@ impl RouterProc {
         self.proc = proc;
         self.http = http;
         self.bridge = bridge;
-        self.publish = publish;
+        self.publish_bound = publish.is_some();
+        if let Some(publish) = publish {
+            self.publish = publish;
+        }
     }
 
     /// `ws://<addr><path>`.
@@ -366,7 +383,9 @@ fn spawn_router(cfg: &RouterConfig, routes_file: &Path) -> Proc {
     Proc::spawn("router", cmd)
 }
 
-async fn read_listening(proc: &mut Proc) -> (SocketAddr, String, String) {
+/// The HTTP address, the bridge endpoint and the publish endpoint (`None`
+/// when not bound) of a router's `listening` line.
+async fn read_listening(proc: &mut Proc) -> (SocketAddr, String, Option<String>) {
     let line = proc
         .wait_stdout("the router's listening line", START_TIMEOUT, |l| {
             serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == "listening")
@@ -383,7 +402,8 @@ async fn read_listening(proc: &mut Proc) -> (SocketAddr, String, String) {
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("listening line has no `{k}`: {line}"))
     };
-    (http, field("bridge"), field("publish"))
+    let publish = v["publish"].as_str().map(str::to_owned);
+    (http, field("bridge"), publish)
 }
 
 /// A running example worker.

@@ -1,4 +1,4 @@
-//! A WebSocket test client speaking the router's client protocol (SPEC §3).
+//! A WebSocket test client speaking the router's client protocol (README, client protocol).
 //!
 //! Frames that a wait does not match are kept in a backlog rather than thrown
 //! away, so a test can wait for one request's replies while pushes or other
@@ -203,7 +203,7 @@ impl WsClient {
     }
 
     /// Asserts that every JSON frame so far carried a `seq` greater than the
-    /// previous one (SPEC §3: per-connection sequence numbers, for resume).
+    /// previous one (the README's client protocol: per-connection sequence numbers, for resume).
     pub fn assert_seq_ok(&self) {
         assert!(
             self.seq_errors.is_empty(),

@@ -162,7 +162,6 @@ async fn garbage_on_the_bridge_is_ignored_and_real_workers_keep_serving() {
                 services: vec!["rogue-service".into()],
                 capacity: 1,
                 sdk: "e2e-garbage".into(),
-                secret: None,
             }))),
             frame(encode_from_worker(&FromWorker::Reply(Reply {
                 cid: "01NOSUCHCID".into(),

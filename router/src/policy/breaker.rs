@@ -1,4 +1,4 @@
-//! Circuit breaker, one per route (SPEC §6).
+//! Circuit breaker, one per route (README, policies).
 //!
 //! closed → open after `failure_threshold` consecutive failures → after
 //! `open_for`, half-open: exactly one probe request goes through → closed on

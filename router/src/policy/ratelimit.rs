@@ -1,4 +1,4 @@
-//! Rate limits (SPEC §6), on governor's GCRA limiters.
+//! Rate limits (README, policies), on governor's GCRA limiters.
 //!
 //! - per connection: messages (text and binary frames) per second, with a burst;
 //! - per client IP and route: new connections per minute, with a burst;

@@ -110,6 +110,12 @@ impl Runtimes {
         self.0.get(route).map(|r| r.clone())
     }
 
+    /// Forgets the state of routes that are gone (`keep` says which stay)
+    /// once no connection uses it, so route churn cannot grow the map.
+    pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
+        self.0.retain(|route, r| keep(route) || r.connections() > 0);
+    }
+
     /// Drops idle per-IP entries of every route (run periodically).
     pub fn evict_idle(&self) {
         for r in self.0.iter() {
@@ -134,6 +140,19 @@ mod tests {
         assert_eq!(r.connections(), 1);
         assert!(r.try_connect(2).is_some());
         assert!(Arc::ptr_eq(&rt.get("/ws").breaker, &r.breaker));
+    }
+
+    #[test]
+    fn gone_routes_are_forgotten_once_unused() {
+        let rt = Runtimes::default();
+        let slot = rt.get("/gone").try_connect(1).unwrap();
+        rt.get("/kept");
+        rt.retain_routes(|r| r == "/kept");
+        assert!(rt.peek("/gone").is_some(), "still has a connection");
+        drop(slot);
+        rt.retain_routes(|r| r == "/kept");
+        assert!(rt.peek("/gone").is_none());
+        assert!(rt.peek("/kept").is_some());
     }
 
     #[test]
