@@ -12,7 +12,8 @@ use crate::error::ConfigError;
 
 /// Default router bridge endpoint (the router binds a ROUTER socket there).
 pub const DEFAULT_BRIDGE_ENDPOINT: &str = "tcp://127.0.0.1:5555";
-/// Default router publication endpoint (the router binds a SUB socket there).
+/// Default router publication endpoint (the router binds a SUB socket there
+/// when it has no secret; publishers of this SDK use the bridge endpoint).
 pub const DEFAULT_PUBLISH_ENDPOINT: &str = "tcp://127.0.0.1:5556";
 /// Default number of requests a worker runs at once.
 pub const DEFAULT_CAPACITY: u32 = 16;
@@ -21,7 +22,7 @@ pub const DEFAULT_CAPACITY: u32 = 16;
 pub const ENV_BRIDGE_ENDPOINT: &str = "BRIDGE_ENDPOINT";
 /// Environment variable holding the publication endpoint.
 pub const ENV_PUBLISH_ENDPOINT: &str = "PUBLISH_ENDPOINT";
-/// Environment variable holding the shared secret sent in `hello`.
+/// Environment variable holding the shared secret the router may challenge for.
 pub const ENV_BRIDGE_SECRET: &str = "BRIDGE_SECRET";
 
 /// Everything a worker needs besides its handlers.
@@ -38,7 +39,8 @@ pub struct WorkerConfig {
     pub services: Vec<String>,
     /// Max requests in flight; announced in `hello` and enforced locally.
     pub capacity: u32,
-    /// Shared secret sent in `hello`, when the router requires one.
+    /// Shared secret, when the router requires one: the worker proves it
+    /// knows it in answer to the router's `challenge` and never sends it.
     pub secret: Option<String>,
     /// How long a graceful stop waits for in-flight work before abandoning it.
     pub grace_period: Duration,
@@ -104,6 +106,16 @@ impl WorkerConfig {
 
     /// Checks every field and reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check(Role::Worker)
+    }
+
+    /// Like [`validate`](Self::validate) for a publisher session, which
+    /// registers with no services and capacity 0.
+    pub(crate) fn validate_publisher(&self) -> Result<(), ConfigError> {
+        self.check(Role::Publisher)
+    }
+
+    fn check(&self, role: Role) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if let Err(e) = zeromq::Endpoint::from_str(&self.endpoint) {
             problems.push(format!(
@@ -114,16 +126,28 @@ impl WorkerConfig {
         if self.worker_id.trim().is_empty() {
             problems.push("worker_id is empty".to_owned());
         }
-        if self.services.is_empty() {
-            problems.push("no services: a worker must serve at least one".to_owned());
-        }
-        for s in &self.services {
-            if s.trim().is_empty() {
-                problems.push("a service name is empty".to_owned());
+        match role {
+            Role::Worker => {
+                if self.services.is_empty() {
+                    problems.push("no services: a worker must serve at least one".to_owned());
+                }
+                for s in &self.services {
+                    if s.trim().is_empty() {
+                        problems.push("a service name is empty".to_owned());
+                    }
+                }
+                if self.capacity == 0 {
+                    problems
+                        .push("capacity is 0: the router would never send a request".to_owned());
+                }
             }
-        }
-        if self.capacity == 0 {
-            problems.push("capacity is 0: the router would never send a request".to_owned());
+            Role::Publisher => {
+                if !self.services.is_empty() || self.capacity != 0 {
+                    problems.push(
+                        "a publisher session registers with no services and capacity 0".to_owned(),
+                    );
+                }
+            }
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
             problems.push(format!(
@@ -153,6 +177,15 @@ impl WorkerConfig {
             Err(ConfigError { problems })
         }
     }
+}
+
+/// What a session registers as.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    /// Serves services: at least one, with capacity >= 1.
+    Worker,
+    /// Only publishes: no services, capacity 0 (it gets no requests).
+    Publisher,
 }
 
 /// Settings a worker takes from the environment when the builder is not

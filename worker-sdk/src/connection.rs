@@ -4,33 +4,43 @@
 //!
 //! ```text
 //!   ┌────────────► open a NEW DealerSocket (bounded connect)
-//!   │                 │ hello; resend each backoff step until welcome
+//!   │                 │ hello; resend each backoff step until welcome;
+//!   │                 │ answer each challenge with auth{proof}
 //!   │                 ▼
 //!   │             registered: heartbeat every heartbeat_ms, serve
 //!   │                 │ silence ≥ heartbeat_ms × liveness, send failure,
 //!   │                 │ goodbye{reconnect:true}
 //!   └── backoff ◄─────┘            goodbye{reconnect:false} → error
+//!                                  challenge without a secret → error
 //! ```
+//!
+//! The secret never leaves the process: a router that has one answers the
+//! `hello` with `challenge{nonce}`, and the worker sends
+//! `auth{proof: HMAC-SHA256(secret, DOMAIN || nonce)}`
+//! ([`bridge_proto::auth::proof`]).
 //!
 //! The zeromq crate's DEALER never reconnects, so a lost router means a new
 //! socket (with a new identity). Requests in flight on the lost socket are
 //! abandoned: their handlers are dropped and nothing is answered, because
 //! the router has already failed them when it declared this worker dead.
 //!
-//! Handlers and handles reach the socket through one bounded channel. Every
-//! reply and error passes [`Owner::vet`], which keeps the in-flight table:
-//! a request leaves it with its first terminal message, and anything sent
-//! for it afterwards is dropped. That table, not user code, is what makes
-//! "exactly one terminal per request" and "at most `capacity` handlers"
-//! hold.
+//! Handlers and handles reach the socket through one bounded channel of
+//! messages they have already encoded ([`Outgoing`]). Every reply and error
+//! passes [`Owner::vet`], which keeps the in-flight table: a request leaves
+//! it with its first terminal message, and anything sent for it afterwards
+//! is dropped. That table, not user code, is what makes "exactly one
+//! terminal per request" and "at most `capacity` handlers" hold. `vet` also
+//! enforces the router's frame limit (`welcome.max_frame_bytes`): a reply
+//! over it becomes the request's `payload_too_large` error.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bridge_proto::{
-    codes, decode_to_worker, encode_from_worker, Bye, Cancel, Connect, DecodeError, Disconnect,
-    ErrorReply, Event, FromWorker, Hello, RawFrame, Request, ToWorker, Welcome,
+    auth, codes, decode_to_worker, encode_from_worker, Auth, Bye, Cancel, Challenge, Connect,
+    DecodeError, Disconnect, ErrorReply, Event, FromWorker, Hello, RawFrame, Request, ToWorker,
+    Welcome,
 };
 use bytes::Bytes;
 use serde_json::Value;
@@ -48,9 +58,11 @@ use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
 use crate::context::{Context, EventContext};
 use crate::dispatch::{run_request, terminal, ConnQueues, Job, Outcome};
-use crate::error::{HandlerError, WorkerError};
+use crate::error::{HandlerError, SendError, WorkerError};
 use crate::handle::{State, Status, WorkerHandle};
 use crate::handler::{Frame, Handlers};
+use crate::outgoing::{too_large_error, ForRequest, Outgoing};
+use crate::salvage;
 
 /// SDK name and version announced in `hello`.
 pub(crate) const SDK: &str = concat!("worker-sdk-rust/", env!("CARGO_PKG_VERSION"));
@@ -102,7 +114,11 @@ impl Link {
     }
 
     async fn send(&mut self, msg: &FromWorker) -> Result<(), LinkError> {
-        let message = ZmqMessage::from(encode_from_worker(msg));
+        self.send_frame(Bytes::from(encode_from_worker(msg))).await
+    }
+
+    async fn send_frame(&mut self, frame: Bytes) -> Result<(), LinkError> {
+        let message = ZmqMessage::from(frame);
         match tokio::time::timeout(self.send_timeout, self.tx.send(message)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(LinkError::Blocked(self.send_timeout)),
@@ -117,6 +133,12 @@ enum Decoded {
     Skipped,
     /// The router speaks another protocol version (named in the text).
     OtherVersion(String),
+    /// A request that does not decode but whose `cid` could be read: it is
+    /// still owed a terminal message (`bad_request`).
+    BadRequest {
+        cid: String,
+        reason: String,
+    },
 }
 
 /// Decodes one bridge message; bad input is logged (kind and size only)
@@ -135,13 +157,24 @@ fn decode(message: ZmqMessage) -> Decoded {
     };
     match decode_to_worker(frame) {
         Ok(msg) => Decoded::Message(Box::new(msg)),
-        Err(e) => {
-            warn!(bytes = frame.len(), error = %e, "ignoring an undecodable router message");
-            match e {
-                DecodeError::Version { .. } => Decoded::OtherVersion(e.to_string()),
-                _ => Decoded::Skipped,
-            }
+        Err(e @ DecodeError::Version { .. }) => {
+            warn!(bytes = frame.len(), error = %e, "ignoring a router message in another protocol version");
+            Decoded::OtherVersion(e.to_string())
         }
+        Err(e) => match salvage::request_cid(frame) {
+            Some(cid) => {
+                warn!(correlation.id = %cid, bytes = frame.len(), error = %e,
+                    "a request does not decode; answering bad_request");
+                Decoded::BadRequest {
+                    cid,
+                    reason: e.to_string(),
+                }
+            }
+            None => {
+                warn!(bytes = frame.len(), error = %e, "ignoring an undecodable router message");
+                Decoded::Skipped
+            }
+        },
     }
 }
 
@@ -149,7 +182,12 @@ fn decode(message: ZmqMessage) -> Decoded {
 #[derive(Debug)]
 enum End {
     Lost(String),
-    Goodbye { reason: String, reconnect: bool },
+    Goodbye {
+        reason: String,
+        reconnect: bool,
+    },
+    /// Challenged for a secret the worker does not have.
+    SecretRequired,
     Stopped,
 }
 
@@ -182,7 +220,7 @@ pub(crate) struct Owner {
     cfg: Arc<WorkerConfig>,
     handlers: Arc<Handlers>,
     handle: WorkerHandle,
-    outbound: mpsc::Receiver<FromWorker>,
+    outbound: mpsc::Receiver<Outgoing>,
     status: watch::Sender<Status>,
     /// Fires when the grace period is over (or the worker is rejected):
     /// every handler still running is dropped.
@@ -193,6 +231,8 @@ pub(crate) struct Owner {
     conns: HashMap<String, ConnInfo>,
     backoff: Backoff,
     router_id: Option<String>,
+    /// `max_frame_bytes` of the current session's welcome.
+    frame_limit: Option<u64>,
     stopping: bool,
 }
 
@@ -201,7 +241,7 @@ impl Owner {
         cfg: Arc<WorkerConfig>,
         handlers: Arc<Handlers>,
         handle: WorkerHandle,
-        outbound: mpsc::Receiver<FromWorker>,
+        outbound: mpsc::Receiver<Outgoing>,
         status: watch::Sender<Status>,
     ) -> Self {
         Self {
@@ -217,6 +257,7 @@ impl Owner {
             inflight: HashMap::new(),
             conns: HashMap::new(),
             router_id: None,
+            frame_limit: None,
             stopping: false,
         }
     }
@@ -260,7 +301,13 @@ impl Owner {
                 }
                 None => return Ok(()),
             };
-            match self.session(link).await {
+            let end = self.session(link).await;
+            if !matches!(end, End::Stopped) {
+                // Not serving any more: senders that wait for a session
+                // (the publisher) must not take the backoff for one.
+                self.set_state(State::Connecting);
+            }
+            match end {
                 End::Stopped => return Ok(()),
                 End::Lost(reason) => {
                     warn!(endpoint = %self.cfg.endpoint, %reason, "lost the router; reconnecting");
@@ -276,6 +323,11 @@ impl Owner {
                     return Err(WorkerError::Rejected {
                         endpoint: self.cfg.endpoint.clone(),
                         reason,
+                    })
+                }
+                End::SecretRequired => {
+                    return Err(WorkerError::SecretRequired {
+                        endpoint: self.cfg.endpoint.clone(),
                     })
                 }
             }
@@ -298,7 +350,7 @@ impl Owner {
             tokio::select! {
                 result = &mut attempt => return Some(result),
                 _ = self.handle.stop.cancelled() => return None,
-                Some(msg) = self.outbound.recv() => drop_unsent(&msg),
+                Some(msg) = self.outbound.recv() => drop_unsent(msg),
             }
         }
     }
@@ -313,7 +365,7 @@ impl Owner {
             tokio::select! {
                 _ = &mut sleep => return true,
                 _ = self.handle.stop.cancelled() => return false,
-                Some(msg) = self.outbound.recv() => drop_unsent(&msg),
+                Some(msg) = self.outbound.recv() => drop_unsent(msg),
             }
         }
     }
@@ -324,7 +376,6 @@ impl Owner {
             services: self.cfg.services.clone(),
             capacity: self.cfg.capacity,
             sdk: SDK.to_owned(),
-            secret: self.cfg.secret.clone(),
         })
     }
 
@@ -339,6 +390,7 @@ impl Owner {
         };
         let mut last_heard = Instant::now();
         let mut grace_deadline: Option<Instant> = None;
+        self.frame_limit = None;
 
         loop {
             if self.stopping && self.inflight.is_empty() && !self.tracker.is_closed() {
@@ -371,6 +423,16 @@ impl Owner {
                             return End::Goodbye { reason, reconnect: false };
                         }
                         Decoded::OtherVersion(_) => continue,
+                        Decoded::BadRequest { .. } if matches!(phase, Phase::Hello { .. }) => {
+                            debug!("ignoring a request that came before the welcome");
+                            continue;
+                        }
+                        Decoded::BadRequest { cid, reason } => {
+                            if let Err(e) = self.on_bad_request(&mut link, cid, reason).await {
+                                return End::Lost(format!("send failed: {e}"));
+                            }
+                            continue;
+                        }
                     };
                     match (msg, &mut phase) {
                         (ToWorker::Welcome(w), Phase::Hello { .. }) => {
@@ -380,13 +442,23 @@ impl Owner {
                             }
                         }
                         (ToWorker::Welcome(w), Phase::Live { every, dead_after, .. }) => {
-                            // The answer to a resent hello: only the timing may change.
+                            // The answer to a resent hello: only the timing
+                            // (and the frame limit) may change.
                             debug!("second welcome; updating heartbeat settings");
                             (*every, *dead_after) = liveness(&w);
                             link.send_timeout = *dead_after;
+                            self.set_frame_limit(w.max_frame_bytes);
                         }
                         (ToWorker::Goodbye(g), _) => {
                             return End::Goodbye { reason: g.reason, reconnect: g.reconnect };
+                        }
+                        (ToWorker::Challenge(c), Phase::Hello { .. }) => {
+                            if let Err(end) = self.on_challenge(&mut link, c).await {
+                                return end;
+                            }
+                        }
+                        (ToWorker::Challenge(_), Phase::Live { .. }) => {
+                            debug!("ignoring a challenge after the welcome");
                         }
                         (ToWorker::Heartbeat, _) => {}
                         (other, Phase::Hello { .. }) => {
@@ -405,16 +477,14 @@ impl Owner {
                         (ToWorker::Disconnect(d), _) => self.on_disconnect(d),
                     }
                 }
-                Some(msg) = self.outbound.recv() => {
+                Some(out) = self.outbound.recv() => {
                     if matches!(phase, Phase::Hello { .. }) {
-                        // Nothing but hello goes out before the welcome.
-                        drop_unsent(&msg);
+                        // Nothing but hello and auth go out before the welcome.
+                        drop_unsent(out);
                         continue;
                     }
-                    if let Some(msg) = self.vet(msg) {
-                        if let Err(e) = link.send(&msg).await {
-                            return End::Lost(format!("send failed: {e}"));
-                        }
+                    if let Err(e) = self.emit(&mut link, out).await {
+                        return End::Lost(format!("send failed: {e}"));
                     }
                 }
                 _ = self.handle.stop.cancelled(), if !self.stopping => {
@@ -477,6 +547,29 @@ impl Owner {
         }
     }
 
+    /// Answers a challenge with the proof of the secret; the session ends
+    /// when there is no secret or the answer cannot be sent. A repeated
+    /// challenge (our hello was resent before the auth arrived) is
+    /// answered again.
+    async fn on_challenge(&mut self, link: &mut Link, c: Challenge) -> Result<(), End> {
+        let Some(secret) = self.cfg.secret.as_deref() else {
+            // Reported by `run`'s error (WorkerError::SecretRequired).
+            debug!("challenged for a secret, and none is configured");
+            return Err(End::SecretRequired);
+        };
+        debug!(
+            nonce_bytes = c.nonce.len(),
+            "challenged by the router; proving the secret"
+        );
+        let answer = FromWorker::Auth(Auth {
+            proof: auth::proof(secret.as_bytes(), &c.nonce).to_vec(),
+        });
+        match link.send(&answer).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(End::Lost(format!("cannot send auth: {e}"))),
+        }
+    }
+
     fn on_welcome(&mut self, w: Welcome) -> Phase {
         self.backoff.reset();
         if self.router_id.as_ref().is_some_and(|id| *id != w.router_id) {
@@ -485,6 +578,7 @@ impl Owner {
         }
         let (every, dead_after) = liveness(&w);
         self.router_id = Some(w.router_id.clone());
+        self.set_frame_limit(w.max_frame_bytes);
         let mut registrations = 0;
         self.status.send_modify(|s| {
             s.registrations += 1;
@@ -496,6 +590,7 @@ impl Owner {
             router.id = %w.router_id,
             heartbeat_ms = w.heartbeat_ms,
             liveness = w.liveness,
+            max_frame_bytes = w.max_frame_bytes,
             registrations,
             services = ?self.cfg.services,
             "registered with the router"
@@ -529,7 +624,9 @@ impl Owner {
         };
         if let Some(e) = refusal {
             debug!(correlation.id = %req.cid, msg.type = %req.msg_type, code = %e.code, "refusing request");
-            return link.send(&terminal(req.cid, Outcome::Failed(e))).await;
+            return self
+                .send_terminal(link, terminal(req.cid, Outcome::Failed(e)))
+                .await;
         }
         // Invariant: without a refusal, a handler was found.
         let Some(handler) = handler else {
@@ -587,38 +684,138 @@ impl Owner {
         }
     }
 
-    /// Book-keeping for everything handlers send; `None` means drop it.
-    fn vet(&mut self, msg: FromWorker) -> Option<FromWorker> {
-        let (cid, is_terminal) = match &msg {
-            FromWorker::Reply(r) => (&r.cid, r.done),
-            FromWorker::Error(e) => (&e.cid, true),
-            _ => return Some(msg),
+    /// Answers a request that did not decode, so its credit comes back.
+    async fn on_bad_request(
+        &mut self,
+        link: &mut Link,
+        cid: String,
+        reason: String,
+    ) -> Result<(), LinkError> {
+        if self.inflight.contains_key(&cid) {
+            warn!(correlation.id = %cid, "ignoring an undecodable duplicate of a request in flight");
+            return Ok(());
+        }
+        let e = HandlerError::bad_request(format!("the request could not be decoded: {reason}"));
+        self.send_terminal(link, terminal(cid, Outcome::Failed(e)))
+            .await
+    }
+
+    /// Sends a terminal message the socket task wrote itself (a refusal),
+    /// within the frame limit like any other.
+    async fn send_terminal(&mut self, link: &mut Link, msg: FromWorker) -> Result<(), LinkError> {
+        let out = Outgoing::new(msg);
+        let Some(ForRequest { cid, .. }) = out.request else {
+            return link.send_frame(out.frame).await;
         };
-        let Some(entry) = self.inflight.get(cid) else {
+        match self.within_limit(cid, out.frame) {
+            Some(frame) => link.send_frame(frame).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Vets one message from a handler or handle and writes it.
+    async fn emit(&mut self, link: &mut Link, mut out: Outgoing) -> Result<(), LinkError> {
+        let frame = match out.request.take() {
+            Some(request) => self.vet(request, std::mem::take(&mut out.frame)),
+            None => match out.over(self.frame_limit) {
+                // Its sender checked against an older limit (a second
+                // welcome changed it): refuse it now, loudly.
+                Some(e) => {
+                    warn!(
+                        kind = out.kind,
+                        bytes = out.frame.len(),
+                        limit = self.frame_limit,
+                        "dropping a message over the router's frame limit"
+                    );
+                    out.acknowledge(Err(e));
+                    return Ok(());
+                }
+                None => Some(std::mem::take(&mut out.frame)),
+            },
+        };
+        let Some(frame) = frame else {
+            out.acknowledge(Err(SendError::NotConnected));
+            return Ok(());
+        };
+        let result = link.send_frame(frame).await;
+        out.acknowledge(match &result {
+            Ok(()) => Ok(()),
+            Err(_) => Err(SendError::NotConnected),
+        });
+        result
+    }
+
+    /// Book-keeping for the replies and errors handlers send: the frame to
+    /// write (maybe a replacement), or `None` to drop it.
+    fn vet(&mut self, request: ForRequest, frame: Bytes) -> Option<Bytes> {
+        let ForRequest { cid, terminal } = request;
+        let Some(entry) = self.inflight.get(&cid) else {
             debug!(correlation.id = %cid, "dropping a message for a request that already ended");
             return None;
         };
         if let Some(reason) = &entry.cancelled {
-            if !is_terminal {
+            if !terminal {
+                debug!(correlation.id = %cid, "dropping a partial reply of a cancelled request");
                 return None;
             }
             // Whatever the handler managed to return, the router asked for
             // the request to stop, so it gets the `cancelled` it expects.
             let message = format!("request cancelled ({reason})");
-            let cid = cid.clone();
             self.inflight.remove(&cid);
-            return Some(FromWorker::Error(ErrorReply {
-                cid,
-                code: codes::CANCELLED.to_owned(),
-                message,
-                retryable: false,
-                retry_after_ms: None,
-            }));
+            return Some(Bytes::from(encode_from_worker(&FromWorker::Error(
+                ErrorReply {
+                    cid,
+                    code: codes::CANCELLED.to_owned(),
+                    message,
+                    retryable: false,
+                    retry_after_ms: None,
+                },
+            ))));
         }
-        if is_terminal {
-            self.inflight.remove(cid);
+        let over = self
+            .frame_limit
+            .is_some_and(|limit| frame.len() as u64 > limit);
+        if terminal || over {
+            if let Some(entry) = self.inflight.remove(&cid) {
+                if over {
+                    // The request ends here: stop the handler too.
+                    entry.token.cancel();
+                }
+            }
         }
-        Some(msg)
+        self.within_limit(cid, frame)
+    }
+
+    /// `frame` (a reply or error of request `cid`) if the router accepts its
+    /// size, else the `payload_too_large` error that replaces it.
+    fn within_limit(&self, cid: String, frame: Bytes) -> Option<Bytes> {
+        let Some(limit) = self.frame_limit else {
+            return Some(frame);
+        };
+        if frame.len() as u64 <= limit {
+            return Some(frame);
+        }
+        warn!(correlation.id = %cid, bytes = frame.len(), limit,
+            "a reply exceeds the router's frame limit; answering payload_too_large");
+        let replacement = encode_from_worker(&too_large_error(cid, frame.len(), limit));
+        if replacement.len() as u64 > limit {
+            // Only a giant correlation id gets here; nothing can be sent.
+            warn!(
+                limit,
+                "even the payload_too_large answer exceeds the frame limit; dropped"
+            );
+            return None;
+        }
+        Some(Bytes::from(replacement))
+    }
+
+    fn set_frame_limit(&mut self, limit: Option<u64>) {
+        self.frame_limit = limit;
+        self.status.send_if_modified(|s| {
+            let changed = s.max_frame_bytes != limit;
+            s.max_frame_bytes = limit;
+            changed
+        });
     }
 
     fn event_ctx(
@@ -780,11 +977,9 @@ impl Owner {
     /// Sends what is already queued, then keeps the socket open for
     /// `linger` so its writer task can put the last bytes on the wire.
     async fn flush_and_linger(&mut self, link: &mut Link) {
-        while let Ok(msg) = self.outbound.try_recv() {
-            if let Some(msg) = self.vet(msg) {
-                if link.send(&msg).await.is_err() {
-                    return;
-                }
+        while let Ok(out) = self.outbound.try_recv() {
+            if self.emit(link, out).await.is_err() {
+                return;
             }
         }
         tokio::time::sleep(self.cfg.linger).await;
@@ -806,11 +1001,12 @@ fn liveness(w: &Welcome) -> (Duration, Duration) {
     (every, every * w.liveness.max(1))
 }
 
-fn drop_unsent(msg: &FromWorker) {
+fn drop_unsent(mut out: Outgoing) {
     debug!(
-        kind = msg.kind(),
+        kind = out.kind,
         "not connected to a router; dropping an outgoing message"
     );
+    out.acknowledge(Err(SendError::NotConnected));
 }
 
 #[cfg(test)]
@@ -818,7 +1014,7 @@ mod tests {
     use super::*;
     use bridge_proto::Reply as WireReply;
 
-    fn owner() -> (Owner, mpsc::Sender<FromWorker>) {
+    fn owner() -> (Owner, mpsc::Sender<Outgoing>) {
         let cfg = Arc::new(WorkerConfig::new(vec!["svc".into()]));
         let (tx, rx) = mpsc::channel(8);
         let (status_tx, status_rx) = watch::channel(Status::initial());
@@ -842,6 +1038,14 @@ mod tests {
         })
     }
 
+    /// What the socket task would write for `msg` from a handler, decoded.
+    fn vetted(o: &mut Owner, msg: FromWorker) -> Option<FromWorker> {
+        let out = Outgoing::new(msg);
+        let request = out.request.expect("a reply or an error");
+        o.vet(request, out.frame)
+            .map(|frame| bridge_proto::decode_from_worker(&frame).expect("valid frame"))
+    }
+
     fn track(owner: &mut Owner, cid: &str) -> CancellationToken {
         let token = CancellationToken::new();
         owner.inflight.insert(
@@ -858,13 +1062,77 @@ mod tests {
     fn vet_passes_one_terminal_and_drops_the_rest() {
         let (mut o, _tx) = owner();
         track(&mut o, "a");
-        assert!(o.vet(reply("a", false)).is_some(), "partial passes");
-        assert!(o.vet(reply("a", true)).is_some(), "first terminal passes");
-        assert!(o.vet(reply("a", true)).is_none(), "second terminal dropped");
-        assert!(o.vet(reply("a", false)).is_none(), "late partial dropped");
-        assert!(o.vet(reply("unknown", true)).is_none());
-        let push = FromWorker::Bye(Bye { reason: "x".into() });
-        assert!(o.vet(push).is_some(), "non-request messages pass");
+        assert!(
+            vetted(&mut o, reply("a", false)).is_some(),
+            "partial passes"
+        );
+        assert!(
+            vetted(&mut o, reply("a", true)).is_some(),
+            "first terminal passes"
+        );
+        assert!(
+            vetted(&mut o, reply("a", true)).is_none(),
+            "second terminal dropped"
+        );
+        assert!(
+            vetted(&mut o, reply("a", false)).is_none(),
+            "late partial dropped"
+        );
+        assert!(vetted(&mut o, reply("unknown", true)).is_none());
+    }
+
+    #[test]
+    fn a_reply_over_the_frame_limit_becomes_payload_too_large() {
+        let (mut o, _tx) = owner();
+        o.frame_limit = Some(200);
+        let token = track(&mut o, "big");
+        let big = |done| {
+            FromWorker::Reply(WireReply {
+                cid: "big".into(),
+                done,
+                msg_type: None,
+                data: Value::String("x".repeat(300)),
+            })
+        };
+        match vetted(&mut o, big(false)) {
+            Some(FromWorker::Error(e)) => {
+                assert_eq!(
+                    (e.cid.as_str(), e.code.as_str()),
+                    ("big", "payload_too_large")
+                );
+                assert!(e.message.starts_with("reply of 3"), "{}", e.message);
+                assert!(
+                    e.message.ends_with("frame limit of 200 bytes"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("expected payload_too_large, got {other:?}"),
+        }
+        assert!(token.is_cancelled(), "the handler is stopped");
+        assert!(
+            vetted(&mut o, reply("big", false)).is_none(),
+            "nothing more"
+        );
+        assert!(vetted(&mut o, big(true)).is_none(), "nothing more");
+
+        track(&mut o, "small");
+        assert!(matches!(
+            vetted(&mut o, reply("small", true)),
+            Some(FromWorker::Reply(_))
+        ));
+        o.frame_limit = None;
+        track(&mut o, "unlimited");
+        let unlimited = FromWorker::Reply(WireReply {
+            cid: "unlimited".into(),
+            done: true,
+            msg_type: None,
+            data: Value::String("x".repeat(300)),
+        });
+        assert!(matches!(
+            vetted(&mut o, unlimited),
+            Some(FromWorker::Reply(_))
+        ));
     }
 
     #[test]
@@ -877,10 +1145,10 @@ mod tests {
         });
         assert!(token.is_cancelled());
         assert!(
-            o.vet(reply("a", false)).is_none(),
+            vetted(&mut o, reply("a", false)).is_none(),
             "partials after cancel dropped"
         );
-        match o.vet(reply("a", true)) {
+        match vetted(&mut o, reply("a", true)) {
             Some(FromWorker::Error(e)) => {
                 assert_eq!(e.code, "cancelled");
                 assert!(e.message.contains("client"), "{}", e.message);
@@ -902,7 +1170,7 @@ mod tests {
         let b = track(&mut o, "b");
         o.abandon_inflight();
         assert!(a.is_cancelled() && b.is_cancelled());
-        assert!(o.vet(reply("a", true)).is_none());
+        assert!(vetted(&mut o, reply("a", true)).is_none());
     }
 
     #[test]
@@ -916,14 +1184,52 @@ mod tests {
         assert!(matches!(decode(two), Decoded::Skipped));
         let one = ZmqMessage::from(bridge_proto::encode_to_worker(&ToWorker::Heartbeat));
         assert!(matches!(decode(one), Decoded::Message(m) if *m == ToWorker::Heartbeat));
-        // fixmap(2) "v" 2 "kind" "heartbeat"
-        let mut v2 = vec![0x82, 0xa1, b'v', 0x02, 0xa4];
-        v2.extend_from_slice(b"kind");
-        v2.push(0xa9);
-        v2.extend_from_slice(b"heartbeat");
-        match decode(ZmqMessage::from(v2)) {
-            Decoded::OtherVersion(text) => assert!(text.contains('2'), "{text}"),
-            _ => panic!("a v2 frame must be reported as another version"),
+        // fixmap(2) "v" 3 "kind" "heartbeat"
+        let mut v3 = vec![0x82, 0xa1, b'v', 0x03, 0xa4];
+        v3.extend_from_slice(b"kind");
+        v3.push(0xa9);
+        v3.extend_from_slice(b"heartbeat");
+        match decode(ZmqMessage::from(v3)) {
+            Decoded::OtherVersion(text) => assert!(text.contains('3'), "{text}"),
+            _ => panic!("a v3 frame must be reported as another version"),
         }
+        // Version 1 (an older router) still decodes.
+        let v1 = bridge_proto::encode_to_worker_as(1, &ToWorker::Heartbeat);
+        assert!(matches!(
+            decode(ZmqMessage::from(v1)),
+            Decoded::Message(m) if *m == ToWorker::Heartbeat
+        ));
+    }
+
+    #[test]
+    fn an_undecodable_request_with_a_readable_cid_is_owed_bad_request() {
+        let bad = rmp_serde::to_vec_named(&serde_json::json!({
+            "v": 2, "kind": "request", "cid": "c9", "timeout_ms": "soon"
+        }))
+        .unwrap();
+        match decode(ZmqMessage::from(bad)) {
+            Decoded::BadRequest { cid, reason } => {
+                assert_eq!(cid, "c9");
+                assert!(reason.contains("request"), "{reason}");
+            }
+            _ => panic!("expected BadRequest"),
+        }
+        // Another kind, or a cid that is not a string: nothing to answer.
+        for other in [
+            serde_json::json!({"v": 2, "kind": "event", "cid": "c9"}),
+            serde_json::json!({"v": 2, "kind": "request", "cid": 9}),
+        ] {
+            let bytes = rmp_serde::to_vec_named(&other).unwrap();
+            assert!(matches!(decode(ZmqMessage::from(bytes)), Decoded::Skipped));
+        }
+        // An unsupported version is not answered, even for a request.
+        let v3 = rmp_serde::to_vec_named(&serde_json::json!({
+            "v": 3, "kind": "request", "cid": "c9"
+        }))
+        .unwrap();
+        assert!(matches!(
+            decode(ZmqMessage::from(v3)),
+            Decoded::OtherVersion(_)
+        ));
     }
 }

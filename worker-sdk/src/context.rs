@@ -125,6 +125,11 @@ impl Context {
     }
 
     /// Streams a partial (`done: false`) reply with the request's type.
+    ///
+    /// A partial reply bigger than the router's frame limit ends the
+    /// request: the SDK answers it `payload_too_large`, stops the handler,
+    /// and this returns [`SendError::TooLarge`]. After the request's
+    /// terminal message (or a cancel), partial replies are dropped.
     pub async fn send_partial(&self, data: Value) -> Result<(), SendError> {
         self.partial(None, data).await
     }
@@ -138,9 +143,12 @@ impl Context {
         self.partial(Some(msg_type.into()), data).await
     }
 
+    /// A partial reply over the router's frame limit ends the request: the
+    /// SDK answers it `payload_too_large` and cancels the handler, and this
+    /// returns [`SendError::TooLarge`].
     async fn partial(&self, msg_type: Option<String>, data: Value) -> Result<(), SendError> {
         self.handle
-            .send(FromWorker::Reply(WireReply {
+            .send_for_request(FromWorker::Reply(WireReply {
                 cid: self.cid.to_string(),
                 done: false,
                 msg_type,

@@ -65,7 +65,7 @@ pub(crate) async fn run_request(handler: RequestFn, ctx: Context, data: Value) {
         Outcome::DeadlineExceeded => warn!("deadline passed before the handler finished"),
     }
     // The worker may be gone (stopped); then nobody is waiting for the answer.
-    let _ = handle.send(terminal(cid, outcome)).await;
+    let _ = handle.send_for_request(terminal(cid, outcome)).await;
 }
 
 /// The one terminal message for `outcome`.

@@ -103,8 +103,15 @@ impl From<serde_json::Error> for HandlerError {
 }
 
 impl From<SendError> for HandlerError {
+    /// A handler that gives up because a message could not be sent fails its
+    /// request: `payload_too_large` for a message over the router's frame
+    /// limit (another attempt would fail the same way), otherwise a
+    /// retryable `worker_error`.
     fn from(e: SendError) -> Self {
-        Self::transient(e.to_string())
+        match e {
+            SendError::TooLarge { .. } => Self::new(codes::PAYLOAD_TOO_LARGE, e.to_string()),
+            SendError::Stopped | SendError::NotConnected => Self::transient(e.to_string()),
+        }
     }
 }
 
@@ -114,6 +121,21 @@ pub enum SendError {
     /// The worker has stopped (or was never run); nothing will be sent.
     #[error("the worker has stopped")]
     Stopped,
+    /// The encoded message is bigger than the largest frame the router
+    /// accepts (`max_frame_bytes` of its welcome); it was not sent, since
+    /// the router would close the connection on it.
+    #[error("message of {size} bytes exceeds the router's frame limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the encoded message.
+        size: usize,
+        /// The router's limit.
+        limit: u64,
+    },
+    /// No router session was registered when the message reached the
+    /// socket, so it was dropped (only reported to senders that wait for
+    /// the socket, like [`Publisher::publish`](crate::Publisher::publish)).
+    #[error("not registered with a router; the message was dropped")]
+    NotConnected,
 }
 
 /// A worker configuration that cannot work; lists every problem found.
@@ -127,14 +149,22 @@ pub struct ConfigError {
 /// Why [`Worker::run`](crate::Worker::run) returned an error.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The router said `goodbye{reconnect: false}`: retrying will not help
-    /// (wrong secret, unsupported version, ...).
+    /// The router said `goodbye{reconnect: false}` (wrong secret,
+    /// unsupported version, ...), or answered in a protocol version this SDK
+    /// does not speak: retrying will not help.
     #[error("the router at {endpoint} refused this worker: {reason}")]
     Rejected {
         /// The router endpoint that refused.
         endpoint: String,
         /// The router's reason.
         reason: String,
+    },
+    /// The router challenged the worker for the shared secret and the worker
+    /// has none: set `BRIDGE_SECRET` (or [`WorkerBuilder::secret`](crate::WorkerBuilder::secret)).
+    #[error("the router at {endpoint} requires a bridge secret: set BRIDGE_SECRET")]
+    SecretRequired {
+        /// The router endpoint that asked for it.
+        endpoint: String,
     },
     /// The SIGTERM/SIGINT handlers could not be installed.
     #[error("cannot listen for shutdown signals: {0}")]
@@ -168,6 +198,25 @@ mod tests {
             assert_eq!(e.code, code);
             assert_eq!(e.retryable, retryable, "{code}");
         }
+    }
+
+    #[test]
+    fn send_errors_fail_the_request_with_the_right_code() {
+        let too_big: HandlerError = SendError::TooLarge {
+            size: 20,
+            limit: 10,
+        }
+        .into();
+        assert_eq!(
+            (too_big.code.as_str(), too_big.retryable),
+            ("payload_too_large", false)
+        );
+        assert!(too_big.message.contains("20 bytes"), "{}", too_big.message);
+        let stopped: HandlerError = SendError::Stopped.into();
+        assert_eq!(
+            (stopped.code.as_str(), stopped.retryable),
+            ("worker_error", true)
+        );
     }
 
     #[test]

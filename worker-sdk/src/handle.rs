@@ -2,20 +2,24 @@
 //! or from any other task (pushes, closes, subscriptions, publications,
 //! status, stop).
 //!
-//! Every method only queues a message for the socket task over a bounded
-//! channel: `Ok` means the worker accepted it, not that the router received
-//! it. While the worker is reconnecting, queued messages are dropped (the
-//! connections they address belonged to the lost router session).
+//! Every method encodes the message and queues it for the socket task over
+//! a bounded channel: `Ok` means the worker accepted it, not that the router
+//! received it. While the worker is reconnecting, queued messages are
+//! dropped (the connections they address belonged to the lost router
+//! session). A message bigger than the router's frame limit
+//! (`max_frame_bytes` of its welcome) is refused with
+//! [`SendError::TooLarge`] instead of being sent.
 
 use std::sync::Arc;
 
 use bridge_proto::{Close, FromWorker, Publish, Push, PushBinary, RawFrame, TopicChange};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::SendError;
 use crate::handler::Frame;
+use crate::outgoing::Outgoing;
 
 /// Longest close reason a WebSocket close frame carries (125 - 2 code bytes).
 const MAX_CLOSE_REASON: usize = 123;
@@ -53,6 +57,9 @@ pub struct Status {
     pub registrations: u64,
     /// The `router_id` of the last welcome.
     pub router_id: Option<String>,
+    /// The largest frame the router of the last welcome accepts, if it said
+    /// (`max_frame_bytes`); bigger messages are not sent.
+    pub max_frame_bytes: Option<u64>,
 }
 
 impl Status {
@@ -61,6 +68,7 @@ impl Status {
             state: State::Connecting,
             registrations: 0,
             router_id: None,
+            max_frame_bytes: None,
         }
     }
 }
@@ -68,7 +76,7 @@ impl Status {
 /// A cloneable handle to a worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    pub(crate) tx: mpsc::Sender<FromWorker>,
+    pub(crate) tx: mpsc::Sender<Outgoing>,
     pub(crate) stop: CancellationToken,
     pub(crate) status: watch::Receiver<Status>,
     pub(crate) worker_id: Arc<str>,
@@ -237,8 +245,46 @@ impl WorkerHandle {
         self.wait_registrations(1).await
     }
 
+    /// Queues a message that is not a reply. One over the router's frame
+    /// limit is refused here, so its caller knows.
     pub(crate) async fn send(&self, msg: FromWorker) -> Result<(), SendError> {
-        self.tx.send(msg).await.map_err(|_| SendError::Stopped)
+        let out = Outgoing::new(msg);
+        if let Some(e) = out.over(self.frame_limit()) {
+            return Err(e);
+        }
+        self.queue(out).await
+    }
+
+    /// Queues a reply or error of a request: the socket task vets it (and
+    /// turns one over the frame limit into the request's
+    /// `payload_too_large`). Also reports a frame over the limit to the
+    /// caller, so a handler learns that its request has ended.
+    pub(crate) async fn send_for_request(&self, msg: FromWorker) -> Result<(), SendError> {
+        let out = Outgoing::new(msg);
+        let too_large = out.over(self.frame_limit());
+        self.queue(out).await?;
+        too_large.map_or(Ok(()), Err)
+    }
+
+    /// Like [`send`](Self::send), and waits until the socket task has
+    /// written the message to a registered session's socket
+    /// ([`SendError::NotConnected`] when it had none).
+    pub(crate) async fn send_confirmed(&self, mut out: Outgoing) -> Result<(), SendError> {
+        if let Some(e) = out.over(self.frame_limit()) {
+            return Err(e);
+        }
+        let (tx, rx) = oneshot::channel();
+        out.ack = Some(tx);
+        self.queue(out).await?;
+        rx.await.unwrap_or(Err(SendError::Stopped))
+    }
+
+    async fn queue(&self, out: Outgoing) -> Result<(), SendError> {
+        self.tx.send(out).await.map_err(|_| SendError::Stopped)
+    }
+
+    fn frame_limit(&self) -> Option<u64> {
+        self.status.borrow().max_frame_bytes
     }
 }
 

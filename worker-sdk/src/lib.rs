@@ -40,12 +40,13 @@
 //! - [`handle`]: [`WorkerHandle`], the cloneable way in from anywhere
 //!   (push, close, subscribe, publish, status, stop).
 //! - `connection` (private): the one task that owns the DEALER socket:
-//!   hello, heartbeats, dead-router detection, reconnect with backoff, the
-//!   in-flight table that guarantees one terminal message per request.
+//!   hello, challenge/auth, heartbeats, dead-router detection, reconnect with
+//!   backoff, the in-flight table that guarantees one terminal message per
+//!   request, the router's frame limit.
 //! - `dispatch` (private): one task per request (cancel, deadline and panic
 //!   handling) and one ordered queue per client connection for events.
-//! - [`publisher`]: [`Publisher`], a PUB socket for backends that are not
-//!   workers.
+//! - [`publisher`]: [`Publisher`], a publisher session for backends that
+//!   are not workers (no services, capacity 0; same handshake as a worker).
 //! - [`config`], [`error`], [`signal`]: settings and environment defaults,
 //!   error types, SIGTERM/SIGINT.
 //! - [`cli`]: the shared bootstrap of worker binaries (flags, logging, the
@@ -59,12 +60,29 @@
 //!   request after its terminal are dropped.
 //! - At most `capacity` request handlers run at once. A request beyond that
 //!   (a router that ignores credits) is answered `overloaded`, retryable.
-//! - Unknown message types are answered `unknown_type`.
+//! - Unknown message types are answered `unknown_type`. A request that does
+//!   not decode but whose `cid` can be read is answered `bad_request`, so its
+//!   credit comes back.
+//! - After a `cancel`, the request gets its one terminal message and then
+//!   nothing else: whatever its handler (or work it spawned) still sends for
+//!   it is dropped (logged at debug level).
 //! - A silent router (nothing for `heartbeat_ms × liveness`) is dropped and
 //!   a new socket connects after an exponential backoff with jitter; requests
 //!   in flight on the lost socket are abandoned (the router has failed them).
 //! - Before the welcome the worker sends nothing but `hello` (resent each
-//!   backoff step) and ignores everything but `welcome` and `goodbye`.
+//!   backoff step) and `auth` (the answer to each `challenge`), and ignores
+//!   everything but `welcome`, `challenge` and `goodbye`.
+//! - The shared secret (`BRIDGE_SECRET` / [`WorkerBuilder::secret`]) is never
+//!   sent nor logged: a router that has one challenges the worker with a
+//!   nonce and the worker answers `auth{proof}` (HMAC-SHA256, see
+//!   [`bridge_proto::auth`]). A challenge to a worker without a secret stops
+//!   it with [`WorkerError::SecretRequired`]; a refused proof
+//!   (`goodbye{reconnect: false}`) with [`WorkerError::Rejected`].
+//! - No frame bigger than the router's limit (`max_frame_bytes` of its
+//!   welcome) is sent: a reply or partial reply over it is replaced by the
+//!   request's terminal `payload_too_large` error (and its handler is
+//!   stopped); any other message over it is refused to its caller with
+//!   [`SendError::TooLarge`].
 //! - A stop says `bye`, answers requests that crossed it `worker_error`
 //!   (retryable), lets in-flight requests finish within the grace period,
 //!   answers the rest `worker_error` (retryable) and closes after a short
@@ -85,6 +103,8 @@ pub mod worker;
 mod backoff;
 mod connection;
 mod dispatch;
+mod outgoing;
+mod salvage;
 
 pub use bridge_proto;
 pub use config::WorkerConfig;
@@ -92,6 +112,6 @@ pub use context::{Context, EventContext};
 pub use error::{ConfigError, HandlerError, SendError, WorkerError};
 pub use handle::{State, Status, WorkerHandle};
 pub use handler::{Frame, Reply};
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{PublishError, Publisher, PublisherBuilder};
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Worker, WorkerBuilder};

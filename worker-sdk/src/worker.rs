@@ -21,6 +21,7 @@ use crate::context::{Context, EventContext};
 use crate::error::{ConfigError, HandlerError, WorkerError};
 use crate::handle::{Status, WorkerHandle};
 use crate::handler::{event_fn, request_fn, Frame, Handlers, Reply};
+use crate::outgoing::Outgoing;
 use crate::signal::ShutdownSignals;
 
 /// A configured worker, ready to run.
@@ -28,7 +29,7 @@ pub struct Worker {
     config: Arc<WorkerConfig>,
     handlers: Arc<Handlers>,
     handle: WorkerHandle,
-    outbound: mpsc::Receiver<bridge_proto::FromWorker>,
+    outbound: mpsc::Receiver<Outgoing>,
     status: watch::Sender<Status>,
 }
 
@@ -164,7 +165,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// The shared secret for `hello` (default: `BRIDGE_SECRET`).
+    /// The shared secret the router may challenge for (default:
+    /// `BRIDGE_SECRET`). It is never sent: the worker answers the router's
+    /// `challenge` with a proof computed from it.
     pub fn secret(mut self, secret: impl Into<String>) -> Self {
         self.secret = Some(secret.into());
         self
@@ -311,6 +314,13 @@ impl WorkerBuilder {
     pub fn build(self) -> Result<Worker, ConfigError> {
         let config = self.config();
         config.validate()?;
+        Ok(Worker::assemble(config, self.handlers))
+    }
+}
+
+impl Worker {
+    /// A worker from a configuration already validated.
+    pub(crate) fn assemble(config: WorkerConfig, handlers: Handlers) -> Worker {
         let (tx, outbound) = mpsc::channel(config.outbound_queue);
         let (status, status_rx) = watch::channel(Status::initial());
         let handle = WorkerHandle {
@@ -320,13 +330,13 @@ impl WorkerBuilder {
             worker_id: config.worker_id.as_str().into(),
             services: config.services.clone().into(),
         };
-        Ok(Worker {
+        Worker {
             config: Arc::new(config),
-            handlers: Arc::new(self.handlers),
+            handlers: Arc::new(handlers),
             handle,
             outbound,
             status,
-        })
+        }
     }
 }
 

@@ -465,3 +465,55 @@ async fn chat_worker() {
 
     stop(r, &mut router).await;
 }
+
+#[tokio::test]
+async fn ticker_publisher() {
+    const SECRET: &str = "ticker-s3cret";
+    let mut router = FakeRouter::bind().await.with_secret(SECRET);
+    let mut child = Command::new(example_path("ticker_publisher"))
+        .arg("--bridge-endpoint")
+        .arg(&router.endpoint)
+        .args(["--topic", "prices", "--count", "3", "--interval-ms", "10"])
+        .args(["--id", "ticker-1"])
+        .env_remove("BRIDGE_ENDPOINT")
+        .env("BRIDGE_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn example");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    // The fake router challenges the hello and checks the proof.
+    let (_, hello) = router.handshake(60_000, 3).await;
+    assert_eq!(hello.worker_id, "ticker-1");
+    assert!(hello.services.is_empty(), "{:?}", hello.services);
+    assert_eq!(hello.capacity, 0);
+    let line = tokio::time::timeout(WAIT, stdout.next_line())
+        .await
+        .expect("no registered line in time")
+        .expect("read stdout")
+        .expect("stdout ended before the registered line");
+    let v: Value = serde_json::from_str(&line).expect("registered line is JSON");
+    assert_eq!(
+        v,
+        json!({"event": "registered", "worker_id": "ticker-1", "services": []})
+    );
+    for n in 0..3 {
+        match router.recv().await.1 {
+            FromWorker::Publish(p) => {
+                assert_eq!((p.topic.as_str(), p.msg_type.as_str()), ("prices", "tick"));
+                assert_eq!(p.data["n"], json!(n));
+            }
+            other => panic!("expected publish {n}, got {other:?}"),
+        }
+    }
+    assert!(matches!(router.recv().await.1, FromWorker::Bye(_)));
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("example did not exit in time")
+        .expect("wait for example");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!router.ever_received(SECRET.as_bytes()));
+}

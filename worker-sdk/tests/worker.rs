@@ -136,8 +136,9 @@ async fn registers_streams_replies_and_refuses_unknown_types() {
     assert_eq!(hello.worker_id, "test-worker");
     assert_eq!(hello.services, ["svc"]);
     assert_eq!(hello.capacity, 4);
-    assert_eq!(hello.secret.as_deref(), Some("s3cret"));
     assert!(hello.sdk.starts_with("worker-sdk-rust/"), "{}", hello.sdk);
+    // A router without a secret welcomes at once; the worker's secret stays home.
+    assert!(!router.ever_received(b"s3cret"));
     let status = tokio::time::timeout(WAIT, handle.wait_registered())
         .await
         .unwrap()
@@ -368,16 +369,7 @@ async fn reregisters_with_a_new_socket_when_the_router_goes_silent() {
     // The request on the lost socket was abandoned: its handler is dropped.
     assert_eq!(next(&mut events).await, "dropped");
 
-    router
-        .send(
-            &second_id,
-            ToWorker::Welcome(bridge_proto::Welcome {
-                router_id: "fake-router".into(),
-                heartbeat_ms: 60_000,
-                liveness: 3,
-            }),
-        )
-        .await;
+    router.welcome(&second_id, 60_000, 3).await;
     let status = tokio::time::timeout(WAIT, handle.wait_registrations(2))
         .await
         .unwrap()
@@ -734,16 +726,7 @@ async fn requests_before_the_welcome_are_ignored() {
     let (id, _) = router.expect_hello().await;
     // A request before the welcome is not valid yet: it is ignored.
     router.request(&id, "early", "echo", json!(1)).await;
-    router
-        .send(
-            &id,
-            ToWorker::Welcome(bridge_proto::Welcome {
-                router_id: "fake-router".into(),
-                heartbeat_ms: 60_000,
-                liveness: 3,
-            }),
-        )
-        .await;
+    router.welcome(&id, 60_000, 3).await;
     tokio::time::timeout(WAIT, handle.wait_registered())
         .await
         .unwrap()
@@ -772,29 +755,370 @@ async fn an_answer_in_another_protocol_version_is_final() {
     let mut router = FakeRouter::bind().await;
     let (_handle, task) = start(builder(&router));
     let (id, _) = router.expect_hello().await;
-    router.send_bytes(&id, goodbye_v2()).await;
+    router.send_bytes(&id, goodbye_v3()).await;
     match joined(task).await {
         Err(WorkerError::Rejected { reason, .. }) => {
-            assert!(reason.contains("version 2"), "{reason}");
+            assert!(reason.contains("version 3"), "{reason}");
         }
         other => panic!("expected Rejected, got {other:?}"),
     }
 }
 
-/// A version-2 goodbye, written by hand as MessagePack (a fixmap of 4).
-fn goodbye_v2() -> Vec<u8> {
+#[tokio::test]
+async fn an_old_router_s_version_1_goodbye_is_shown_and_final() {
+    let mut router = FakeRouter::bind().await;
+    let (_handle, task) = start(builder(&router));
+    let (id, _) = router.expect_hello().await;
+    // What a version-1 router answers to a version-2 hello.
+    let goodbye = ToWorker::Goodbye(Goodbye {
+        reason: "unsupported protocol version 2 (this router speaks 1)".into(),
+        reconnect: false,
+    });
+    router
+        .send_bytes(&id, bridge_proto::encode_to_worker_as(1, &goodbye))
+        .await;
+    match joined(task).await {
+        Err(WorkerError::Rejected { reason, .. }) => assert_eq!(
+            reason,
+            "unsupported protocol version 2 (this router speaks 1)"
+        ),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+/// A version-3 goodbye, written by hand as MessagePack (a fixmap of 4).
+fn goodbye_v3() -> Vec<u8> {
     fn text(b: &mut Vec<u8>, t: &str) {
         b.push(0xa0 | t.len() as u8);
         b.extend_from_slice(t.as_bytes());
     }
     let mut b = vec![0x84];
     text(&mut b, "v");
-    b.push(0x02);
+    b.push(0x03);
     text(&mut b, "kind");
     text(&mut b, "goodbye");
     text(&mut b, "reason");
-    text(&mut b, "v2 only");
+    text(&mut b, "v3 only");
     text(&mut b, "reconnect");
     b.push(0xc3);
     b
+}
+
+const SECRET: &str = "s3cret-\u{2713}-never-on-the-wire";
+
+#[tokio::test]
+async fn the_secret_is_proved_never_sent() {
+    let mut router = FakeRouter::bind().await;
+    let (handle, task) = start(
+        builder(&router)
+            .secret(SECRET)
+            .on_request("echo", |_ctx, data| async move { Ok(data) }),
+    );
+    let (id, raw_hello, hello) = router.recv_raw().await;
+    assert!(matches!(hello, FromWorker::Hello(_)), "{hello:?}");
+    assert!(
+        !raw_hello
+            .windows(SECRET.len())
+            .any(|w| w == SECRET.as_bytes()),
+        "the hello carries the secret"
+    );
+
+    let nonce = fake_router::fresh_nonce();
+    let auth = router.challenge(&id, &nonce).await;
+    assert_eq!(
+        auth.proof,
+        bridge_proto::auth::proof(SECRET.as_bytes(), &nonce).to_vec()
+    );
+    assert!(bridge_proto::auth::verify(
+        SECRET.as_bytes(),
+        &nonce,
+        &auth.proof
+    ));
+    // A repeated challenge (the hello was resent before the auth arrived)
+    // is answered again, with the same proof.
+    let again = router.challenge(&id, &nonce).await;
+    assert_eq!(again.proof, auth.proof);
+
+    router.welcome(&id, 60_000, 3).await;
+    tokio::time::timeout(WAIT, handle.wait_registered())
+        .await
+        .unwrap()
+        .unwrap();
+    router.request(&id, "e1", "echo", json!("in")).await;
+    assert_eq!(reply_data(&router.recv_for("e1").await).0, &json!("in"));
+    handle.stop();
+    assert!(matches!(router.recv().await.1, FromWorker::Bye(_)));
+    joined(task).await.unwrap();
+    assert!(
+        !router.ever_received(SECRET.as_bytes()),
+        "the secret crossed the wire"
+    );
+}
+
+#[tokio::test]
+async fn the_fake_router_s_secret_handshake_registers_the_worker() {
+    let mut router = FakeRouter::bind().await.with_secret(SECRET);
+    let (handle, task) = start(builder(&router).secret(SECRET));
+    router.handshake(60_000, 3).await;
+    tokio::time::timeout(WAIT, handle.wait_registered())
+        .await
+        .unwrap()
+        .unwrap();
+    handle.stop();
+    joined(task).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_challenge_without_a_secret_stops_the_worker_with_a_clear_error() {
+    let mut router = FakeRouter::bind().await;
+    let (_handle, task) = start(builder(&router));
+    let (id, _) = router.expect_hello().await;
+    router
+        .send(
+            &id,
+            ToWorker::Challenge(bridge_proto::Challenge {
+                nonce: fake_router::fresh_nonce(),
+            }),
+        )
+        .await;
+    let err = joined(task).await.unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::SecretRequired { endpoint } if *endpoint == router.endpoint),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("requires a bridge secret: set BRIDGE_SECRET"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_refused_for_good() {
+    let mut router = FakeRouter::bind().await;
+    let (_handle, task) = start(builder(&router).secret("wrong"));
+    let (id, _) = router.expect_hello().await;
+    let nonce = fake_router::fresh_nonce();
+    let auth = router.challenge(&id, &nonce).await;
+    assert!(!bridge_proto::auth::verify(
+        SECRET.as_bytes(),
+        &nonce,
+        &auth.proof
+    ));
+    router.goodbye(&id, "invalid bridge secret", false).await;
+    match joined(task).await {
+        Err(WorkerError::Rejected { reason, .. }) => assert_eq!(reason, "invalid bridge secret"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert!(!router.ever_received(b"wrong"));
+}
+
+#[tokio::test]
+async fn replies_over_the_frame_limit_become_payload_too_large() {
+    const LIMIT: u64 = 1024;
+    let mut router = FakeRouter::bind().await.with_max_frame_bytes(LIMIT);
+    let big = || json!("x".repeat(2000));
+    let (events_tx, mut events) = mpsc::unbounded_channel::<&'static str>();
+    let (handle, task) = start(
+        builder(&router)
+            .on_request("big", move |_ctx, _data| async move { Ok(big()) })
+            .on_request("big_partial", move |ctx, _data| {
+                let tx = events_tx.clone();
+                async move {
+                    let _guard = DropSignal(Some(tx), "dropped");
+                    ctx.send_partial(json!("small")).await?;
+                    let refused = ctx.send_partial(big()).await;
+                    // The SDK already answered and cancels this handler; were
+                    // it still running, none of this may reach the router.
+                    let _ = ctx.send_partial(json!("after")).await;
+                    std::future::pending::<()>().await;
+                    Ok(json!({ "refused": refused.is_err() }))
+                }
+            })
+            .on_request("push_big", move |ctx, _data| async move {
+                let e = ctx.push("big", big()).await.unwrap_err();
+                Ok(json!({ "error": e.to_string() }))
+            })
+            .on_request("echo", |_ctx, data| async move { Ok(data) }),
+    );
+    let (id, _) = router.handshake(60_000, 3).await;
+    let status = tokio::time::timeout(WAIT, handle.wait_registered())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.max_frame_bytes, Some(LIMIT));
+
+    let too_large = |msg: &FromWorker| match msg {
+        FromWorker::Error(e) => {
+            assert_eq!((e.code.as_str(), e.retryable), ("payload_too_large", false));
+            assert!(
+                e.message.starts_with("reply of ")
+                    && e.message
+                        .ends_with(" bytes exceeds the router's frame limit of 1024 bytes"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected payload_too_large, got {other:?}"),
+    };
+    router.request(&id, "b1", "big", json!(null)).await;
+    too_large(&router.recv_for("b1").await);
+
+    router.request(&id, "b2", "big_partial", json!(null)).await;
+    assert_eq!(
+        reply_data(&router.recv_for("b2").await),
+        (&json!("small"), false, None)
+    );
+    too_large(&router.recv_for("b2").await);
+    assert_eq!(next(&mut events).await, "dropped", "the handler is stopped");
+    // Nothing more for b2: the next message is the answer to a later request.
+    router.request(&id, "e1", "echo", json!(1)).await;
+    let (_, msg) = router.recv().await;
+    assert_eq!(cid_of(&msg), Some("e1"), "stray message {msg:?}");
+
+    // A push over the limit is refused to its caller, never sent.
+    router.request(&id, "p1", "push_big", json!(null)).await;
+    let msg = router.recv_for("p1").await;
+    let text = reply_data(&msg).0["error"].as_str().unwrap().to_owned();
+    assert!(
+        text.contains("exceeds the router's frame limit of 1024 bytes"),
+        "{text}"
+    );
+    let err = handle
+        .publish("t", "m", json!("y".repeat(2000)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, worker_sdk::SendError::TooLarge { limit: LIMIT, .. }),
+        "{err:?}"
+    );
+    // Small messages still pass.
+    handle.publish("t", "m", json!(1)).await.unwrap();
+    assert!(matches!(router.recv().await.1, FromWorker::Publish(_)));
+
+    handle.stop();
+    joined(task).await.unwrap();
+    assert!(
+        router.received.iter().all(|f| f.len() as u64 <= LIMIT),
+        "a frame over the limit was sent"
+    );
+}
+
+/// A request map written by hand: `fixmap(n)` of `v: 2`, `kind: request`,
+/// `cid`, then `extra` (already encoded key/value pairs).
+fn raw_request(cid: &str, extra_pairs: u8, extra: &[u8]) -> Vec<u8> {
+    fn text(b: &mut Vec<u8>, t: &str) {
+        b.push(0xa0 | t.len() as u8);
+        b.extend_from_slice(t.as_bytes());
+    }
+    let mut b = vec![0x80 | (3 + extra_pairs)];
+    text(&mut b, "v");
+    b.push(0x02);
+    text(&mut b, "kind");
+    text(&mut b, "request");
+    text(&mut b, "cid");
+    text(&mut b, cid);
+    b.extend_from_slice(extra);
+    b
+}
+
+#[tokio::test]
+async fn an_undecodable_request_with_a_readable_cid_gets_bad_request() {
+    let mut router = FakeRouter::bind().await;
+    let (handle, task) =
+        start(builder(&router).on_request("echo", |_ctx, data| async move { Ok(data) }));
+    let (id, _) = router.handshake(60_000, 3).await;
+
+    // Most fields missing.
+    router.send_bytes(&id, raw_request("u1", 0, &[])).await;
+    match router.recv_for("u1").await {
+        FromWorker::Error(e) => {
+            assert_eq!((e.code.as_str(), e.retryable), ("bad_request", false));
+            assert!(
+                e.message.starts_with("the request could not be decoded: "),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    // `data` holding a MessagePack bin, which has no JSON form.
+    let mut full = bridge_proto::encode_to_worker(&ToWorker::Request(fake_router::request(
+        "u2",
+        "echo",
+        json!("placeholder"),
+        30_000,
+    )));
+    let placeholder = b"\xabplaceholder";
+    let at = full
+        .windows(placeholder.len())
+        .position(|w| w == placeholder)
+        .unwrap();
+    full.splice(at..at + placeholder.len(), [0xc4, 0x01, 0x00]);
+    assert!(bridge_proto::decode_to_worker(&full).is_err());
+    router.send_bytes(&id, full).await;
+    match router.recv_for("u2").await {
+        FromWorker::Error(e) => assert_eq!(e.code, "bad_request"),
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    // Without a readable cid there is nothing to answer: dropped.
+    router.send_bytes(&id, vec![0xc1]).await;
+    let mut cid_int = raw_request("x", 0, &[]);
+    let at = cid_int.len() - 2; // "x" as fixstr(1)
+    cid_int.truncate(at);
+    cid_int.push(0x07);
+    router.send_bytes(&id, cid_int).await;
+    router.request(&id, "e1", "echo", json!(1)).await;
+    let (_, msg) = router.recv().await;
+    assert_eq!(cid_of(&msg), Some("e1"), "stray message {msg:?}");
+
+    handle.stop();
+    joined(task).await.unwrap();
+}
+
+#[tokio::test]
+async fn nothing_is_sent_for_a_cancelled_request_after_its_terminal() {
+    let mut router = FakeRouter::bind().await;
+    let (events_tx, mut events) = mpsc::unbounded_channel::<&'static str>();
+    let (handle, task) = start(
+        builder(&router)
+            .on_request("stubborn", move |ctx, _data| {
+                let tx = events_tx.clone();
+                async move {
+                    // Work that ignores the cancellation and keeps streaming.
+                    let ctx2 = ctx.clone();
+                    tokio::spawn(async move {
+                        for i in 0..20 {
+                            let _ = ctx2.send_partial(json!(i)).await;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        let _ = tx.send("spawned work done");
+                    });
+                    std::future::pending::<()>().await;
+                    Ok(Value::Null)
+                }
+            })
+            .on_request("echo", |_ctx, data| async move { Ok(data) }),
+    );
+    let (id, _) = router.handshake(60_000, 3).await;
+    router.request(&id, "s1", "stubborn", json!(null)).await;
+    assert_eq!(
+        reply_data(&router.recv_for("s1").await),
+        (&json!(0), false, None)
+    );
+    router.cancel(&id, "s1").await;
+    loop {
+        // Partials that were on their way before the cancel may still come.
+        let msg = router.recv_for("s1").await;
+        if is_terminal(&msg) {
+            assert_eq!(error_of(&msg), ("cancelled", false));
+            break;
+        }
+    }
+    assert_eq!(next(&mut events).await, "spawned work done");
+    router.request(&id, "e1", "echo", json!(1)).await;
+    let (_, msg) = router.recv().await;
+    assert_eq!(cid_of(&msg), Some("e1"), "late message {msg:?}");
+    handle.stop();
+    joined(task).await.unwrap();
 }

@@ -4,20 +4,30 @@ msgpack, no SDK. It shows what any language needs to serve a route.
 - ``echo`` requests: final reply with the request's data unchanged;
 - ``sleep`` requests ``{"ms": N}``: final reply ``{"slept_ms": N}`` after N ms,
   unless cancelled (answered ``cancelled``) or past the deadline (``timeout``);
-- any other request type: ``unknown_type``.
+- any other request type: ``unknown_type``;
+- a request that does not decode but has a string ``cid``: ``bad_request``
+  (so its credit comes back).
 
-Life cycle (PROTOCOL.md §8): hello (resent every backoff step until the
-welcome), heartbeats every ``heartbeat_ms``, a new socket after a backoff when
-the router is silent for ``heartbeat_ms * liveness`` or says
-``goodbye{reconnect: true}``, exit 1 on ``goodbye{reconnect: false}``, and on
+Protocol version 2: every message has ``v: 2``; frames of version 1 or 2 are
+accepted. Life cycle (PROTOCOL.md §8): hello (resent every backoff step until
+the welcome); a ``challenge{nonce}`` is answered with
+``auth{proof: HMAC-SHA256(BRIDGE_SECRET, "bridge-proto/2 auth\\0" + nonce)}``
+(exit 1 without a secret; the secret itself is never sent); heartbeats every
+``heartbeat_ms``; no frame bigger than the welcome's ``max_frame_bytes`` (a
+reply over it becomes ``payload_too_large``); a new socket after a backoff
+when the router is silent for ``heartbeat_ms * liveness`` or says
+``goodbye{reconnect: true}``; exit 1 on ``goodbye{reconnect: false}``; and on
 SIGTERM/SIGINT ``bye`` and exit 0 once nothing is outstanding.
 
 Usage: ``python raw_echo_worker.py [--bridge-endpoint E] [--service S] [--id ID]``
-(endpoint default ``$BRIDGE_ENDPOINT`` or ``tcp://127.0.0.1:5555``). Prints
-``{"event":"registered",...}`` on stdout when first welcomed; logs on stderr.
+(endpoint default ``$BRIDGE_ENDPOINT`` or ``tcp://127.0.0.1:5555``; secret from
+``$BRIDGE_SECRET``). Prints ``{"event":"registered",...}`` on stdout when first
+welcomed; logs on stderr.
 """
 
 import argparse
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -31,21 +41,47 @@ import zmq
 
 log = logging.getLogger("raw_echo_worker")
 HANDSHAKE_TIMEOUT = 5.0  # seconds without any answer before a new socket (§8.1)
+V = 2  # the version this worker speaks; it also reads version 1 (same bodies)
+AUTH_DOMAIN = b"bridge-proto/2 auth\x00"  # §14
 
 
 def encode(kind, **fields):
-    return msgpack.packb({"v": 1, "kind": kind, **fields}, use_bin_type=True)
+    return msgpack.packb({"v": V, "kind": kind, **fields}, use_bin_type=True)
 
 
 def decode(frame):
     msg = msgpack.unpackb(frame, raw=False)
-    if not isinstance(msg, dict) or msg.get("v") != 1 or not isinstance(msg.get("kind"), str):
-        raise ValueError("not a version 1 bridge message")
+    if not isinstance(msg, dict) or msg.get("v") not in (1, 2) or not isinstance(msg.get("kind"), str):
+        raise ValueError("not a version 1 or 2 bridge message")
     return msg
+
+
+def readable_cid(frame):
+    """The cid of an undecodable frame that is a map with kind "request" and a string cid."""
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if isinstance(msg, dict) and msg.get("kind") == "request" and isinstance(msg.get("cid"), str):
+        return msg["cid"]
+    return None
 
 
 def error(cid, code, message):
     return encode("error", cid=cid, code=code, message=message, retryable=False)
+
+
+def proof(secret, nonce):
+    return hmac.new(secret.encode("utf-8"), AUTH_DOMAIN + nonce, hashlib.sha256).digest()
+
+
+def answer(sock, max_frame, cid, frame):
+    """Sends a request's terminal message, replaced by payload_too_large when it is
+    bigger than the router's frame limit (a bigger frame closes our connection)."""
+    if max_frame is not None and len(frame) > max_frame:
+        limit = f"the router's frame limit of {max_frame} bytes"
+        frame = error(cid, "payload_too_large", f"reply of {len(frame)} bytes exceeds {limit}")
+    sock.send(frame)
 
 
 def backoff(attempt):  # seconds: equal jitter over min(100 ms * 2^n, 5 s)
@@ -63,7 +99,8 @@ def main():
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    hello = encode("hello", worker_id=args.id, services=args.services or ["echo"], capacity=8, sdk="raw-echo/0.1")
+    hello = encode("hello", worker_id=args.id, services=args.services or ["echo"], capacity=8, sdk="raw-echo/0.2")
+    secret = os.environ.get("BRIDGE_SECRET", "").strip() or None  # never sent, never logged
     zctx, attempt, announced = zmq.Context(), 0, False
 
     while True:  # one iteration = one socket = one session
@@ -73,6 +110,7 @@ def main():
         sock.send(hello)
         now = time.monotonic()
         registered, stopping, heartbeat, silence = False, False, 1.0, HANDSHAKE_TIMEOUT
+        max_frame = None  # the welcome's max_frame_bytes: bigger frames close our connection
         last_heard = last_sent = now
         next_hello = now + backoff(attempt)
         sleeping = {}  # cid -> (wake time, deadline, ms): outstanding `sleep` requests
@@ -90,18 +128,35 @@ def main():
                 last_heard = time.monotonic()
                 try:
                     msg = decode(frame)
+                    kind = msg["kind"]
+                    if kind == "request":  # the fields this worker reads, with their types
+                        ok = isinstance(msg.get("cid"), str) and isinstance(msg.get("msg_type"), str)
+                        if not ok or not isinstance(msg.get("timeout_ms"), int) or "data" not in msg:
+                            raise ValueError("invalid request")
                 except Exception as e:
-                    log.warning("dropped an undecodable frame (%d bytes): %s", len(frame), e)
+                    cid = readable_cid(frame)
+                    if registered and cid is not None:  # still owed a terminal message (§9.1)
+                        log.warning("request %s does not decode: answering bad_request", cid)
+                        answer(
+                            sock, max_frame, cid, error(cid, "bad_request", f"the request could not be decoded: {e}")
+                        )
+                    else:
+                        log.warning("dropped an undecodable frame (%d bytes): %s", len(frame), e)
                     continue
-                kind = msg["kind"]
                 if kind == "welcome":
                     registered, attempt = True, 0
                     heartbeat = msg["heartbeat_ms"] / 1000
                     silence = heartbeat * msg["liveness"]
+                    max_frame = msg.get("max_frame_bytes")
                     if not announced:
                         announced = True
                         line = {"event": "registered", "worker_id": args.id, "services": args.services or ["echo"]}
                         print(json.dumps(line, separators=(",", ":")), flush=True)
+                elif kind == "challenge" and not registered:
+                    if secret is None:
+                        log.error("the router requires a bridge secret: set BRIDGE_SECRET")
+                        return 1
+                    sock.send(encode("auth", proof=proof(secret, msg["nonce"])))  # answer every challenge
                 elif kind == "goodbye":
                     if not msg["reconnect"]:
                         log.error("the router refused this worker: %s", msg["reason"])
@@ -115,7 +170,7 @@ def main():
                     if stopping:
                         sock.send(encode("error", cid=cid, code="worker_error", message="stopping", retryable=True))
                     elif msg["msg_type"] == "echo":
-                        sock.send(encode("reply", cid=cid, done=True, data=msg["data"]))
+                        answer(sock, max_frame, cid, encode("reply", cid=cid, done=True, data=msg["data"]))
                     elif msg["msg_type"] == "sleep":
                         data = msg["data"] if isinstance(msg["data"], dict) else {}
                         ms = data.get("ms", 0) if isinstance(data.get("ms", 0), int) else 0

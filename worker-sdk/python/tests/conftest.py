@@ -152,7 +152,9 @@ class Router:
         self.proc = proc
         self.http: str = listening["http"]
         self.bridge: str = listening["bridge"]
-        self.publish: str = listening["publish"]
+        # None when the router has a secret: it then binds no PUB/SUB endpoint
+        # (publications come through authenticated bridge sessions).
+        self.publish: str | None = listening["publish"]
 
     def url(self, path: str) -> str:
         return f"ws://{self.http}{path}"
@@ -225,7 +227,11 @@ class Harness:
         return self.spawn(
             script,
             [sys.executable, str(EXAMPLES / script), "--bridge-endpoint", router.bridge, *args],
-            env={"PUBLISH_ENDPOINT": router.publish, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={
+                **({"PUBLISH_ENDPOINT": router.publish} if router.publish else {}),
+                "PYTHONUNBUFFERED": "1",
+                **(env or {}),
+            },
         )
 
     def cleanup(self, failed: bool) -> None:

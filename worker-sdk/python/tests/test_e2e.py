@@ -21,6 +21,7 @@ from bridge_worker import (
     HandlerError,
     Publisher,
     Reply,
+    SecretRequired,
     State,
     Worker,
     WorkerRejected,
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.timeout(60)
 def make_worker(router: Router, service: str = "py-main", **settings: Any) -> Worker:
     settings.setdefault("worker_id", "py-test")
     settings.setdefault("grace_period", 2.0)
-    return Worker([service], endpoint=router.bridge, publish_endpoint=router.publish, **settings)
+    if router.publish:
+        settings.setdefault("publish_endpoint", router.publish)
+    return Worker([service], endpoint=router.bridge, **settings)
 
 
 def state_of(w: Worker) -> State:
@@ -209,21 +212,14 @@ def test_connection_operations_and_publications(harness: Harness) -> None:
                 assert (said["topic"], said["data"]) == ("room:1", "hi")
                 await c.call("leave", {"topic": "room:1"})
 
-                # A Publisher on the PUB/SUB endpoint reaches a client that subscribed itself.
+                # A Publisher (a publisher session on the bridge endpoint) reaches a client
+                # that subscribed itself; nothing is lost to a slow joiner any more.
                 await c.send({"type": "subscribe", "id": "s1", "data": {"topic": "news"}})
                 await c.next(lambda f: isinstance(f, dict) and f.get("type") == "subscribed")
-                async with Publisher(router.publish) as pub:
-                    # PUB/SUB drops what is sent before the router's subscription reaches the
-                    # new socket: publish until one arrives (bounded), then check the content.
-                    got = None
-                    for _ in range(100):
-                        await pub.publish("news", "flash", {"headline": "ok"})
-                        try:
-                            got = await c.next(lambda f: isinstance(f, dict) and f.get("type") == "flash", 0.05)
-                            break
-                        except asyncio.TimeoutError:
-                            continue
-                    assert got is not None and (got["topic"], got["data"]) == ("news", {"headline": "ok"})
+                async with Publisher(router.bridge, secret=None) as pub:
+                    await pub.publish("news", "flash", {"headline": "ok"})
+                    got = await c.next(lambda f: isinstance(f, dict) and f.get("type") == "flash")
+                    assert (got["topic"], got["data"]) == ("news", {"headline": "ok"})
 
             _, info = await next_event("disconnect")
             assert (info.conn, info.code) == (conn, 1000)
@@ -453,9 +449,33 @@ def test_wrong_secret_is_refused_for_good(harness: Harness) -> None:
         bad = make_worker(router, secret="wrong")
         with pytest.raises(WorkerRejected):
             await asyncio.wait_for(bad.run(), 10)
+        missing = make_worker(router, secret=None)
+        with pytest.raises(SecretRequired):
+            await asyncio.wait_for(missing.run(), 10)
         good = make_worker(router, secret="s3cr3t")
         async with running(good):
             assert good.status.registrations == 1
+
+    asyncio.run(main())
+
+
+def test_publisher_sessions_prove_the_secret(harness: Harness) -> None:
+    router = harness.router("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "--bridge-secret", "s3cr3t")
+
+    async def main() -> None:
+        with pytest.raises(WorkerRejected):
+            async with Publisher(router.bridge, secret="wrong"):
+                pass
+        with pytest.raises(SecretRequired):
+            async with Publisher(router.bridge, secret=None):
+                pass
+        async with Client.connect(router.url("/ws/main")) as c:
+            await c.send({"type": "subscribe", "id": "s1", "data": {"topic": "news"}})
+            await c.next(lambda f: isinstance(f, dict) and f.get("type") == "subscribed")
+            async with Publisher(router.bridge, secret="s3cr3t") as pub:
+                await pub.publish("news", "flash", {"n": 1})
+                got = await c.next(lambda f: isinstance(f, dict) and f.get("type") == "flash")
+                assert (got["topic"], got["data"]) == ("news", {"n": 1})
 
     asyncio.run(main())
 

@@ -114,6 +114,9 @@ def test_cli_secret_from_the_environment(harness: Harness) -> None:
     assert refused.wait(15) == 1
     assert any("refused" in line for line in refused.stderr), refused.tail()
     assert not any("guess-7f3a" in line for line in refused.stderr), "the secret was logged"
+    missing = harness.python_example("automation_worker.py", router, env={"BRIDGE_SECRET": ""})
+    assert missing.wait(15) == 1
+    assert any("set BRIDGE_SECRET" in line for line in missing.stderr), missing.tail()
     accepted = harness.python_example("automation_worker.py", router, "--id", "a", env={"BRIDGE_SECRET": "s3cr3t"})
     registered(accepted, "a", ["automation"])
 
@@ -183,6 +186,23 @@ def test_raw_echo_worker(harness: Harness) -> None:
         assert await worker.wait_async(10) == 0
 
     asyncio.run(main())
+
+
+def test_raw_echo_worker_with_a_secret(harness: Harness) -> None:
+    router = harness.router("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "--bridge-secret", "s3cr3t")
+    worker = harness.python_example(
+        "raw_echo_worker.py", router, "--service", "raw-echo", "--id", "raw-s", env={"BRIDGE_SECRET": "s3cr3t"}
+    )
+    registered(worker, "raw-s", ["raw-echo"])
+
+    async def main() -> None:
+        async with Client.connect(router.url("/ws/rawworker")) as c:
+            assert (await c.call("echo", [1, "two"]))["data"] == [1, "two"]
+
+    asyncio.run(main())
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert not any("s3cr3t" in line for line in worker.stderr), "the secret was logged"
 
 
 def _wait_stderr(proc: Proc, needle: str, start: int, timeout: float = 10.0) -> None:

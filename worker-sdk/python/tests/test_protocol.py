@@ -148,3 +148,59 @@ def test_direction_is_checked_on_encode() -> None:
     with pytest.raises(wire.EncodeError):
         wire.encode_to_worker(wire.Hello(worker_id="w", services=["s"], capacity=1, sdk="x"))  # type: ignore[arg-type]
     assert wire.encode_from_worker(wire.Heartbeat()) == wire.encode_to_worker(wire.Heartbeat())
+
+
+def test_auth_proof_matches_the_documented_vector_and_the_auth_vector() -> None:
+    nonce = bytes(range(32))
+    proof = wire.auth_proof("s3cret", nonce)
+    # PROTOCOL.md §14 and bridge_proto::auth's test.
+    assert proof.hex() == "6786618e992b7788501a39bf91ea5fcfc87c1b71ad060647d5df98b1b95512f3"
+    assert len(proof) == wire.PROOF_LEN
+    assert wire.verify_proof(b"s3cret", nonce, proof)
+    assert not wire.verify_proof("wrong", nonce, proof)
+    assert not wire.verify_proof("s3cret", bytes(32), proof)
+    assert not wire.verify_proof("s3cret", nonce, proof[:31])
+    # The golden `auth` vector answers the golden `challenge` vector.
+    challenge = wire.decode_to_worker((VECTORS / "to_worker" / "challenge.msgpack").read_bytes())
+    auth = wire.decode_from_worker((VECTORS / "from_worker" / "auth.msgpack").read_bytes())
+    assert isinstance(challenge, wire.Challenge) and isinstance(auth, wire.Auth)
+    assert len(challenge.nonce) == wire.NONCE_LEN
+    assert auth.proof == wire.auth_proof("s3cret", challenge.nonce)
+
+
+def test_versions_1_and_2_decode_and_others_are_refused() -> None:
+    for v in (1, 2):
+        frame = wire.encode(wire.Heartbeat(), version=v)
+        assert wire.decode_to_worker_versioned(frame) == (v, wire.Heartbeat())
+        assert wire.decode_from_worker_versioned(frame) == (v, wire.Heartbeat())
+    assert wire.encode(wire.Heartbeat())[3] == 2, "v: 2 by default"
+    for v in (0, 3):
+        with pytest.raises(wire.DecodeError) as err:
+            wire.decode_to_worker(wire.encode(wire.Heartbeat(), version=v))
+        assert err.value.rejection == "version" and f"version {v}" in str(err.value)
+
+
+def test_hello_has_no_secret_any_more() -> None:
+    assert "secret" not in wire.Hello.__dataclass_fields__
+    frame = wire.encode(wire.Hello(worker_id="w", services=["s"], capacity=1, sdk="x"))
+    assert b"secret" not in frame
+
+
+def test_request_cid_reads_broken_requests_only() -> None:
+    import msgpack
+
+    assert wire.request_cid(msgpack.packb({"v": 2, "kind": "request", "cid": "c1"})) == "c1"
+    assert wire.request_cid(msgpack.packb({"v": 2, "kind": "request", "cid": "c2", "data": b"\x00"})) == "c2"
+    for bad in (
+        {"v": 2, "kind": "request", "cid": 5},
+        {"v": 2, "kind": "request", "cid": b"c"},
+        {"v": 2, "kind": "event", "cid": "c"},
+        {"v": 2, "cid": "c"},
+        ["request", "c"],
+    ):
+        assert wire.request_cid(msgpack.packb(bad, use_bin_type=True)) is None, bad
+    assert wire.request_cid(b"") is None
+    assert wire.request_cid(b"\xc1") is None
+    # A cid whose bytes are not UTF-8 is not a string.
+    bad_utf8 = b"\x83\xa1v\x02\xa4kind\xa7request\xa3cid\xa2\xff\xfe"
+    assert wire.request_cid(bad_utf8) is None

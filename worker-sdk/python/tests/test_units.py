@@ -206,17 +206,25 @@ def test_outbox_keeps_order_applies_back_pressure_and_releases_on_close() -> Non
         await asyncio.sleep(0)
         assert not blocked.done(), "put must wait while the queue is full"
         box.put_nowait(b"terminal")  # never waits, keeps its place
-        assert [await box.get(), await box.get()] == [b"1", b"2"]
+        assert [(await box.get())[0], (await box.get())[0]] == [b"1", b"2"]
         await asyncio.wait_for(blocked, 1)
-        assert [await box.get(), await box.get()] == [b"terminal", b"3"]
+        assert [(await box.get())[0], (await box.get())[0]] == [b"terminal", b"3"]
         box.sent()
         await asyncio.wait_for(box.flushed(), 1)
 
-        await box.put(b"a")
+        loop = asyncio.get_running_loop()
+        queued: asyncio.Future[bool] = loop.create_future()
+        await box.put(b"a", queued)
         await box.put(b"b")
-        stuck = asyncio.create_task(box.put(b"c"))
+        waiting: asyncio.Future[bool] = loop.create_future()
+        stuck = asyncio.create_task(box.put(b"c", waiting))
         await asyncio.sleep(0)
         box.close()  # the session ended: waiting senders go on, their frames are dropped
         await asyncio.wait_for(stuck, 1)
+        # Senders that asked are told their frame never reached the socket.
+        assert (await queued, await waiting) == (False, False)
+        late: asyncio.Future[bool] = loop.create_future()
+        box.put_nowait(b"d", late)
+        assert await late is False
 
     asyncio.run(main())

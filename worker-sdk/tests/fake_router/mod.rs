@@ -1,6 +1,11 @@
 //! A stand-in for the router's bridge side: a real zeromq ROUTER socket
 //! bound on a free loopback port, driven step by step by the test.
 //!
+//! Like the real router it can have a secret (then [`FakeRouter::handshake`]
+//! answers the hello with a `challenge` and checks the `auth` with
+//! [`bridge_proto::auth::verify`]) and a frame limit (`max_frame_bytes` in
+//! its welcome).
+//!
 //! Every wait is bounded by [`WAIT`], so a worker that never answers fails
 //! the test instead of hanging it.
 
@@ -9,7 +14,8 @@
 use std::time::Duration;
 
 use bridge_proto::{
-    decode_from_worker, encode_to_worker, Cancel, FromWorker, Hello, Request, ToWorker, Welcome,
+    auth, decode_from_worker_versioned, encode_to_worker, Auth, Cancel, Challenge, FromWorker,
+    Goodbye, Hello, Request, ToWorker, Welcome,
 };
 use bytes::Bytes;
 use serde_json::Value;
@@ -21,6 +27,12 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct FakeRouter {
     socket: RouterSocket,
     pub endpoint: String,
+    /// The secret [`handshake`](Self::handshake) challenges for, if any.
+    pub secret: Option<String>,
+    /// `max_frame_bytes` of the welcomes it sends.
+    pub max_frame_bytes: Option<u64>,
+    /// Every payload frame received so far (to check what never crossed the wire).
+    pub received: Vec<Bytes>,
 }
 
 impl FakeRouter {
@@ -36,7 +48,29 @@ impl FakeRouter {
         Self {
             socket,
             endpoint: bound.to_string(),
+            secret: None,
+            max_frame_bytes: None,
+            received: Vec::new(),
         }
+    }
+
+    /// Challenges every hello for `secret`.
+    pub fn with_secret(mut self, secret: &str) -> Self {
+        self.secret = Some(secret.to_owned());
+        self
+    }
+
+    /// Announces a frame limit in its welcomes.
+    pub fn with_max_frame_bytes(mut self, limit: u64) -> Self {
+        self.max_frame_bytes = Some(limit);
+        self
+    }
+
+    /// Whether `needle` appears in any frame received so far.
+    pub fn ever_received(&self, needle: &[u8]) -> bool {
+        self.received
+            .iter()
+            .any(|f| f.windows(needle.len()).any(|w| w == needle))
     }
 
     /// Unbinds and drops the socket, closing every worker connection.
@@ -45,16 +79,26 @@ impl FakeRouter {
         assert!(errors.is_empty(), "{errors:?}");
     }
 
-    /// Next message from any worker, heartbeats included.
-    pub async fn recv_any(&mut self) -> (Bytes, FromWorker) {
+    /// Next message from any worker, heartbeats included, with its payload
+    /// frame as received. Every message must be protocol version 2.
+    pub async fn recv_raw(&mut self) -> (Bytes, Bytes, FromWorker) {
         let message = tokio::time::timeout(WAIT, self.socket.recv())
             .await
             .expect("timed out waiting for a worker message")
             .expect("router recv");
         let frames = message.into_vec();
         assert_eq!(frames.len(), 2, "expected [identity, payload]");
-        let msg = decode_from_worker(&frames[1]).expect("worker sent a valid bridge message");
-        (frames[0].clone(), msg)
+        let (v, msg) =
+            decode_from_worker_versioned(&frames[1]).expect("worker sent a valid bridge message");
+        assert_eq!(v, bridge_proto::PROTOCOL_VERSION, "{msg:?}");
+        self.received.push(frames[1].clone());
+        (frames[0].clone(), frames[1].clone(), msg)
+    }
+
+    /// Next message from any worker, heartbeats included.
+    pub async fn recv_any(&mut self) -> (Bytes, FromWorker) {
+        let (id, _, msg) = self.recv_raw().await;
+        (id, msg)
     }
 
     /// Next message that is not a heartbeat.
@@ -93,19 +137,66 @@ impl FakeRouter {
         }
     }
 
-    /// Waits for a hello and welcomes the worker.
+    /// Waits for a hello, challenges it when the router has a secret (and
+    /// checks the proof), and welcomes the worker.
     pub async fn handshake(&mut self, heartbeat_ms: u64, liveness: u32) -> (Bytes, Hello) {
         let (id, hello) = self.expect_hello().await;
+        if let Some(secret) = self.secret.clone() {
+            let nonce = fresh_nonce();
+            let auth = self.challenge(&id, &nonce).await;
+            assert!(
+                auth::verify(secret.as_bytes(), &nonce, &auth.proof),
+                "the worker's proof does not verify"
+            );
+        }
+        self.welcome(&id, heartbeat_ms, liveness).await;
+        (id, hello)
+    }
+
+    /// Sends `challenge{nonce}` and returns the `auth` that answers it. A
+    /// hello resent meanwhile gets the same challenge again, as from the
+    /// real router.
+    pub async fn challenge(&mut self, id: &Bytes, nonce: &[u8]) -> Auth {
+        let challenge = ToWorker::Challenge(Challenge {
+            nonce: nonce.to_vec(),
+        });
+        self.send(id, challenge.clone()).await;
+        loop {
+            match self.recv().await {
+                (from, FromWorker::Auth(a)) => {
+                    assert_eq!(&from, id, "auth from another socket");
+                    return a;
+                }
+                (from, FromWorker::Hello(_)) if from == id => {
+                    self.send(id, challenge.clone()).await;
+                }
+                (_, other) => panic!("expected auth, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn welcome(&mut self, id: &Bytes, heartbeat_ms: u64, liveness: u32) {
         self.send(
-            &id,
+            id,
             ToWorker::Welcome(Welcome {
                 router_id: "fake-router".into(),
                 heartbeat_ms,
                 liveness,
+                max_frame_bytes: self.max_frame_bytes,
             }),
         )
         .await;
-        (id, hello)
+    }
+
+    pub async fn goodbye(&mut self, id: &Bytes, reason: &str, reconnect: bool) {
+        self.send(
+            id,
+            ToWorker::Goodbye(Goodbye {
+                reason: reason.into(),
+                reconnect,
+            }),
+        )
+        .await;
     }
 
     pub async fn request(&mut self, id: &Bytes, cid: &str, msg_type: &str, data: Value) {
@@ -138,6 +229,11 @@ impl FakeRouter {
         )
         .await;
     }
+}
+
+/// 32 random bytes, like the router's nonces.
+pub fn fresh_nonce() -> Vec<u8> {
+    rand::random::<[u8; 32]>().to_vec()
 }
 
 pub fn request(cid: &str, msg_type: &str, data: Value, timeout_ms: u64) -> Request {

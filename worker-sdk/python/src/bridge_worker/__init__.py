@@ -19,7 +19,7 @@ Layout:
 - :mod:`~bridge_worker.worker`: :class:`Worker` (handlers, session, reconnects, stop)
 - :mod:`~bridge_worker.context`: :class:`Context` / :class:`EventContext` given to handlers
 - :mod:`~bridge_worker.handlers`: :class:`Reply`, :class:`Partial`, :class:`Frame`
-- :mod:`~bridge_worker.publisher`: :class:`Publisher` (PUB socket for topic publications)
+- :mod:`~bridge_worker.publisher`: :class:`Publisher` (a publisher session for topic publications)
 - :mod:`~bridge_worker.protocol`: the wire messages and their MessagePack codec
 - :mod:`~bridge_worker.cli`: the command line of example workers
 - :mod:`~bridge_worker.config`, :mod:`~bridge_worker.errors`, :mod:`~bridge_worker.codes`
@@ -28,7 +28,15 @@ Layout:
 from . import codes, protocol
 from .config import WorkerConfig
 from .context import Context, EventContext
-from .errors import ConfigError, HandlerError, WorkerRejected, WorkerStopped
+from .errors import (
+    ConfigError,
+    HandlerError,
+    NotConnected,
+    PayloadTooLarge,
+    SecretRequired,
+    WorkerRejected,
+    WorkerStopped,
+)
 from .handlers import Frame, Partial, Reply
 from .publisher import Publisher
 from .worker import SDK_NAME, SDK_VERSION, State, Status, Worker
@@ -41,10 +49,13 @@ __all__ = [
     "EventContext",
     "Frame",
     "HandlerError",
+    "NotConnected",
     "Partial",
+    "PayloadTooLarge",
     "Publisher",
     "Reply",
     "SDK_NAME",
+    "SecretRequired",
     "State",
     "Status",
     "Worker",

@@ -50,13 +50,15 @@ class WorkerConfig:
     endpoint: str = DEFAULT_BRIDGE_ENDPOINT
     """ZeroMQ endpoint of the router's ROUTER socket (``BRIDGE_ENDPOINT``)."""
     publish_endpoint: str = DEFAULT_PUBLISH_ENDPOINT
-    """ZeroMQ endpoint of the router's SUB socket (``PUBLISH_ENDPOINT``), for :class:`Publisher`."""
+    """ZeroMQ endpoint of the router's SUB socket (``PUBLISH_ENDPOINT``), which only a router
+    without a secret binds. Kept for the command line; :class:`Publisher` uses ``endpoint``."""
     worker_id: str = field(default_factory=default_worker_id)
     """Name announced in ``hello`` (for logs and ``/routes``; need not be unique)."""
     capacity: int = DEFAULT_CAPACITY
     """Max requests in flight; announced in ``hello`` and enforced locally."""
     secret: str | None = field(default=None, repr=False)
-    """Shared secret sent in ``hello`` (``BRIDGE_SECRET``); never logged."""
+    """Shared secret (``BRIDGE_SECRET``): the worker proves it knows it when the
+    router challenges it; never sent, never logged."""
     grace_period: float = 10.0
     """How long a graceful stop waits for in-flight work before abandoning it."""
     backoff_initial: float = 0.1
@@ -86,18 +88,29 @@ class WorkerConfig:
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` listing every problem at once."""
+        self._check(publisher=False)
+
+    def _validate_publisher(self) -> None:
+        """Like :meth:`validate` for a publisher session: no services, capacity 0."""
+        self._check(publisher=True)
+
+    def _check(self, *, publisher: bool) -> None:
         problems = []
         for name, ep in (("endpoint", self.endpoint), ("publish_endpoint", self.publish_endpoint)):
             if not _ENDPOINT.fullmatch(ep):
                 problems.append(f"{name} {ep!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)")
         if not self.worker_id.strip():
             problems.append("worker_id is empty")
-        if not self.services:
-            problems.append("no services: a worker must serve at least one")
-        if any(not s.strip() for s in self.services):
-            problems.append("a service name is empty")
-        if not 1 <= self.capacity <= 0xFFFF_FFFF:
-            problems.append(f"capacity {self.capacity} is not in 1..4294967295")
+        if publisher:
+            if self.services or self.capacity != 0:
+                problems.append("a publisher session registers with no services and capacity 0")
+        else:
+            if not self.services:
+                problems.append("no services: a worker must serve at least one")
+            if any(not s.strip() for s in self.services):
+                problems.append("a service name is empty")
+            if not 1 <= self.capacity <= 0xFFFF_FFFF:
+                problems.append(f"capacity {self.capacity} is not in 1..4294967295")
         if not 0 < self.backoff_initial <= self.backoff_max:
             problems.append(f"backoff must satisfy 0 < initial ({self.backoff_initial}) <= max ({self.backoff_max})")
         for name in ("handshake_timeout",):

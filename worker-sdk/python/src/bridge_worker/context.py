@@ -174,13 +174,17 @@ class Context(_ConnectionOps):
 
         ``msg_type`` names the reply's type (e.g. ``THOUGHT``); by default it is
         the request's. ``data`` may also be a :class:`Partial`. Waits while the
-        worker's outbound queue is full.
+        worker's outbound queue is full. Once the request has ended (terminal
+        message sent, cancelled, past its deadline), partial replies are
+        dropped. A partial reply bigger than the router's frame limit ends the
+        request: the SDK answers it ``payload_too_large``, cancels the handler
+        and raises :class:`~bridge_worker.PayloadTooLarge`.
         """
         if isinstance(data, Partial):
             data, msg_type = data.data, data.msg_type
-        if self._done:
-            return
-        await self._worker._send(wire.Reply(cid=self.correlation_id, done=False, msg_type=msg_type, data=data))
+        await self._worker._send_partial(
+            self, wire.Reply(cid=self.correlation_id, done=False, msg_type=msg_type, data=data)
+        )
 
     # The SDK's side of the request's life, used by the worker.
 

@@ -1,6 +1,8 @@
-"""Errors of the SDK: the failure of one request (:class:`HandlerError`), why
-a worker stopped (:class:`WorkerRejected`), a worker that no longer sends
-(:class:`WorkerStopped`) and an unusable configuration (:class:`ConfigError`)."""
+"""Errors of the SDK: the failure of one request (:class:`HandlerError`), a
+message over the router's frame limit (:class:`PayloadTooLarge`), why a worker
+stopped (:class:`WorkerRejected`, :class:`SecretRequired`), a worker that no
+longer sends (:class:`WorkerStopped`), a publisher without a router session
+(:class:`NotConnected`) and an unusable configuration (:class:`ConfigError`)."""
 
 from __future__ import annotations
 
@@ -76,6 +78,26 @@ class HandlerError(Exception):
         return cls(codes.UNKNOWN_TYPE, f"this worker has no handler for message type {msg_type!r}")
 
 
+class PayloadTooLarge(HandlerError):
+    """A message bigger than the largest frame the router accepts
+    (``max_frame_bytes`` of its welcome); it was not sent, since the router
+    would close the connection on it.
+
+    Raised by the worker's operations (``push``, ``publish``, ``send_raw``,
+    ...) and by :meth:`Context.send_partial` (after the SDK has answered the
+    request ``payload_too_large``). As a :class:`HandlerError` it fails the
+    request of a handler that does not catch it, with code ``payload_too_large``.
+    """
+
+    def __init__(self, kind: str, size: int, limit: int) -> None:
+        super().__init__(
+            codes.PAYLOAD_TOO_LARGE, f"{kind} of {size} bytes exceeds the router's frame limit of {limit} bytes"
+        )
+        self.kind = kind
+        self.size = size
+        self.limit = limit
+
+
 class WorkerRejected(Exception):
     """The router said ``goodbye{reconnect: false}``: retrying will not help
     (wrong secret, unsupported protocol version, bad hello)."""
@@ -84,6 +106,25 @@ class WorkerRejected(Exception):
         super().__init__(f"the router at {endpoint} refused this worker: {reason}")
         self.endpoint = endpoint
         self.reason = reason
+
+
+class SecretRequired(WorkerRejected):
+    """The router challenged the worker for the shared secret and the worker
+    has none: set ``BRIDGE_SECRET`` (or the ``secret`` setting)."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint, "the router requires a bridge secret: set BRIDGE_SECRET")
+        self.args = (f"the router at {endpoint} requires a bridge secret: set BRIDGE_SECRET",)
+
+
+class NotConnected(ConnectionError):
+    """A :class:`~bridge_worker.Publisher` had no registered session with the
+    router within its timeout: the publication was not sent."""
+
+    def __init__(self, endpoint: str, waited: float) -> None:
+        super().__init__(f"not connected to the router at {endpoint} within {waited:g} s")
+        self.endpoint = endpoint
+        self.waited = waited
 
 
 class WorkerStopped(RuntimeError):

@@ -13,12 +13,21 @@ and the test suite checks every one of them.
 Decoding reads ``v`` and ``kind`` first (so a peer speaking another version
 gets a :class:`DecodeError` with ``rejection == "version"`` rather than a
 confusing field error), ignores fields it does not know, and checks the type
-of every field it does know, naming the field at fault.
+of every field it does know, naming the field at fault. Decoders accept
+versions :data:`MIN_PROTOCOL_VERSION` to :data:`PROTOCOL_VERSION` (1 and 2
+differ only in their handshake, so the message bodies are the same);
+encoders write :data:`PROTOCOL_VERSION` unless told otherwise.
+
+Version 2 authenticates with a challenge instead of a secret in ``hello``:
+a router with a secret answers the hello with :class:`Challenge` and the
+worker answers with :class:`Auth` carrying :func:`auth_proof` of the nonce.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,8 +35,33 @@ from typing import Any, ClassVar, Literal
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-"""The value of ``v`` in every message."""
+PROTOCOL_VERSION = 2
+"""The value of ``v`` in every message this side encodes."""
+MIN_PROTOCOL_VERSION = 1
+"""The oldest version the decoders accept."""
+
+AUTH_DOMAIN = b"bridge-proto/2 auth\x00"
+"""Prefix of the message a proof authenticates (``bridge_proto::auth::DOMAIN``)."""
+NONCE_LEN = 32
+"""Bytes of a challenge nonce."""
+PROOF_LEN = 32
+"""Bytes of a proof (one SHA-256 output)."""
+
+
+def _key(secret: str | bytes) -> bytes:
+    return secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+
+
+def auth_proof(secret: str | bytes, nonce: bytes) -> bytes:
+    """The proof a worker that knows ``secret`` sends for ``nonce``:
+    HMAC-SHA256 with the secret's UTF-8 bytes as key over ``AUTH_DOMAIN + nonce``."""
+    return hmac.new(_key(secret), AUTH_DOMAIN + bytes(nonce), hashlib.sha256).digest()
+
+
+def verify_proof(secret: str | bytes, nonce: bytes, candidate: bytes) -> bool:
+    """Whether ``candidate`` is the proof for ``nonce`` under ``secret`` (constant-time comparison)."""
+    return hmac.compare_digest(auth_proof(secret, nonce), bytes(candidate))
+
 
 Json = Any
 """A JSON value: ``None``, ``bool``, ``int``, ``float``, ``str``, a list of
@@ -86,6 +120,18 @@ class Welcome(Message):
     router_id: str
     heartbeat_ms: int = _uint(64)
     liveness: int = _uint(32)
+    max_frame_bytes: int | None = _uint(64, optional=True)
+    """The largest frame the router accepts from this worker; a bigger one
+    closes the worker's connection. ``None`` from older routers."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Challenge(Message):
+    """Answer to a ``hello`` when the router has a secret: prove you know it
+    with :class:`Auth` (:func:`auth_proof` of ``nonce``)."""
+
+    KIND: ClassVar[str] = "challenge"
+    nonce: bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,7 +258,14 @@ class Hello(Message):
     services: list[str]
     capacity: int = _uint(32)
     sdk: str
-    secret: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Auth(Message):
+    """Answer to a :class:`Challenge`: the proof that the worker knows the secret."""
+
+    KIND: ClassVar[str] = "auth"
+    proof: bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -318,18 +371,45 @@ class Publication(Message):
     data: Json
 
 
-ToWorker = Welcome | Goodbye | Heartbeat | Request | Event | Binary | Raw | Connect | Disconnect | Cancel
+ToWorker = Welcome | Challenge | Goodbye | Heartbeat | Request | Event | Binary | Raw | Connect | Disconnect | Cancel
 FromWorker = (
-    Hello | Heartbeat | Reply | ErrorReply | Push | PushBinary | Raw | Close | Subscribe | Unsubscribe | Publish | Bye
+    Hello
+    | Auth
+    | Heartbeat
+    | Reply
+    | ErrorReply
+    | Push
+    | PushBinary
+    | Raw
+    | Close
+    | Subscribe
+    | Unsubscribe
+    | Publish
+    | Bye
 )
 
 TO_WORKER: Mapping[str, type[Message]] = {
-    c.KIND: c for c in (Welcome, Goodbye, Heartbeat, Request, Event, Binary, Raw, Connect, Disconnect, Cancel)
+    c.KIND: c
+    for c in (Welcome, Challenge, Goodbye, Heartbeat, Request, Event, Binary, Raw, Connect, Disconnect, Cancel)
 }
 """Router -> worker message classes by ``kind``."""
 FROM_WORKER: Mapping[str, type[Message]] = {
     c.KIND: c
-    for c in (Hello, Heartbeat, Reply, ErrorReply, Push, PushBinary, Raw, Close, Subscribe, Unsubscribe, Publish, Bye)
+    for c in (
+        Hello,
+        Auth,
+        Heartbeat,
+        Reply,
+        ErrorReply,
+        Push,
+        PushBinary,
+        Raw,
+        Close,
+        Subscribe,
+        Unsubscribe,
+        Publish,
+        Bye,
+    )
 }
 """Worker -> router message classes by ``kind``."""
 PUBLICATION: Mapping[str, type[Message]] = {Publication.KIND: Publication}
@@ -473,9 +553,10 @@ _SCHEMAS: dict[type[Message], tuple[_Field, ...]] = {
 # ----- codec --------------------------------------------------------------------
 
 
-def encode(msg: Message) -> bytes:
-    """Encodes any message; raises :class:`EncodeError` if a field has the wrong shape."""
-    wire: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
+def encode(msg: Message, *, version: int = PROTOCOL_VERSION) -> bytes:
+    """Encodes any message (with ``v`` = ``version``); raises :class:`EncodeError`
+    if a field has the wrong shape."""
+    wire: dict[str, Any] = {"v": version, "kind": msg.KIND}
     for f in _SCHEMAS[type(msg)]:
         value = getattr(msg, f.name)
         if value is None and f.optional:
@@ -511,7 +592,7 @@ def encode_publication(msg: Publication) -> bytes:
     return _encode_in(PUBLICATION, msg)
 
 
-def _decode(table: Mapping[str, type[Message]], frame: bytes) -> Message:
+def _decode(table: Mapping[str, type[Message]], frame: bytes) -> tuple[int, Message]:
     try:
         wire = msgpack.unpackb(
             frame,
@@ -530,8 +611,12 @@ def _decode(table: Mapping[str, type[Message]], frame: bytes) -> Message:
         raise DecodeError("header", "`v` is missing or not an unsigned integer")
     if type(kind) is not str:
         raise DecodeError("header", "`kind` is missing or not a string")
-    if v != PROTOCOL_VERSION:
-        raise DecodeError("version", f"protocol version {v} (this side speaks {PROTOCOL_VERSION})", kind=kind)
+    if not MIN_PROTOCOL_VERSION <= v <= PROTOCOL_VERSION:
+        raise DecodeError(
+            "version",
+            f"unsupported protocol version {v} (this side speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})",
+            kind=kind,
+        )
     cls = table.get(kind)
     if cls is None:
         raise DecodeError("unknown_kind", "no such message in this direction", kind=kind)
@@ -548,19 +633,49 @@ def _decode(table: Mapping[str, type[Message]], frame: bytes) -> Message:
         except _Bad as e:
             raise DecodeError("body", e.detail, kind=kind, field=f.name + e.path) from None
         values[f.name] = value
-    return cls(**values)
+    return v, cls(**values)
 
 
 def decode_to_worker(frame: bytes) -> ToWorker:
-    """Decodes a router -> worker message; raises :class:`DecodeError`."""
+    """Decodes a router -> worker message of any supported version; raises :class:`DecodeError`."""
+    return _decode(TO_WORKER, frame)[1]  # type: ignore[return-value]
+
+
+def decode_to_worker_versioned(frame: bytes) -> tuple[int, ToWorker]:
+    """Decodes a router -> worker message and tells its version."""
     return _decode(TO_WORKER, frame)  # type: ignore[return-value]
 
 
 def decode_from_worker(frame: bytes) -> FromWorker:
-    """Decodes a worker -> router message; raises :class:`DecodeError`."""
+    """Decodes a worker -> router message of any supported version; raises :class:`DecodeError`."""
+    return _decode(FROM_WORKER, frame)[1]  # type: ignore[return-value]
+
+
+def decode_from_worker_versioned(frame: bytes) -> tuple[int, FromWorker]:
+    """Decodes a worker -> router message and tells its version."""
     return _decode(FROM_WORKER, frame)  # type: ignore[return-value]
 
 
 def decode_publication(frame: bytes) -> Publication:
     """Decodes the payload frame of a publication; raises :class:`DecodeError`."""
-    return _decode(PUBLICATION, frame)  # type: ignore[return-value]
+    return _decode(PUBLICATION, frame)[1]  # type: ignore[return-value]
+
+
+def request_cid(frame: bytes) -> str | None:
+    """The ``cid`` of a frame that does not decode but is a map whose ``kind`` is
+    ``request`` and whose ``cid`` is a string (``None`` otherwise): such a request
+    is still owed a terminal message (``bad_request``) so its credit comes back."""
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=False, unicode_errors="surrogateescape", timestamp=0)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return None
+    if not isinstance(raw, dict) or raw.get("kind") != "request":
+        return None
+    cid = raw.get("cid")
+    if type(cid) is not str:
+        return None
+    try:
+        cid.encode("utf-8")
+    except UnicodeEncodeError:  # the bytes were not UTF-8: not a string on the wire
+        return None
+    return cid

@@ -4,7 +4,9 @@
 Shape of a run:
 
 - One *session* per DEALER socket. The worker connects, says ``hello``
-  (again every backoff step until welcomed), then serves: one task reads the
+  (again every backoff step until welcomed; a router with a secret answers
+  ``challenge{nonce}``, and the worker answers each one with
+  ``auth{proof}``, never sending the secret itself), then serves: one task reads the
   socket, one writes it (everything else queues frames for it), one sends
   heartbeats. A router silent for ``heartbeat_ms * liveness``, a
   ``goodbye{reconnect: true}`` or no welcome within the handshake timeout
@@ -17,6 +19,12 @@ Shape of a run:
   already failed them (or is gone), and a new socket could not answer them.
 - Messages without an answer (event, binary, raw, connect, disconnect) run in
   one sequential queue per connection, so their order is kept.
+- No frame bigger than the router's limit (``max_frame_bytes`` of its
+  welcome) is sent: a final or partial reply over it becomes the request's
+  terminal ``payload_too_large`` error; any other message over it raises
+  :class:`PayloadTooLarge` to its sender.
+- A request that does not decode but whose ``cid`` can be read is answered
+  ``bad_request``, so its credit comes back.
 - A stop sends ``bye``, lets in-flight work finish within the grace period,
   answers whatever is left with ``worker_error`` (retryable, so the router
   may retry it elsewhere), flushes and closes. Requests that cross the
@@ -44,9 +52,9 @@ from . import protocol as wire
 from .backoff import Backoff
 from .config import WorkerConfig
 from .context import Context, EventContext
-from .errors import HandlerError, WorkerRejected, WorkerStopped
+from .errors import HandlerError, PayloadTooLarge, SecretRequired, WorkerRejected, WorkerStopped
 from .handlers import Frame, Style, run_event, run_request, style_of
-from .outbox import Outbox
+from .outbox import Outbox, resolve_ack
 from .protocol import Json
 
 __all__ = ["Worker", "State", "Status", "SDK_NAME"]
@@ -87,6 +95,8 @@ class Status:
     """How many times a router has welcomed this worker (2 after the first re-registration)."""
     router_id: str | None
     """The ``router_id`` of the last welcome."""
+    max_frame_bytes: int | None = None
+    """The largest frame the router of the last welcome accepts, if it said; bigger messages are not sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +166,14 @@ class Worker:
         self._wake = asyncio.Event()  # progress while draining (work finished, stop shortened)
         self._executor: ThreadPoolExecutor | None = None
         self._router_id: str | None = None
-        # Timing of the current session, from its (latest) welcome.
+        # Timing and frame limit of the current session, from its (latest) welcome.
         self._beat_every = 1.0
         self._silence_limit = 3.0
+        self._max_frame: int | None = None
+        # Set by Publisher: registers with no services and capacity 0.
+        self._publisher_session = False
+        # A ZeroMQ context to use instead of one of its own (not terminated here).
+        self._zmq_context: zmq.asyncio.Context | None = None
 
     # ----- registration ---------------------------------------------------------
 
@@ -255,10 +270,53 @@ class Worker:
         frame = wire.encode_from_worker(msg)
         if self._status.state is State.STOPPED or not self._started:
             raise WorkerStopped()
+        self._check_size(msg.KIND, frame)
         if self._outbox is None:
             log.debug("not registered: %s message dropped", msg.KIND)
             return
         await self._outbox.put(frame)
+
+    def _check_size(self, kind: str, frame: bytes) -> None:
+        """Raises :class:`PayloadTooLarge` for a frame the router would not accept."""
+        limit = self._max_frame
+        if limit is not None and len(frame) > limit:
+            raise PayloadTooLarge(kind, len(frame), limit)
+
+    async def _send_partial(self, ctx: Context, msg: wire.Reply) -> None:
+        """A partial reply of request ``ctx``; one over the frame limit ends the request."""
+        if ctx.done:
+            log.debug("request %s already ended: partial reply dropped", ctx.correlation_id)
+            return
+        frame = wire.encode_from_worker(msg)
+        if self._status.state is State.STOPPED or not self._started:
+            raise WorkerStopped()
+        limit = self._max_frame
+        if limit is not None and len(frame) > limit:
+            log.warning(
+                "request %s: partial reply of %d bytes exceeds the frame limit of %d; answering payload_too_large",
+                ctx.correlation_id,
+                len(frame),
+                limit,
+            )
+            entry = self._inflight.get(ctx.correlation_id)
+            self._terminate(ctx, _too_large(ctx.correlation_id, len(frame), limit))
+            if entry is not None:
+                entry.task.cancel()
+            raise PayloadTooLarge("reply", len(frame), limit)
+        if self._outbox is None:
+            log.debug("not registered: partial reply dropped")
+            return
+        await self._outbox.put(frame)
+
+    async def _send_confirmed(self, frame: bytes) -> bool:
+        """Queues ``frame`` and waits until the writer has handed it to the socket of a
+        registered session (``True``), or the session ended first (``False``)."""
+        outbox = self._outbox
+        if outbox is None:
+            return False
+        ack: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await outbox.put(frame, ack)
+        return await ack
 
     def _send_nowait(self, frame: bytes) -> None:
         if self._outbox is not None:
@@ -323,7 +381,10 @@ class Worker:
         Raises :class:`ConfigError` for an unusable configuration and
         :class:`WorkerRejected` when the router refuses the worker for good.
         """
-        self.config.validate()
+        if self._publisher_session:
+            self.config._validate_publisher()
+        else:
+            self.config.validate()
         if self._started:
             raise RuntimeError("a Worker runs once; create a new one")
         self._started = True
@@ -334,7 +395,7 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.capacity + 4, thread_name_prefix="bridge-worker-handler"
         )
-        zctx = zmq.asyncio.Context()
+        zctx = self._zmq_context or zmq.asyncio.Context()
         backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         log.info(
             "worker %s starting: services %s, capacity %d, router %s",
@@ -358,8 +419,9 @@ class Worker:
                 loop.remove_signal_handler(sig)
             self._abandon_all()
             self._executor.shutdown(wait=False, cancel_futures=True)
-            # term() waits for lingering sockets to flush: keep it off the loop.
-            await asyncio.to_thread(zctx.term)
+            if self._zmq_context is None:
+                # term() waits for lingering sockets to flush: keep it off the loop.
+                await asyncio.to_thread(zctx.term)
             self._set_status(state=State.STOPPED)
             log.info("worker %s stopped", self.config.worker_id)
 
@@ -387,10 +449,11 @@ class Worker:
                 router_id=welcome.router_id,
             )
             log.info(
-                "registered with router %s (heartbeat %d ms, liveness %d)",
+                "registered with router %s (heartbeat %d ms, liveness %d, frame limit %s)",
                 welcome.router_id,
                 welcome.heartbeat_ms,
                 welcome.liveness,
+                welcome.max_frame_bytes,
             )
             try:
                 graceful = await self._serve(sock, writer)
@@ -419,7 +482,6 @@ class Worker:
                 services=list(self.config.services),
                 capacity=self.config.capacity,
                 sdk=SDK_NAME,
-                secret=self.config.secret,
             )
         )
         give_up = loop.time() + self.config.handshake_timeout
@@ -454,6 +516,17 @@ class Worker:
                         msg = None
                     if isinstance(msg, wire.Welcome):
                         return msg
+                    if isinstance(msg, wire.Challenge):
+                        # Answered every time: the router repeats its challenge when
+                        # our hello was resent before the auth arrived.
+                        if not self.config.secret:
+                            log.error("the router requires a bridge secret: set BRIDGE_SECRET")
+                            raise SecretRequired(self.config.endpoint)
+                        log.debug("challenged by the router; proving the secret")
+                        auth = wire.encode_from_worker(wire.Auth(proof=wire.auth_proof(self.config.secret, msg.nonce)))
+                        with contextlib.suppress(zmq.Again):
+                            await sock.send(auth, flags=zmq.NOBLOCK)
+                        continue
                     if isinstance(msg, wire.Goodbye):
                         if not msg.reconnect:
                             log.error("router refused this worker: %s", msg.reason)
@@ -475,14 +548,23 @@ class Worker:
 
     async def _write(self, sock: zmq.asyncio.Socket, outbox: Outbox) -> None:
         while True:
-            frame = await outbox.get()
-            await sock.send(frame)
+            frame, ack = await outbox.get()
+            try:
+                await sock.send(frame)
+            except BaseException:
+                resolve_ack(ack, False)
+                raise
+            resolve_ack(ack, True)
             outbox.sent()
 
     def _set_timing(self, welcome: wire.Welcome) -> None:
+        """Heartbeat timing and frame limit from a welcome (the first or a later one)."""
         # A heartbeat_ms of 0 would spin; 1 ms is already absurd but harmless.
         self._beat_every = max(welcome.heartbeat_ms, 1) / 1000
         self._silence_limit = self._beat_every * max(welcome.liveness, 1)
+        self._max_frame = welcome.max_frame_bytes
+        if self._status.max_frame_bytes != welcome.max_frame_bytes:
+            self._set_status(max_frame_bytes=welcome.max_frame_bytes)
 
     async def _beat(self, outbox: Outbox) -> None:
         frame = wire.encode_from_worker(wire.Heartbeat())
@@ -533,8 +615,12 @@ class Worker:
     # ----- incoming messages -------------------------------------------------------
 
     def _dispatch(self, frame: bytes) -> None:
-        msg = _decode(frame)
-        if msg is None or isinstance(msg, wire.Heartbeat):
+        try:
+            msg = wire.decode_to_worker(frame)
+        except wire.DecodeError as e:
+            self._undecodable(frame, e)
+            return
+        if isinstance(msg, wire.Heartbeat):
             return
         if isinstance(msg, wire.Welcome):
             # The answer to a resent hello: only the timing may change.
@@ -549,6 +635,8 @@ class Worker:
                 raise WorkerRejected(self.config.endpoint, msg.reason)
             log.info("router said goodbye: %s; reconnecting", msg.reason)
             raise _SessionEnd()
+        elif isinstance(msg, wire.Challenge):
+            log.debug("ignoring a challenge after the welcome")
         elif isinstance(msg, wire.Connect):
             if len(self._conns) < MAX_KNOWN_CONNECTIONS or msg.conn in self._conns:
                 self._conns[msg.conn] = msg
@@ -565,6 +653,44 @@ class Worker:
             known = self._conns.get(msg.conn)
             route, service = (known.route, known.service) if known else ("", "")
             self._queue_event("raw", msg.conn, Frame(msg.binary, msg.payload), route, service)
+
+    def _undecodable(self, frame: bytes, e: wire.DecodeError) -> None:
+        """Logs a frame that does not decode; answers ``bad_request`` to a request whose ``cid`` is readable."""
+        cid = wire.request_cid(frame) if e.rejection != "version" else None
+        if cid is None:
+            log.warning("undecodable message from the router (%d bytes): %s", len(frame), e)
+            return
+        if cid in self._inflight:
+            log.warning("undecodable duplicate of request %s, which is in flight: ignored", cid)
+            return
+        log.warning("request %s does not decode (%d bytes): answering bad_request: %s", cid, len(frame), e)
+        err = wire.ErrorReply(
+            cid=cid,
+            code=codes.BAD_REQUEST,
+            message=f"the request could not be decoded: {e}",
+            retryable=False,
+        )
+        answer = self._within_limit(cid, wire.encode_from_worker(err))
+        if answer is not None:
+            self._send_nowait(answer)
+
+    def _within_limit(self, cid: str, frame: bytes) -> bytes | None:
+        """``frame`` (a terminal message of request ``cid``) if the router accepts its
+        size, else the ``payload_too_large`` error that replaces it (``None``: not even that fits)."""
+        limit = self._max_frame
+        if limit is None or len(frame) <= limit:
+            return frame
+        log.warning(
+            "request %s: reply of %d bytes exceeds the frame limit of %d; answering payload_too_large",
+            cid,
+            len(frame),
+            limit,
+        )
+        replacement = wire.encode_from_worker(_too_large(cid, len(frame), limit))
+        if len(replacement) > limit:
+            log.warning("request %s: even the payload_too_large answer exceeds the frame limit; dropped", cid)
+            return None
+        return replacement
 
     def _start_request(self, req: wire.Request) -> None:
         loop = asyncio.get_running_loop()
@@ -636,13 +762,15 @@ class Worker:
         if entry is not None:
             entry.timer.cancel()
         try:
-            frame = wire.encode_from_worker(msg)
+            encoded = wire.encode_from_worker(msg)
         except wire.EncodeError as e:
             log.error("request %s: final reply cannot be encoded: %s", ctx.correlation_id, e)
-            frame = wire.encode_from_worker(
+            encoded = wire.encode_from_worker(
                 _error(ctx.correlation_id, HandlerError.worker_error("the worker produced a reply that is not JSON"))
             )
-        self._send_nowait(frame)
+        frame = self._within_limit(ctx.correlation_id, encoded)
+        if frame is not None:
+            self._send_nowait(frame)
         self._wake.set()
 
     def _queue_event(
@@ -737,12 +865,14 @@ def _error(cid: str, e: HandlerError) -> wire.ErrorReply:
     )
 
 
-def _decode(frame: bytes) -> wire.ToWorker | None:
-    try:
-        return wire.decode_to_worker(frame)
-    except wire.DecodeError as e:
-        log.warning("undecodable message from the router (%d bytes): %s", len(frame), e)
-        return None
+def _too_large(cid: str, size: int, limit: int) -> wire.ErrorReply:
+    """The terminal error that replaces a reply of ``size`` bytes the router would not accept."""
+    return wire.ErrorReply(
+        cid=cid,
+        code=codes.PAYLOAD_TOO_LARGE,
+        message=f"reply of {size} bytes exceeds the router's frame limit of {limit} bytes",
+        retryable=False,
+    )
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
