@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks (SPEC §9, BENCHMARKS.md): the router with the Rust echo worker
+# Benchmarks (BENCHMARKS.md): the router with the Rust echo worker
 # against a plain tokio-tungstenite echo server (the no-router baseline),
 # measured in the same run by the same load generator (tests/src/bin/loadgen.rs).
 #

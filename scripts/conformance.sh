@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WebSocket conformance (SPEC §9): runs the Autobahn|TestSuite fuzzing client
+# WebSocket conformance (README, tests): runs the Autobahn|TestSuite fuzzing client
 # (`wstest -m fuzzingclient`) against the router, through a raw route served
 # by the Rust echo worker, so the whole path is tested (WebSocket library,
 # session, bridge, ZeroMQ, worker SDK and back), not just the library.

@@ -9,7 +9,7 @@
 #
 #   --no-build   use the binaries in ROUTER_BIN_DIR as they are (no cargo build)
 #
-# Environment (the same variables the router and the workers read, SPEC §4):
+# Environment (the same variables the router and the workers read; README, process settings):
 #   WEBSOCKET_HOST      address to listen on               (127.0.0.1)
 #   WEBSOCKET_PORT      HTTP/WebSocket port; 0 = any free  (8001)
 #   WEBSOCKET_ROUTES    routes file                        (<repo>/websocket-routes.json)

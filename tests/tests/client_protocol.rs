@@ -1,4 +1,4 @@
-//! Router-handled parts of the client protocol (SPEC §3) over a real stack:
+//! Router-handled parts of the client protocol (README, client protocol) over a real stack:
 //! request ids reusable once done, ping/pong, and cancel.
 
 use std::time::Duration;

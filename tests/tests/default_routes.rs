@@ -52,7 +52,7 @@ fn assert_stream_shape(frames: &[Value], id: &str) {
     }
 }
 
-/// The welcome frame carries what SPEC §3 and the contract promise, on every default route.
+/// The welcome frame carries what the README's client protocol and the contract promise, on every default route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn welcome_frame_has_session_route_path_heartbeat_and_limits() {
     run(LIMIT, async {

@@ -1,4 +1,4 @@
-//! Graceful drain on SIGTERM/SIGINT (issue 5, SPEC §6): in-flight requests
+//! Graceful drain on SIGTERM/SIGINT (issue 5, README: graceful shutdown): in-flight requests
 //! finish with their final replies, then clients get close 1001, workers
 //! are told, the process exits 0 within the drain timeout; the drain itself
 //! is bounded; a second signal exits at once.
@@ -54,7 +54,7 @@ async fn start_drain(router: &mut RouterProc, sig: Signal) -> Instant {
     t0
 }
 
-/// The whole SPEC §6 sequence with requests in flight: no new upgrades and
+/// The whole drain sequence (README: graceful shutdown) with requests in flight: no new upgrades and
 /// `/ready` not ready, new requests on open connections refused with
 /// `overloaded`, every in-flight request's final reply delivered, then close
 /// 1001 for every client (idle ones too), workers told goodbye, exit 0 well
@@ -258,7 +258,7 @@ async fn a_client_that_never_reads_does_not_hold_the_shutdown() {
     .await;
 }
 
-/// SPEC §3/§6 and the README: `/ready` answers 503 while draining, and a
+/// The README (client protocol, graceful shutdown): `/ready` answers 503 while draining, and a
 /// refused upgrade answers with a JSON body that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_answers_503_and_upgrades_get_a_json_refusal_while_draining() {

@@ -1,4 +1,4 @@
-//! Dynamic routing (issue 5, SPEC §4): with `ENABLE_DYNAMIC_ROUTING=true` a
+//! Dynamic routing (issue 5, README: routes file): with `ENABLE_DYNAMIC_ROUTING=true` a
 //! worker that serves a path-named service the routes file lacks creates
 //! that route (default policies, `"dynamic": true` in `/routes`), which is
 //! served end to end and disappears when its last worker stops; without

@@ -1,4 +1,4 @@
-//! `/metrics` and `/stats` against traffic the test controls (issue 5, SPEC §3).
+//! `/metrics` and `/stats` against traffic the test controls (issue 5, README: /metrics and /stats).
 //!
 //! `/metrics` must be valid OpenMetrics text (parsed strictly here, not
 //! grepped) and its counters must move by exactly what the test sent;

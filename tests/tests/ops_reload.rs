@@ -1,4 +1,4 @@
-//! Hot reload of the routes file (issue 5, SPEC §4): edits in place and by
+//! Hot reload of the routes file (issue 5, README: routes file): edits in place and by
 //! atomic rename are served within a second while 200 clients keep
 //! exchanging messages; invalid edits are rejected whole and reported;
 //! SIGHUP alone reloads; policy changes reach existing connections; the
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-/// SPEC §4: a valid new file takes effect within 1 s.
+/// README (hot reload): a valid new file takes effect within 1 s.
 const APPLY_BOUND: Duration = Duration::from_secs(1);
 
 /// A routes file with `/ws/echo` plus `extra` routes (JSON objects). The

@@ -1,4 +1,4 @@
-//! Origins and tokens at upgrade time (SPEC §6, issue 4): a refused origin
+//! Origins and tokens at upgrade time (README: policies): a refused origin
 //! gets HTTP 403 JSON naming it (global allowlist and per-route override);
 //! a missing, invalid or expired token gets HTTP 401 JSON with the reason;
 //! HS256 and RS256 tokens are accepted from the `Authorization` header, the

@@ -1,4 +1,4 @@
-//! Circuit breaker per route (SPEC §6, issue 4): it opens after the
+//! Circuit breaker per route (README: policies): it opens after the
 //! configured consecutive failures (worker errors, `no_workers`, timeouts),
 //! then fails fast with `circuit_open` and a usable `retry_after_ms` while
 //! nothing reaches the worker, lets one probe through after `openMs`, closes

@@ -1,4 +1,4 @@
-//! Limits and back-pressure (SPEC §6, issue 4): message size (close 1009,
+//! Limits and back-pressure (README: policies): message size (close 1009,
 //! with the close frame received), invalid UTF-8 (1007), protocol errors
 //! (1002), the handshake deadline for TCP connections that never upgrade,
 //! 2 000 idle connections that must not starve new clients, `maxInFlight`

@@ -1,4 +1,4 @@
-//! Rate limits (SPEC §6, issue 4): an over-rate client gets `rate_limited`
+//! Rate limits (README: policies): an over-rate client gets `rate_limited`
 //! with a `retry_after_ms` that really is the wait until the next message
 //! passes; a flooding client is closed with 1008 while a polite client on
 //! the same route is unaffected; new connections per client IP are limited

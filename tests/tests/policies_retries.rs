@@ -1,4 +1,4 @@
-//! Retries (SPEC §6, issue 4): a request whose worker dies before replying
+//! Retries (README: policies): a request whose worker dies before replying
 //! is answered by another worker when the route has `retries`, and ends
 //! with `worker_error` when it has none; an error marked `retryable` is
 //! retried on a different worker too. Which worker served which attempt is

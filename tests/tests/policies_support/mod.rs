@@ -1,4 +1,4 @@
-//! Helpers shared by the `policies_*` end-to-end tests (issue 4, SPEC §6).
+//! Helpers shared by the `policies_*` end-to-end tests (issue 4, README: policies).
 //!
 //! The harness (`e2e_tests`) covers the common paths; the policy tests also
 //! need what a well-behaved client never does: upgrade attempts with chosen
