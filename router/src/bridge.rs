@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 use zeromq::{
-    RouterRecvHalf, RouterSendHalf, Socket, SocketOptions, SocketRecv, SocketSend, ZmqError,
-    ZmqMessage,
+    RouterRecvHalf, RouterSendHalf, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend,
+    ZmqError, ZmqMessage,
 };
 
 use crate::{
@@ -150,6 +150,8 @@ pub async fn start(
     };
 
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    // Connection events: a worker whose connection closes is dead at once.
+    let events = router.monitor().boxed();
     let (send_half, recv_half) = router.split();
     let heartbeat = cfg.broker.heartbeat;
     let broker = Broker::new(cfg.broker, hub.clone(), Some(registry), metrics.clone());
@@ -159,6 +161,7 @@ pub async fn start(
         metrics: metrics.clone(),
         send: send_half,
         recv: recv_half,
+        events,
         commands: rx,
         heartbeat,
         stop: stop.clone(),
@@ -239,15 +242,17 @@ const GOODBYE_LINGER: Duration = Duration::from_millis(200);
 /// counts as stuck.
 const SEND_STALL: Duration = Duration::from_millis(200);
 
-/// Sends what the broker queued. Returns the peers whose queue is full.
+/// Sends what the broker queued. Returns the peers a send failed to, with
+/// why: they are dead at once (a worker that cannot be written to gets no
+/// more work, whatever its heartbeats say).
 async fn flush(
     outbox: &mut ZmqOutbox,
     socket: &mut RouterSendHalf,
     broker: &Broker,
-) -> Vec<PeerId> {
-    let mut stuck: Vec<PeerId> = Vec::new();
+) -> Vec<(PeerId, &'static str)> {
+    let mut failed: Vec<(PeerId, &'static str)> = Vec::new();
     for (peer, version, msg) in outbox.out.drain(..) {
-        if stuck.contains(&peer) {
+        if failed.iter().any(|(p, _)| *p == peer) {
             continue;
         }
         let version = version.unwrap_or_else(|| broker.version_of(&peer));
@@ -255,16 +260,24 @@ async fn flush(
         frame.push_front(peer.clone());
         match tokio::time::timeout(SEND_STALL, socket.send(frame)).await {
             Ok(Ok(())) => {}
-            // More bytes queued for the peer than it may have: it is not reading.
-            Ok(Err(ZmqError::BufferFull(_))) => stuck.push(peer),
-            // The peer's connection is gone; its silence will get it declared dead.
-            Ok(Err(e)) => debug!(error = %e, "send to worker failed"),
+            // More bytes queued for the peer than it may have: not reading.
+            Ok(Err(ZmqError::BufferFull(why))) if why.contains("byte limit") => {
+                failed.push((peer, NOT_READING));
+            }
+            // The connection is gone (or broke while we wrote).
+            Ok(Err(e)) => {
+                debug!(peer = ?peer, error = %e, "send to worker failed");
+                failed.push((peer, "send failed"));
+            }
             // The crate's message-count bound made `send` wait: not reading either.
-            Err(_) => stuck.push(peer),
+            Err(_) => failed.push((peer, NOT_READING)),
         }
     }
-    stuck
+    failed
 }
+
+/// Why a worker whose queue overflowed is dead.
+const NOT_READING: &str = "not reading its queue";
 
 /// Everything the owner loop owns.
 struct Owner {
@@ -272,6 +285,8 @@ struct Owner {
     metrics: Arc<Metrics>,
     send: RouterSendHalf,
     recv: RouterRecvHalf,
+    /// The ROUTER socket's monitor: connections accepted and closed.
+    events: futures_util::stream::BoxStream<'static, SocketEvent>,
     commands: mpsc::Receiver<Command>,
     heartbeat: Duration,
     stop: CancellationToken,
@@ -285,6 +300,7 @@ async fn owner_loop(owner: Owner) {
         metrics,
         mut send,
         mut recv,
+        mut events,
         mut commands,
         heartbeat,
         stop,
@@ -326,13 +342,19 @@ async fn owner_loop(owner: Owner) {
             Some(due) = broker.zombie_timers.next() => {
                 broker.on_cancel_grace(due.into_inner(), &mut outbox);
             }
+            Some(event) = events.next() => {
+                if let SocketEvent::Disconnected(id) = event {
+                    broker.on_connection_closed(&PeerId::from(id), &mut outbox);
+                }
+            }
             _ = ticker.tick() => broker.on_tick(&mut outbox),
         }
-        let stuck = flush(&mut outbox, &mut send, &broker).await;
-        for peer in stuck {
-            warn!(peer = ?peer, "worker's send queue is full: declaring it dead");
-            metrics.bound_hit("worker_send_queue");
-            broker.remove_worker(&peer, "not reading its queue", &mut outbox);
+        let failed = flush(&mut outbox, &mut send, &broker).await;
+        for (peer, why) in failed {
+            if why == NOT_READING {
+                metrics.bound_hit("worker_send_queue");
+            }
+            broker.remove_worker(&peer, why, &mut outbox);
         }
     }
     broker.goodbye_all(&mut outbox);

@@ -778,6 +778,8 @@ impl Broker {
 
     /// After a transient failure of `req`'s attempt at `failed`: schedule
     /// another attempt if allowed, else fail it with `code`.
+    /// `outcome`: what the failure means for the route's breaker if no
+    /// retry happens.
     fn retry_or_fail(
         &mut self,
         mut req: InFlight,
@@ -785,6 +787,7 @@ impl Broker {
         partial_sent: bool,
         code: &str,
         message: String,
+        outcome: Outcome,
     ) {
         let left = self
             .deadlines
@@ -794,7 +797,7 @@ impl Broker {
         let base = RETRY_BASE * 2u32.saturating_pow(req.attempt - 1);
         let backoff = base + base.mul_f64(rand::random::<f64>() * 0.5);
         if partial_sent || !req.may_retry() || backoff >= left {
-            self.fail(req, code, message, Outcome::Failure, false);
+            self.fail(req, code, message, outcome, false);
             return;
         }
         info!(correlation.id = %req.cmd.cid, attempt = req.attempt + 1, backoff_ms = backoff.as_millis() as u64, "retrying on another worker");
@@ -946,7 +949,14 @@ impl Broker {
                 return;
             };
             self.release(&peer, out);
-            self.retry_or_fail(p.req, peer, p.partial_sent, &code, e.message);
+            self.retry_or_fail(
+                p.req,
+                peer,
+                p.partial_sent,
+                &code,
+                e.message,
+                Outcome::Failure,
+            );
             return;
         }
         let outcome = error_outcome(&code, false);
@@ -1140,6 +1150,16 @@ impl Broker {
         }
     }
 
+    /// A bridge connection closed (the socket told us): whatever was bound
+    /// to it is gone at once. A registered worker is dead now, not after the
+    /// liveness period, so no new request goes to it and its requests are
+    /// retried or failed immediately.
+    pub fn on_connection_closed(&mut self, peer: &PeerId, out: &mut dyn Outbox) {
+        self.handshake.forget(peer);
+        self.told_to_hello.remove(peer);
+        self.remove_worker(peer, "connection closed", out);
+    }
+
     /// Forgets a worker; its requests are retried elsewhere where allowed,
     /// else get their terminal `worker_error`.
     pub fn remove_worker(&mut self, peer: &PeerId, why: &str, _out: &mut dyn Outbox) {
@@ -1166,12 +1186,21 @@ impl Broker {
         for cid in lost {
             if let Some(p) = self.pending.remove(&cid) {
                 let msg = format!("worker {} was lost before replying ({why})", worker.name);
+                // The breaker protects clients from a failing service, not
+                // from one crashed process: while the service has another
+                // live worker, the loss does not count against the route.
+                let outcome = if self.live_workers_of(&p.req.cmd.service).next().is_some() {
+                    Outcome::Neutral
+                } else {
+                    Outcome::Failure
+                };
                 self.retry_or_fail(
                     p.req,
                     peer.clone(),
                     p.partial_sent,
                     codes::WORKER_ERROR,
                     msg,
+                    outcome,
                 );
             }
         }
@@ -1219,6 +1248,7 @@ impl Broker {
 mod tests {
     use super::*;
     use crate::hub::ConnShared;
+    use crate::policy::breaker::BreakerState;
     use bridge_proto::{ErrorReply, Hello, Reply};
     use futures_util::StreamExt;
     use serde_json::json;
@@ -1761,6 +1791,67 @@ mod tests {
             100,
             "request 2 left the queue"
         );
+    }
+
+    #[tokio::test]
+    async fn losing_one_worker_among_live_siblings_does_not_open_the_breaker() {
+        let policy = BreakerPolicy {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(10),
+        };
+        for (siblings, want) in [(true, BreakerState::Closed), (false, BreakerState::Open)] {
+            let mut f = fixture();
+            let (dead, alive) = (peer("dead"), peer("alive"));
+            f.hello(&dead, 8);
+            if siblings {
+                f.hello(&alive, 1);
+            }
+            let breaker = Arc::new(Breaker::default());
+            let (conn, shared, mut rx) = f.client();
+            // Fill the alive worker first (least outstanding), then 3 on `dead`.
+            let n = if siblings { 4 } else { 3 };
+            for i in 0..n {
+                let cid = Cid::new();
+                let key = json!(i).to_string();
+                assert!(shared.begin_request(key.clone(), cid.clone()));
+                let admit = breaker.admit(Instant::now(), &policy).unwrap();
+                f.broker.on_command(
+                    Command::Request(Box::new(RequestCmd {
+                        cid,
+                        conn: conn.clone(),
+                        client_key: key,
+                        client_id: json!(i),
+                        route: "/ws".into(),
+                        service: "svc".into(),
+                        msg_type: "echo".into(),
+                        data: json!({}),
+                        timeout: Duration::from_secs(10),
+                        affinity: false,
+                        retries: 0,
+                        breaker: Some(BreakerTicket {
+                            breaker: breaker.clone(),
+                            admit,
+                            policy,
+                        }),
+                        claims: None,
+                        size: 10,
+                    })),
+                    &mut f.out,
+                );
+            }
+            assert_eq!(f.out.requests_to(&dead).len(), 3);
+            f.broker.on_connection_closed(&dead, &mut f.out);
+            let errors: Vec<String> = frames(&mut rx)
+                .iter()
+                .filter_map(|fr| fr.error.as_ref().map(|e| e.code.clone()))
+                .collect();
+            assert_eq!(
+                errors,
+                vec![codes::WORKER_ERROR; 3],
+                "at once, siblings={siblings}"
+            );
+            assert_eq!(breaker.state(Instant::now()), want, "siblings={siblings}");
+        }
     }
 
     #[tokio::test]
