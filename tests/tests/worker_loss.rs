@@ -72,7 +72,7 @@ async fn sigkill_of_one_worker_fails_only_its_own_requests_and_keeps_the_breaker
             t.await.unwrap();
         }
 
-        let outcomes = outcomes.lock().unwrap();
+        let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
         let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.code.is_some()).collect();
         for f in &failed {
             assert_eq!(
