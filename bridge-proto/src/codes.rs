@@ -30,6 +30,22 @@ pub const CANCELLED: &str = "cancelled";
 /// A bug or resource failure inside the router.
 pub const INTERNAL: &str = "internal";
 
+/// Every code the router itself uses (others come from workers).
+pub const ALL: [&str; 12] = [
+    BAD_REQUEST,
+    UNKNOWN_TYPE,
+    PAYLOAD_TOO_LARGE,
+    RATE_LIMITED,
+    CIRCUIT_OPEN,
+    NO_WORKERS,
+    TIMEOUT,
+    WORKER_ERROR,
+    OVERLOADED,
+    UNAUTHORIZED,
+    CANCELLED,
+    INTERNAL,
+];
+
 /// Whether `code` is a well-formed error code: 1 to 64 characters of
 /// lowercase ASCII letters, digits and `_`, starting with a letter.
 pub fn is_valid_code(code: &str) -> bool {

@@ -414,7 +414,10 @@ async fn publication_loop(
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
+                // A peer's bad frame (it is dropped by the socket) or a socket
+                // error: log, and do not spin if it keeps failing.
                 warn!(error = %e, "publication receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };

@@ -16,6 +16,11 @@
 //!   worker that resent its hello never answers a nonce the router dropped;
 //! - at most [`MAX_PENDING`] challenges are open at once, each for at most
 //!   [`CHALLENGE_TTL`]: a peer that never answers costs a bounded amount.
+//!   When they are all taken, the oldest makes room (a flood of fresh
+//!   connections cannot lock real workers out for longer than it lasts);
+//! - a challenge is re-sent at most once per [`RESEND_EVERY`]: a peer that
+//!   repeats `hello` without reading cannot fill its send queue with
+//!   challenges and stall the bridge.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -37,6 +42,8 @@ pub const MAX_SERVICE_LEN: usize = 256;
 pub const MAX_PENDING: usize = 1024;
 /// How long a challenge stays valid.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(10);
+/// Least time between two sends of the same challenge.
+pub const RESEND_EVERY: Duration = Duration::from_secs(1);
 
 /// A `hello` that passed every check: register this worker.
 #[derive(Debug)]
@@ -69,6 +76,8 @@ struct Open {
     hello: proto::Hello,
     services: Vec<String>,
     opened: Instant,
+    /// When the challenge was last sent.
+    sent: Instant,
 }
 
 /// Open challenges, and the secret they test.
@@ -143,6 +152,10 @@ impl Handshake {
         if let Some(open) = self.open.get_mut(peer) {
             open.hello = hello;
             open.services = services;
+            if now.duration_since(open.sent) < RESEND_EVERY {
+                return Step::Ignore;
+            }
+            open.sent = now;
             let nonce = open.nonce.to_vec();
             return Step::Reply(version, ToWorker::Challenge(proto::Challenge { nonce }));
         }
@@ -150,13 +163,15 @@ impl Handshake {
             self.expire(now);
         }
         if self.open.len() >= MAX_PENDING {
-            return Step::Reply(
-                version,
-                ToWorker::Goodbye(proto::Goodbye {
-                    reason: "too many handshakes in progress: try again".into(),
-                    reconnect: true,
-                }),
-            );
+            // Evict the oldest: its peer says hello again if it is real.
+            if let Some(oldest) = self
+                .open
+                .iter()
+                .min_by_key(|(_, o)| o.opened)
+                .map(|(p, _)| p.clone())
+            {
+                self.open.remove(&oldest);
+            }
         }
         let nonce: [u8; auth::NONCE_LEN] = rand::random();
         self.open.insert(
@@ -166,6 +181,7 @@ impl Handshake {
                 hello,
                 services,
                 opened: now,
+                sent: now,
             },
         );
         Step::Reply(
@@ -338,11 +354,16 @@ mod tests {
     }
 
     #[test]
-    fn a_resent_hello_gets_the_same_nonce() {
+    fn a_resent_hello_gets_the_same_nonce_at_most_once_a_second() {
         let mut h = Handshake::new(Some("s3cret"));
         let now = Instant::now();
         let a = nonce_of(h.on_hello(&peer(1), 2, hello(&["echo"], 1), false, now));
-        let b = nonce_of(h.on_hello(&peer(1), 2, hello(&["echo"], 3), false, now));
+        let just_before = now + RESEND_EVERY - Duration::from_millis(1);
+        assert!(matches!(
+            h.on_hello(&peer(1), 2, hello(&["echo"], 2), false, just_before),
+            Step::Ignore
+        ));
+        let b = nonce_of(h.on_hello(&peer(1), 2, hello(&["echo"], 3), false, now + RESEND_EVERY));
         assert_eq!(a, b);
         let proof = proto::Auth {
             proof: auth::proof(b"s3cret", &a).to_vec(),
@@ -354,20 +375,35 @@ mod tests {
     }
 
     #[test]
-    fn challenges_are_bounded_and_expire() {
+    fn challenges_are_bounded_the_oldest_makes_room_and_they_expire() {
         let mut h = Handshake::new(Some("s3cret"));
         let t0 = Instant::now();
-        for i in 0..MAX_PENDING {
-            let p = Bytes::from((i as u32).to_be_bytes().to_vec());
-            nonce_of(h.on_hello(&p, 2, hello(&["echo"], 1), false, t0));
+        let key = |i: u32| Bytes::from(i.to_be_bytes().to_vec());
+        for i in 0..MAX_PENDING as u32 {
+            let at = t0 + Duration::from_millis(u64::from(i));
+            nonce_of(h.on_hello(&key(i), 2, hello(&["echo"], 1), false, at));
         }
+        // A real worker arriving during a flood still gets its challenge.
+        let during = t0 + Duration::from_secs(2);
+        let nonce = nonce_of(h.on_hello(&peer(0), 2, hello(&["echo"], 1), false, during));
+        assert_eq!(h.open_count(), MAX_PENDING);
+        let first = proto::Auth {
+            proof: auth::proof(b"s3cret", &[0u8; auth::NONCE_LEN]).to_vec(),
+        };
+        assert!(
+            matches!(h.on_auth(&key(0), 2, &first, during), Step::Ignore),
+            "the oldest challenge was evicted"
+        );
+        let proof = proto::Auth {
+            proof: auth::proof(b"s3cret", &nonce).to_vec(),
+        };
         assert!(matches!(
-            h.on_hello(&peer(0), 2, hello(&["echo"], 1), false, t0),
-            Step::Reply(2, ToWorker::Goodbye(g)) if g.reconnect
+            h.on_auth(&peer(0), 2, &proof, during),
+            Step::Register(_)
         ));
-        let later = t0 + CHALLENGE_TTL + Duration::from_millis(1);
-        nonce_of(h.on_hello(&peer(0), 2, hello(&["echo"], 1), false, later));
-        assert_eq!(h.open_count(), 1, "the expired ones made room");
+        let later = t0 + Duration::from_secs(3) + CHALLENGE_TTL;
+        h.expire(later);
+        assert_eq!(h.open_count(), 0, "every challenge expires");
     }
 
     #[test]

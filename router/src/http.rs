@@ -248,6 +248,32 @@ async fn upgrade(
         }
     };
     let route = found.route;
+    // Admission order (ARCHITECTURE.md): cheap checks first, and the per-IP
+    // connection rate before anything that costs the router work for an
+    // unknown client (token verification is the expensive one).
+    let runtime = app.runtimes.get(&route.path);
+    if app.settings.enable_rate_limit {
+        if let Err(wait) = runtime
+            .limits(&route.rate_limit)
+            .connections
+            .check(remote.ip())
+        {
+            let retry_after_ms = retry_after_ms(wait);
+            warn!(%remote, path, retry_after_ms, "refused: connection rate limit");
+            app.metrics.refused("rate_limited");
+            app.metrics.rate_limited(&route.path, "connections");
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!(
+                    "too many new connections from {} to {}",
+                    remote.ip(),
+                    route.path
+                ),
+                json!({ "path": path, "retry_after_ms": retry_after_ms }),
+            );
+        }
+    }
     let origin = headers
         .get(axum::http::header::ORIGIN)
         .and_then(|v| v.to_str().ok());
@@ -298,7 +324,6 @@ async fn upgrade(
             },
         }
     }
-    let runtime = app.runtimes.get(&route.path);
     let Some(slot) = runtime.try_connect(route.max_connections) else {
         warn!(%remote, path, limit = route.max_connections, "refused: route at its connection limit");
         app.metrics.refused("route_full");
@@ -312,28 +337,6 @@ async fn upgrade(
             json!({ "path": path, "max_connections": route.max_connections }),
         );
     };
-    if app.settings.enable_rate_limit {
-        if let Err(wait) = runtime
-            .limits(&route.rate_limit)
-            .connections
-            .check(remote.ip())
-        {
-            let retry_after_ms = retry_after_ms(wait);
-            warn!(%remote, path, retry_after_ms, "refused: connection rate limit");
-            app.metrics.refused("rate_limited");
-            app.metrics.rate_limited(&route.path, "connections");
-            return refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                &format!(
-                    "too many new connections from {} to {}",
-                    remote.ip(),
-                    route.path
-                ),
-                json!({ "path": path, "retry_after_ms": retry_after_ms }),
-            );
-        }
-    }
     let conn = ConnId::new();
     let connect = proto::Connect {
         conn: conn.0.clone(),
@@ -385,33 +388,16 @@ fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(percent_decode(k), percent_decode(v));
+        out.insert(decode_query_part(k), decode_query_part(v));
     }
     out
 }
 
-fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Lenient form decoding: `+` is a space, malformed escapes stay as they are.
+fn decode_query_part(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

@@ -39,6 +39,45 @@ fn l2(k1: &'static str, v1: &str, k2: &'static str, v2: &str) -> L2 {
     [(k1, v1.to_owned()), (k2, v2.to_owned())]
 }
 
+/// The label of a WebSocket close code: the codes of RFC 6455 as they are;
+/// the application ranges (which clients and workers choose freely) as
+/// `3xxx` and `4xxx`, so they cannot grow the registry.
+fn close_code_label(code: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 13] = [
+        (1000, "1000"),
+        (1001, "1001"),
+        (1002, "1002"),
+        (1003, "1003"),
+        (1005, "1005"),
+        (1006, "1006"),
+        (1007, "1007"),
+        (1008, "1008"),
+        (1009, "1009"),
+        (1010, "1010"),
+        (1011, "1011"),
+        (1012, "1012"),
+        (1013, "1013"),
+    ];
+    match code {
+        3000..=3999 => "3xxx",
+        4000..=4999 => "4xxx",
+        _ => KNOWN
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or("other", |(_, l)| l),
+    }
+}
+
+/// The label of an error code: the router's own codes as they are, any
+/// code a worker made up as `other` (workers choose them freely).
+fn error_code_label(code: &str) -> &str {
+    if bridge_proto::codes::ALL.contains(&code) {
+        code
+    } else {
+        "other"
+    }
+}
+
 /// Plain counters of one route, for `/stats`.
 #[derive(Debug, Default)]
 pub struct RouteCounters {
@@ -275,7 +314,7 @@ impl Metrics {
     pub fn connection_closed(&self, route: &str, code: u16) {
         self.connections.get_or_create(&l1("route", route)).dec();
         self.connections_closed
-            .get_or_create(&l2("route", route, "code", &code.to_string()))
+            .get_or_create(&l2("route", route, "code", close_code_label(code)))
             .inc();
         self.route(route)
             .connections
@@ -312,7 +351,7 @@ impl Metrics {
         counters.messages_out.fetch_add(1, Ordering::Relaxed);
         if let Some(code) = error_code {
             self.errors
-                .get_or_create(&l2("route", route, "code", code))
+                .get_or_create(&l2("route", route, "code", error_code_label(code)))
                 .inc();
             counters.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -450,6 +489,25 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_and_worker_chosen_codes_do_not_grow_the_labels() {
+        assert_eq!(close_code_label(1000), "1000");
+        assert_eq!(close_code_label(1011), "1011");
+        assert_eq!(close_code_label(3123), "3xxx");
+        assert_eq!(close_code_label(4999), "4xxx");
+        assert_eq!(close_code_label(2000), "other");
+        assert_eq!(error_code_label("timeout"), "timeout");
+        assert_eq!(error_code_label("invalid_image_42"), "other");
+        let m = Metrics::new();
+        for i in 0..500 {
+            m.message_out("/ws", "error", Some(&format!("made_up_{i}")));
+            m.connection_closed("/ws", 4000 + i);
+        }
+        let text = m.render();
+        assert_eq!(text.matches("code=\"other\"").count(), 1, "{text}");
+        assert_eq!(text.matches("code=\"4xxx\"").count(), 1, "{text}");
+    }
 
     #[test]
     fn client_types_are_capped() {

@@ -71,16 +71,6 @@ pub struct Route {
     pub dynamic: bool,
 }
 
-impl Route {
-    /// Whether a client message of this type may be forwarded on this route.
-    pub fn allows_type(&self, message_type: &str) -> bool {
-        match &self.allowed_types {
-            None => true,
-            Some(types) => types.contains(message_type),
-        }
-    }
-}
-
 /// Policy values a route gets for every knob the routes file leaves unset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteDefaults {
@@ -381,55 +371,26 @@ fn is_identifier(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Strict percent-decoding: `None` for a malformed escape or a result that is not UTF-8.
+/// Strict percent-decoding: `None` for a malformed escape or a result that is not UTF-8
+/// (`percent_encoding` itself passes malformed escapes through).
 fn percent_decode(segment: &str) -> Option<String> {
-    if !segment.contains('%') {
-        return Some(segment.to_owned());
+    let well_formed = segment.split('%').skip(1).all(|rest| {
+        rest.as_bytes()
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hi = hex_value(*bytes.get(i + 1)?)?;
-            let lo = hex_value(*bytes.get(i + 2)?)?;
-            out.push(hi << 4 | lo);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 /// Request paths longer than this get no suggestion: nobody mistypes those by hand, and it
 /// bounds the quadratic work an unknown-path request can cost.
 const MAX_SUGGESTION_INPUT: usize = 256;
-
-/// Classic Levenshtein distance over chars, two rows of memory.
-fn levenshtein(a: &[char], b: &[char]) -> usize {
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.iter().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
-}
 
 /// The routes, compiled for matching. Immutable once built: on reload the router builds a
 /// new table and publishes it (in an `Arc`) instead of mutating the running one.
@@ -572,14 +533,14 @@ impl RouteTable {
                 }
                 None => (route.path.clone(), path.to_owned(), 0),
             };
-            let a: Vec<char> = candidate.to_lowercase().chars().collect();
-            let b: Vec<char> = compared.to_lowercase().chars().collect();
-            let allowed = (a.len().min(b.len()) / 3).max(1);
+            let (a, b) = (candidate.to_lowercase(), compared.to_lowercase());
+            let (la, lb) = (a.chars().count(), b.chars().count());
+            let allowed = (la.min(lb) / 3).max(1);
             // The length difference is a lower bound of the distance: skip hopeless pairs cheaply.
-            if a.len().abs_diff(b.len()) > allowed {
+            if la.abs_diff(lb) > allowed {
                 continue;
             }
-            let distance = levenshtein(&a, &b);
+            let distance = strsim::levenshtein(&a, &b);
             if distance > allowed {
                 continue;
             }
@@ -800,28 +761,6 @@ mod tests {
     }
 
     #[test]
-    fn levenshtein_distances() {
-        let d = |a: &str, b: &str| {
-            levenshtein(
-                &a.chars().collect::<Vec<_>>(),
-                &b.chars().collect::<Vec<_>>(),
-            )
-        };
-        for (a, b, want) in [
-            ("", "", 0),
-            ("", "abc", 3),
-            ("abc", "", 3),
-            ("kitten", "sitting", 3),
-            ("flaw", "lawn", 2),
-            ("vision", "visoin", 2),
-            ("same", "same", 0),
-        ] {
-            assert_eq!(d(a, b), want, "{a:?} vs {b:?}");
-            assert_eq!(d(b, a), want, "{b:?} vs {a:?}");
-        }
-    }
-
-    #[test]
     fn pattern_shapes_and_errors() {
         for (path, shape) in [
             ("/", "/"),
@@ -856,14 +795,5 @@ mod tests {
             assert_eq!(err.0.len(), 1, "{path}: {err}");
             assert!(err.0[0].contains(needle), "{path}: {err}");
         }
-    }
-
-    #[test]
-    fn allows_type() {
-        let mut route = RouteDefaults::BUILTIN.route("/ws", "chat");
-        assert!(route.allows_type("anything"));
-        route.allowed_types = Some(HashSet::from(["echo".to_owned()]));
-        assert!(route.allows_type("echo"));
-        assert!(!route.allows_type("say"));
     }
 }

@@ -85,7 +85,10 @@ pub async fn run(
                 router_id: router_id.clone(),
                 heartbeat: settings.heartbeat(),
                 liveness: settings.liveness,
-                secret: settings.bridge_secret.clone(),
+                secret: settings
+                    .bridge_secret
+                    .as_ref()
+                    .map(|s| s.expose().to_owned()),
                 max_frame_bytes: settings.bridge_max_frame_bytes as usize,
                 max_held_request_bytes: settings.max_held_request_bytes as usize,
                 cancel_grace: settings.cancel_grace(),

@@ -38,7 +38,7 @@ pub struct Settings {
     /// never crosses the wire). Unset: any peer that reaches the bridge
     /// endpoint may register.
     #[arg(long, env = "BRIDGE_SECRET", hide_env_values = true)]
-    pub bridge_secret: Option<String>,
+    pub bridge_secret: Option<Secret>,
     /// With a secret, still bind the unauthenticated PUBLISH_ENDPOINT (SUB).
     /// Off by default: with a secret, publications go through
     /// authenticated bridge sessions only.
@@ -100,6 +100,32 @@ pub struct Settings {
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// A secret setting: its `Debug` never shows the value, so no log line or
+/// panic message can carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 /// Default of `BRIDGE_MAX_FRAME_BYTES`: a 16 MiB client message (the
@@ -213,6 +239,16 @@ pub fn is_local_endpoint(endpoint: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secret_never_shows_in_debug_output() {
+        let s = Settings::try_parse_from(["router", "--bridge-secret", "hunter2"]).unwrap();
+        assert_eq!(
+            s.bridge_secret.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
 
     #[test]
     fn local_endpoints_are_loopback_and_ipc_only() {

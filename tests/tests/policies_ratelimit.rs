@@ -274,3 +274,26 @@ async fn a_route_wide_rate_limits_all_connections_together() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_rate_is_checked_before_any_token_is_verified() {
+    run(LIMIT, async {
+        // Burst 2: a client that keeps presenting bad tokens is refused by the
+        // rate limit (429) before the router spends work verifying them.
+        let routes = json!({"routes": [{
+            "path": "/ws/echo", "service": "echo",
+            "rateLimit": {"connectionsPerMinute": 1, "connectionBurst": 2},
+            "auth": {"required": true, "hs256SecretEnv": "E2E_JWT_SECRET"}
+        }]})
+        .to_string();
+        let router = RouterProc::start(&routes, &[("E2E_JWT_SECRET", "s3cret")]).await;
+        let bad = [("authorization", "Bearer not.a.jwt")];
+        for _ in 0..2 {
+            let resp = try_upgrade(router.http, "/ws/echo", &bad).await;
+            assert_refusal(&resp, 401, "unauthorized");
+        }
+        let resp = try_upgrade(router.http, "/ws/echo", &bad).await;
+        assert_refusal(&resp, 429, "rate_limited");
+    })
+    .await;
+}

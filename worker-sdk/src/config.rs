@@ -190,12 +190,22 @@ enum Role {
 
 /// Settings a worker takes from the environment when the builder is not
 /// given them explicitly.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct EnvDefaults {
     /// `BRIDGE_ENDPOINT`, if set and not empty.
     pub endpoint: Option<String>,
     /// `BRIDGE_SECRET`, if set and not empty.
     pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for EnvDefaults {
+    // Hand-written so the secret never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvDefaults")
+            .field("endpoint", &self.endpoint)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl EnvDefaults {

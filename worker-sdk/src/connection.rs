@@ -95,6 +95,10 @@ enum LinkError {
     Blocked(Duration),
 }
 
+/// Largest frame a worker accepts from a router: above any route's
+/// `maxMessageBytes` (at most 64 MiB) plus its envelope.
+pub const MAX_INBOUND_FRAME: usize = 128 << 20;
+
 impl Link {
     async fn open(
         endpoint: String,
@@ -102,7 +106,12 @@ impl Link {
         send_timeout: Duration,
     ) -> Result<Self, ZmqError> {
         let mut options = SocketOptions::default();
-        options.connect_timeout(connect_timeout);
+        // Frames from the router are checked on their length header too: a
+        // rogue endpoint cannot make the worker allocate without bound.
+        options
+            .connect_timeout(connect_timeout)
+            .max_frame_size(MAX_INBOUND_FRAME)
+            .max_message_size(MAX_INBOUND_FRAME);
         let mut socket = DealerSocket::with_options(options);
         socket.connect(&endpoint).await?;
         let (tx, rx) = socket.split();

@@ -27,9 +27,11 @@ _ENDPOINT = re.compile(r"(tcp|ipc|inproc)://.+")
 
 
 def _env(env: Mapping[str, str], key: str) -> str | None:
-    # Empty counts as unset, so `BRIDGE_SECRET=` disables the secret rather than sending "".
-    value = env.get(key, "").strip()
-    return value or None
+    # Empty counts as unset, so `BRIDGE_SECRET=` disables the secret rather than
+    # sending "". The value itself is used exactly as given (the router and the
+    # Rust SDK do not strip it either: a secret may contain spaces).
+    value = env.get(key, "")
+    return value if value.strip() else None
 
 
 def default_worker_id() -> str:

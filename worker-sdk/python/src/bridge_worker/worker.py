@@ -66,6 +66,9 @@ SDK_NAME = f"worker-sdk-python/{SDK_VERSION}"
 log = logging.getLogger("bridge_worker")
 
 MAX_KNOWN_CONNECTIONS = 100_000
+# Largest frame accepted from a router (ZMQ_MAXMSGSIZE): above any route's
+# maxMessageBytes (at most 64 MiB) plus its envelope.
+MAX_INBOUND_FRAME = 128 << 20
 """Connections whose ``connect`` is remembered (claims, route of raw frames);
 beyond this, new ones are not cached."""
 MAX_TIMEOUT = 7 * 24 * 3600.0
@@ -428,6 +431,9 @@ class Worker:
     async def _session(self, zctx: zmq.asyncio.Context, backoff: Backoff) -> None:
         sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # Frames from the router are bounded (above any route's maxMessageBytes
+        # plus its envelope): a rogue endpoint cannot exhaust the worker's memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_FRAME)
         sock.connect(self.config.endpoint)
         graceful = False
         try:
