@@ -48,6 +48,12 @@ fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode:
     T::deserialize(&mut de)
 }
 
+/// Reads only `v` and `kind` of a message (any other field is skipped, not
+/// built), so a receiver can decide whether to decode the body at all.
+pub fn decode_header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
+    header(bytes)
+}
+
 /// Reads `v` and `kind`; `v` must be a version this crate speaks.
 fn header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
     let header: Header = from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
