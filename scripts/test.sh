@@ -8,6 +8,20 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Prerequisites, checked in the first second rather than minutes into the run.
+missing=()
+command -v cargo >/dev/null || missing+=("cargo (a Rust toolchain: https://rustup.rs)")
+python3 -c 'import venv, ensurepip' 2>/dev/null \
+    || missing+=("python3 with venv and pip (Debian: apt-get install python3-venv)")
+if ! command -v pyenv >/dev/null || [[ ! -x "$(pyenv root)/versions/2.7.18/bin/python" ]]; then
+    missing+=("pyenv's Python 2.7.18, for the Autobahn conformance suite (pyenv install 2.7.18)")
+fi
+if ((${#missing[@]})); then
+    printf 'scripts/test.sh: missing prerequisites:\n' >&2
+    printf '  - %s\n' "${missing[@]}" >&2
+    exit 2
+fi
+
 echo "==> cargo fmt --check, cargo clippy -D warnings"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
