@@ -24,10 +24,11 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bridge_proto::{self as proto, auth, ToWorker, PROTOCOL_VERSION};
+use tokio::time::Instant;
 
 use crate::broker::PeerId;
 

@@ -68,7 +68,7 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
 async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let table = app.route_table();
     let snapshot = app.bridge.snapshot().await;
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     let routes: Vec<_> = table
         .routes()
         .iter()
@@ -105,7 +105,7 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
 /// Prometheus (OpenMetrics text) exposition. Gauges that mirror state held
 /// elsewhere (breakers, workers) are refreshed at scrape time.
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     for r in app.route_table().routes() {
         let state = app
             .runtimes

@@ -9,12 +9,10 @@
 //! The thresholds are passed in on every call rather than stored, so a
 //! reloaded routes file applies to the running breaker at once.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{sync::Mutex, time::Duration};
 
 use serde::Serialize;
+use tokio::time::Instant;
 
 /// Breaker settings of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,5 +227,114 @@ mod tests {
         }
         b.record(Admit::Normal, Outcome::Success, t, &P);
         assert_eq!(b.state(t), BreakerState::Open);
+    }
+
+    // ----- on paused time, at each edge -------------------------------------------
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A breaker opened now by `P.failure_threshold` failures.
+    fn opened_now() -> Breaker {
+        let b = Breaker::default();
+        for _ in 0..P.failure_threshold {
+            b.record(Admit::Normal, Outcome::Failure, Instant::now(), &P);
+        }
+        assert_eq!(b.state(Instant::now()), BreakerState::Open);
+        b
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_the_threshold_failure_and_not_one_before() {
+        let b = Breaker::default();
+        for _ in 1..P.failure_threshold {
+            b.record(Admit::Normal, Outcome::Failure, Instant::now(), &P);
+        }
+        tokio::time::advance(ms(1_000)).await;
+        assert_eq!(b.state(Instant::now()), BreakerState::Closed, "one short");
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Normal));
+        assert_eq!(b.retry_after(Instant::now()), None);
+        b.record(Admit::Normal, Outcome::Failure, Instant::now(), &P);
+        assert_eq!(b.state(Instant::now()), BreakerState::Open, "the threshold");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_open_requests_are_told_how_long_until_the_probe() {
+        let b = opened_now();
+        // What the session turns into `circuit_open` with `retry_after_ms`.
+        assert_eq!(b.admit(Instant::now(), &P), Err(P.open_for));
+        assert_eq!(b.retry_after(Instant::now()), Some(P.open_for));
+        tokio::time::advance(ms(40)).await;
+        assert_eq!(b.admit(Instant::now(), &P), Err(ms(60)));
+        assert_eq!(b.retry_after(Instant::now()), Some(ms(60)));
+        assert_eq!(b.state(Instant::now()), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_opens_exactly_at_open_for_and_lets_one_probe_through() {
+        let b = opened_now();
+        tokio::time::advance(P.open_for - ms(1)).await;
+        assert_eq!(b.state(Instant::now()), BreakerState::Open, "1 ms before");
+        assert_eq!(b.retry_after(Instant::now()), Some(ms(1)));
+        assert_eq!(b.admit(Instant::now(), &P), Err(ms(1)));
+        tokio::time::advance(ms(1)).await;
+        assert_eq!(
+            b.state(Instant::now()),
+            BreakerState::HalfOpen,
+            "at open_for"
+        );
+        assert_eq!(b.retry_after(Instant::now()), None);
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Probe));
+        // While the probe is out, everyone else waits (at most a second).
+        for _ in 0..3 {
+            assert_eq!(b.admit(Instant::now(), &P), Err(P.open_for.min(ms(1_000))));
+        }
+        tokio::time::advance(ms(10_000)).await;
+        assert!(
+            b.admit(Instant::now(), &P).is_err(),
+            "however long it takes"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_success_closes_and_counts_failures_afresh() {
+        let b = opened_now();
+        tokio::time::advance(P.open_for).await;
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Probe));
+        b.record(Admit::Probe, Outcome::Success, Instant::now(), &P);
+        assert_eq!(b.state(Instant::now()), BreakerState::Closed);
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Normal));
+        for _ in 1..P.failure_threshold {
+            b.record(Admit::Normal, Outcome::Failure, Instant::now(), &P);
+        }
+        assert_eq!(b.state(Instant::now()), BreakerState::Closed, "from zero");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_failure_reopens_for_open_for_from_its_end() {
+        let b = opened_now();
+        tokio::time::advance(P.open_for).await;
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Probe));
+        tokio::time::advance(ms(30)).await; // the probe takes 30 ms
+        b.record(Admit::Probe, Outcome::Failure, Instant::now(), &P);
+        assert_eq!(b.state(Instant::now()), BreakerState::Open);
+        assert_eq!(b.admit(Instant::now(), &P), Err(P.open_for));
+        tokio::time::advance(P.open_for - ms(1)).await;
+        assert_eq!(b.admit(Instant::now(), &P), Err(ms(1)), "1 ms before");
+        tokio::time::advance(ms(1)).await;
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Probe), "at open_for");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_neutral_probe_frees_the_slot_without_deciding() {
+        let b = opened_now();
+        tokio::time::advance(P.open_for).await;
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Probe));
+        assert!(b.admit(Instant::now(), &P).is_err());
+        b.record(Admit::Probe, Outcome::Neutral, Instant::now(), &P);
+        assert_eq!(b.state(Instant::now()), BreakerState::HalfOpen, "undecided");
+        assert_eq!(b.admit(Instant::now(), &P), Ok(Admit::Probe), "slot free");
+        assert!(b.admit(Instant::now(), &P).is_err(), "and taken again");
     }
 }
