@@ -221,11 +221,6 @@ pub enum Outbound {
         binary: bool,
         payload: Bytes,
     },
-    /// Close the connection with this code and reason.
-    Close {
-        code: u16,
-        reason: String,
-    },
 }
 
 impl Outbound {
@@ -251,7 +246,6 @@ impl Outbound {
             }
             Outbound::Binary(b) => b.len(),
             Outbound::Raw { payload, .. } => payload.len(),
-            Outbound::Close { .. } => 0,
         }
     }
 }

@@ -11,6 +11,10 @@
 //! Only a file without problems becomes a [`RouteTable`], so an invalid reload is rejected
 //! whole and the running table stays.
 //!
+//! This module is longer than the others (about 640 lines without tests) on purpose: the
+//! schema, its defaults and the validation of each field are read side by side, and
+//! splitting them would put a field's type and its rules in different files.
+//!
 //! Schema (camelCase, compatible with the seed format
 //! `{"routes":[{"path":"/ws/vision","capabilities":[...],"pythonModule":"..."}]}`):
 //! - top level: `routes` (required, non-empty), `defaults`, `version` (must be 1),
@@ -40,7 +44,7 @@ pub const ROUTES_FILE_VERSION: u64 = 1;
 
 /// Message types the router answers itself; a route cannot list them in `allowedTypes`
 /// (they are never forwarded, so listing them would only mislead).
-pub const ROUTER_HANDLED_TYPES: [&str; 4] = ["ping", "subscribe", "unsubscribe", "cancel"];
+pub const ROUTER_HANDLED_TYPES: [&str; 4] = crate::session::RouterType::NAMES;
 
 pub const REQUEST_TIMEOUT_MS: RangeInclusive<u64> = 1..=600_000;
 pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 16..=67_108_864;

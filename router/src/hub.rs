@@ -54,8 +54,8 @@ pub struct ConnShared {
     /// Fired to make the session close; the reason is in `kill_reason`.
     pub kill: CancellationToken,
     kill_reason: Mutex<Option<Kill>>,
-    /// Requests in flight: client id (as JSON text) → correlation id.
-    inflight: Mutex<HashMap<String, Cid>>,
+    /// Requests in flight, and those whose terminal frame is on its way.
+    requests: Mutex<Requests>,
     topics: Mutex<HashSet<String>>,
     /// Frames dropped because the queue was full (for metrics and logs).
     pub dropped: AtomicU64,
@@ -83,7 +83,7 @@ impl ConnShared {
             tx,
             kill: CancellationToken::new(),
             kill_reason: Mutex::new(None),
-            inflight: Mutex::new(HashMap::new()),
+            requests: Mutex::new(Requests::default()),
             topics: Mutex::new(HashSet::new()),
             dropped: AtomicU64::new(0),
             over_bytes: AtomicBool::new(false),
@@ -96,6 +96,19 @@ impl ConnShared {
     /// Queues a frame; never waits. A full queue (in frames or in bytes)
     /// closes the connection.
     pub fn send(&self, mut out: Outbound) -> bool {
+        // A request's terminal frame: the request stops counting as
+        // finishing only once its frame is queued (the lock is held until
+        // then), so [`ConnShared::is_idle`] never sees it gone while its
+        // frame is not yet in the queue.
+        let _finishing = match &out {
+            Outbound::Frame(f) if f.done == Some(true) => {
+                f.correlation_id.as_deref().and_then(|cid| {
+                    let mut requests = lock(&self.requests);
+                    requests.finished(cid).then_some(requests)
+                })
+            }
+            _ => None,
+        };
         let cost = out.cost();
         let before = self.queued_bytes.fetch_add(cost, Ordering::AcqRel);
         if before > 0 && before.saturating_add(cost) > self.max_bytes {
@@ -163,34 +176,82 @@ impl ConnShared {
 
     /// Records a request as in flight; `false` if that client id already is.
     pub fn begin_request(&self, client_key: String, cid: Cid) -> bool {
-        let mut map = lock(&self.inflight);
-        if map.contains_key(&client_key) {
+        let mut requests = lock(&self.requests);
+        if requests.by_key.contains_key(&client_key) {
             return false;
         }
-        map.insert(client_key, cid);
+        requests.by_key.insert(client_key, cid);
         true
     }
 
-    /// Forgets a finished request, if `client_key` still names that request
-    /// (the client may already have reused the id for a new one).
+    /// A request is over and its terminal frame (carrying `cid`) is about
+    /// to be queued: frees its client id, if `client_key` still names that
+    /// request (the client may already have reused the id for a new one).
+    /// The id is freed before the frame is queued because the client may
+    /// reuse it as soon as it reads the frame; until the frame is queued
+    /// the request counts as finishing, so the connection is not idle.
     pub fn end_request(&self, client_key: &str, cid: &Cid) {
-        let mut map = lock(&self.inflight);
-        if map.get(client_key) == Some(cid) {
-            map.remove(client_key);
+        let mut requests = lock(&self.requests);
+        if requests.by_key.get(client_key) == Some(cid) {
+            requests.by_key.remove(client_key);
+            requests.finishing.push(cid.clone());
+        }
+    }
+
+    /// Forgets a request that never reached the bridge (no terminal frame
+    /// will come for it from there).
+    pub fn abort_request(&self, client_key: &str, cid: &Cid) {
+        let mut requests = lock(&self.requests);
+        if requests.by_key.get(client_key) == Some(cid) {
+            requests.by_key.remove(client_key);
         }
     }
 
     pub fn inflight_count(&self) -> usize {
-        lock(&self.inflight).len()
+        lock(&self.requests).by_key.len()
+    }
+
+    /// No request in flight and no terminal frame still to be queued: what
+    /// a closing session waits for (then it writes what is queued, and
+    /// closes).
+    pub fn is_idle(&self) -> bool {
+        let requests = lock(&self.requests);
+        requests.by_key.is_empty() && requests.finishing.is_empty()
     }
 
     pub fn cid_of(&self, client_key: &str) -> Option<Cid> {
-        lock(&self.inflight).get(client_key).cloned()
+        lock(&self.requests).by_key.get(client_key).cloned()
     }
 
     /// Every request still in flight (used when the connection ends).
     pub fn drain_inflight(&self) -> Vec<Cid> {
-        lock(&self.inflight).drain().map(|(_, c)| c).collect()
+        let mut requests = lock(&self.requests);
+        requests.finishing.clear();
+        requests.by_key.drain().map(|(_, c)| c).collect()
+    }
+}
+
+/// A connection's requests.
+#[derive(Debug, Default)]
+struct Requests {
+    /// In flight: client id (as JSON text) → correlation id.
+    by_key: HashMap<String, Cid>,
+    /// Ended ([`ConnShared::end_request`]) but their terminal frame not yet
+    /// queued; a few at most, for the moment between the two steps.
+    finishing: Vec<Cid>,
+}
+
+impl Requests {
+    /// The terminal frame of `cid` is being queued; `true` if it was
+    /// finishing.
+    fn finished(&mut self, cid: &str) -> bool {
+        match self.finishing.iter().position(|c| c.0 == cid) {
+            Some(i) => {
+                self.finishing.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -199,6 +260,20 @@ impl ConnShared {
 /// the map half-updated.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connection's place in the [`Hub`] (see [`Hub::attach`]).
+#[derive(Debug)]
+#[must_use = "dropping the registration unregisters the connection at once"]
+pub struct Registration {
+    hub: Arc<Hub>,
+    id: ConnId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(&self.id);
+    }
 }
 
 /// Why a subscription was refused.
@@ -226,6 +301,18 @@ impl Hub {
 
     pub fn register(&self, conn: Arc<ConnShared>) {
         self.conns.insert(conn.id.clone(), conn);
+    }
+
+    /// Registers a connection for as long as the returned guard lives: its
+    /// `Drop` unregisters the connection and its topics, so a session that
+    /// panics or whose future is dropped cannot leave an entry behind.
+    pub fn attach(self: &Arc<Self>, conn: Arc<ConnShared>) -> Registration {
+        let id = conn.id.clone();
+        self.register(conn);
+        Registration {
+            hub: self.clone(),
+            id,
+        }
     }
 
     /// Removes a connection and all its subscriptions.
@@ -394,6 +481,40 @@ mod tests {
             c.dequeued(&mut out);
         }
         assert_eq!(c.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn an_attachment_unregisters_the_connection_and_its_topics_when_dropped() {
+        let hub = Arc::new(Hub::new());
+        let (c, _rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
+        let id = c.id.clone();
+        let registration = hub.attach(c);
+        hub.subscribe(&id, "t").unwrap();
+        assert_eq!((hub.len(), hub.topic_count()), (1, 1));
+        drop(registration);
+        assert!(hub.is_empty());
+        assert_eq!(hub.topic_count(), 0);
+    }
+
+    /// The broker frees a client id, then queues the terminal frame; the
+    /// connection is idle only once that frame is in the queue.
+    #[test]
+    fn a_request_is_finishing_until_its_terminal_frame_is_queued() {
+        let (c, mut rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
+        let (a, b) = (Cid::new(), Cid::new());
+        assert!(c.begin_request("\"a\"".into(), a.clone()));
+        assert!(c.begin_request("\"b\"".into(), b.clone()));
+        c.end_request("\"a\"", &a);
+        c.abort_request("\"b\"", &b);
+        assert_eq!(c.inflight_count(), 0, "both ids are free");
+        assert!(!c.is_idle(), "a's terminal frame is not queued yet");
+        // Partial replies and other requests' frames do not end it.
+        assert!(c.send(OutFrame::reply("r", None, Some(&a.0), json!(1), false).into()));
+        assert!(c.send(OutFrame::error(None, Some(&b.0), "x", "y", None).into()));
+        assert!(!c.is_idle());
+        assert!(c.send(OutFrame::reply("r", None, Some(&a.0), json!(2), true).into()));
+        assert!(c.is_idle());
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 3);
     }
 
     #[test]

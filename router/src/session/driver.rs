@@ -1,0 +1,581 @@
+//! The session's driver: the async loop around the state machine.
+//!
+//! It owns the socket, the timers (keep-alive pings, the closing deadline)
+//! and the watches (kill switch, drain signal, route table), and feeds each
+//! event to [`Inbound`] or [`Writer`]. Everything it decides itself is about
+//! the socket: read errors and their close codes, the client's close frame,
+//! unanswered pings.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::ws::Message;
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tracing::{debug, info, Instrument};
+
+use super::{
+    guard::Attachment,
+    inbound::{Actions, Inbound, InboundConfig},
+    writer::{Gone, Writer, CLOSE_HANDSHAKE},
+    Bridge, Ending, Env, SessionStart, Socket,
+};
+use crate::{
+    broker::Command,
+    client::Outbound,
+    hub::{ConnShared, Kill},
+    registry::RouteRegistry,
+    routes::RouteTable,
+};
+
+/// How long a socket closed for bad input stays open after its close frame.
+const ERROR_CLOSE_LINGER: Duration = Duration::from_millis(300);
+
+/// Runs a session to its end. Never panics on client input.
+pub(crate) async fn run<S, B>(socket: S, env: Env<B>, start: SessionStart)
+where
+    S: Socket,
+    B: Bridge,
+{
+    let span = tracing::info_span!("session", session.id = %start.conn, route = %start.route.path);
+    let attachment_span = span.clone();
+    async move {
+        let (shared, outbound) = ConnShared::new(
+            start.conn.clone(),
+            start.route.path.clone(),
+            env.max_outbound_bytes,
+        );
+        let mut attachment = Attachment::new(&env, shared.clone(), start.slot, attachment_span);
+        info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
+        let mut inbound = Inbound::new(
+            shared.clone(),
+            env.hub.clone(),
+            env.metrics.clone(),
+            start.route,
+            start.runtime,
+            &start.connect,
+            InboundConfig {
+                rate_limits: env.rate_limits,
+                drain_timeout: env.drain_timeout,
+            },
+        );
+        let routes = follow_routes(&env.registry, &mut inbound);
+        // Rare or one-off awaits are boxed: their state would otherwise make
+        // every idle session's future as large as the largest of them.
+        Box::pin(env.bridge.send(Command::Connect(Box::new(start.connect)))).await;
+        let writer = Writer::new(
+            shared.clone(),
+            env.metrics.clone(),
+            inbound.route().path.clone(),
+            env.client_ping * 3,
+        );
+        let session = Session {
+            env: &env,
+            shared,
+            inbound,
+            writer,
+            routes,
+        };
+        let ending = session.serve(socket, outbound).await;
+        attachment.ended(ending);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Subscribes `inbound` to the route table. The route it holds is the
+/// upgrade's snapshot: a reload since then would not show as a change of
+/// the channel, so the current table is applied at once.
+fn follow_routes(
+    registry: &RouteRegistry,
+    inbound: &mut Inbound,
+) -> watch::Receiver<Arc<RouteTable>> {
+    let mut routes = registry.subscribe();
+    let table = routes.borrow_and_update().clone();
+    inbound.on_routes(&table, Instant::now());
+    routes
+}
+
+struct Session<'a, B> {
+    env: &'a Env<B>,
+    shared: Arc<ConnShared>,
+    inbound: Inbound,
+    writer: Writer,
+    routes: watch::Receiver<Arc<RouteTable>>,
+}
+
+impl<B: Bridge> Session<'_, B> {
+    async fn serve<S: Socket>(
+        mut self,
+        mut socket: S,
+        mut outbound: mpsc::Receiver<Outbound>,
+    ) -> Ending {
+        let welcome = Outbound::from(
+            self.inbound
+                .welcome(self.env.client_ping.as_millis() as u64),
+        );
+        if !self.inbound.route().raw
+            && Box::pin(self.writer.write(&mut socket, welcome))
+                .await
+                .is_err()
+        {
+            return Ending::new(1006, "closed during welcome");
+        }
+        let ping_every = self.env.client_ping;
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let mut last_heard = Instant::now();
+        let draining = self.env.draining.clone();
+
+        loop {
+            // While closing, close once no request is in flight (or the
+            // time is up), after writing what is queued: the terminal frame
+            // of the last request may still be there.
+            if let Some(close) = self.inbound.close_due(Instant::now()) {
+                Box::pin(self.writer.flush_queue(&mut socket, &mut outbound)).await;
+                return Box::pin(self.writer.close(&mut socket, close.code, close.reason)).await;
+            }
+            let closing_at = self.inbound.closing_deadline();
+            tokio::select! {
+                biased;
+                _ = self.shared.kill.cancelled() => {
+                    let kill = self.shared.kill_reason().unwrap_or(Kill { code: 1011, reason: "closed".into(), flush: false });
+                    if kill.flush {
+                        Box::pin(self.writer.flush_queue(&mut socket, &mut outbound)).await;
+                    }
+                    return Box::pin(self.writer.close(&mut socket, kill.code, &kill.reason)).await;
+                }
+                _ = draining.cancelled(), if !self.inbound.is_closing() => {
+                    self.inbound.start_closing(1001, "server shutting down", Instant::now());
+                }
+                _ = tokio::time::sleep_until(closing_at.unwrap_or_else(Instant::now)), if closing_at.is_some() => {}
+                Ok(()) = self.routes.changed() => {
+                    let table = self.routes.borrow_and_update().clone();
+                    self.inbound.on_routes(&table, Instant::now());
+                }
+                // Ping and reads before writes: a worker that keeps the outbound
+                // queue busy must not starve the client's frames (a `cancel`) or
+                // the keep-alive; reads are bounded by the rate limits.
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > ping_every * 3 {
+                        return Box::pin(self.writer.close(&mut socket, 1001, "no answer to pings")).await;
+                    }
+                    if Box::pin(self.writer.ping(&mut socket)).await.is_err() {
+                        return self.gone();
+                    }
+                }
+                incoming = socket.next() => {
+                    last_heard = Instant::now();
+                    let actions = match incoming {
+                        None => return Ending::new(1006, "connection dropped"),
+                        Some(Err(e)) => {
+                            let (code, reason) = classify(e);
+                            if code == 1006 {
+                                return Ending::new(code, reason);
+                            }
+                            let ending = Box::pin(self.writer.close(&mut socket, code, &reason)).await;
+                            // The rest of the bad message may still sit unread
+                            // in the socket, and closing a socket with unread
+                            // data sends a TCP reset, which can destroy the
+                            // close frame before the client reads it. Linger.
+                            tokio::time::sleep(ERROR_CLOSE_LINGER).await;
+                            return ending;
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame
+                                .map(|f| (f.code, f.reason.to_string()))
+                                .unwrap_or((1005, String::new()));
+                            debug!(code, "client closed");
+                            // The library queued our close reply: flush it out.
+                            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush()).await;
+                            return Ending::new(code, reason);
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Text(text))) => {
+                            self.inbound.on_text(text.as_str(), Instant::now(), &self.env.bridge)
+                        }
+                        Some(Ok(Message::Binary(data))) => self.inbound.on_binary(data, &self.env.bridge),
+                    };
+                    if let Some(ending) = self.apply(actions, &mut socket, &mut outbound).await {
+                        return ending;
+                    }
+                }
+                Some(out) = outbound.recv() => {
+                    if let Err(Gone) = Box::pin(self.writer.write_batch(&mut socket, out, &mut outbound)).await {
+                        return self.gone();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out what the state machine asked for: queues its frames
+    /// (through the queue, so `seq` and ordering stay with the writer), and
+    /// closes after writing what is queued if it asked for a close.
+    async fn apply<S: Socket>(
+        &mut self,
+        actions: Actions,
+        socket: &mut S,
+        outbound: &mut mpsc::Receiver<Outbound>,
+    ) -> Option<Ending> {
+        for frame in actions.frames {
+            self.shared.send(frame.into());
+        }
+        let close = actions.close?;
+        Box::pin(self.writer.flush_queue(socket, outbound)).await;
+        Some(Box::pin(self.writer.close(socket, close.code, close.reason)).await)
+    }
+
+    /// The peer stopped reading (or the socket failed): the session ends
+    /// without a close handshake, with the kill reason if there is one.
+    fn gone(&self) -> Ending {
+        match self.shared.kill_reason() {
+            Some(k) => Ending::new(k.code, k.reason),
+            None => Ending::new(1006, "write failed or timed out"),
+        }
+    }
+}
+
+/// Close code for a failed read (README, client protocol): 1009 too big,
+/// 1007 bad UTF-8, 1002 protocol violation; 1006: the peer is gone, nothing
+/// to send.
+fn classify(e: axum::Error) -> (u16, String) {
+    use tungstenite::{error::ProtocolError, Error as E};
+    let inner = e.into_inner();
+    match inner.downcast_ref::<E>() {
+        Some(E::Capacity(c)) => (1009, format!("message too big: {c}")),
+        Some(E::Utf8(_)) => (1007, "text frame is not valid UTF-8".into()),
+        Some(E::Protocol(ProtocolError::ResetWithoutClosingHandshake))
+        | Some(E::Io(_) | E::ConnectionClosed | E::AlreadyClosed) => {
+            (1006, "connection dropped without a close frame".into())
+        }
+        Some(E::Protocol(p)) => (1002, format!("protocol error: {p}")),
+        _ => (1011, format!("read failed: {inner}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    use axum::extract::ws::CloseFrame;
+    use futures_util::{Sink, Stream};
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::{
+        client::OutFrame,
+        ids::{Cid, ConnId},
+        policy::runtime::Runtimes,
+        routes::Route,
+        session::testkit::{self, TestClient, TestSocket},
+    };
+
+    fn table(routes: &[&Route]) -> RouteTable {
+        RouteTable::new(routes.iter().map(|r| (*r).clone()).collect())
+    }
+
+    async fn close_frame(client: &mut TestClient) -> (u16, String) {
+        loop {
+            match client.next().await {
+                Message::Close(Some(CloseFrame { code, reason })) => {
+                    return (code, reason.to_string())
+                }
+                Message::Ping(_) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The commands the bridge has received so far, as (kind, conn, code, cids).
+    fn commands(rx: &mut mpsc::Receiver<Command>) -> Vec<Command> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    fn disconnect_of(cmds: &[Command]) -> (ConnId, u16, Vec<Cid>) {
+        match cmds.last() {
+            Some(Command::Disconnect {
+                conn, code, cids, ..
+            }) => (conn.clone(), *code, cids.clone()),
+            other => panic!("expected a disconnect last, got {other:?} in {cmds:?}"),
+        }
+    }
+
+    /// Sends `frame`, then a ping, and returns the frames before the pong:
+    /// the session has handled `frame` once the pong is back.
+    async fn exchange(client: &mut TestClient, frame: &str) -> Vec<Value> {
+        client.send_text(frame);
+        client.send_text(r#"{"type":"ping","id":"sync"}"#);
+        let mut before = Vec::new();
+        loop {
+            let v = client.next_json().await;
+            if v["type"] == "pong" && v["id"] == "sync" {
+                return before;
+            }
+            before.push(v);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_welcomes_answers_and_ends_on_the_clients_close() {
+        let route = testkit::route("/ws", "svc");
+        let (env, mut rx) = testkit::env(table(&[&route]), 16);
+        let hub = env.hub.clone();
+        let runtimes = Runtimes::default();
+        let start = testkit::start(&runtimes, Arc::new(route));
+        let conn = start.conn.clone();
+        let (socket, mut client) = testkit::socket();
+        let session = tokio::spawn(run(socket, env, start));
+
+        let welcome = client.next_json().await;
+        assert_eq!(
+            (welcome["type"].clone(), welcome["seq"].clone()),
+            (json!("welcome"), json!(0))
+        );
+        assert_eq!(welcome["data"]["session_id"], json!(conn.0));
+        assert_eq!(welcome["data"]["heartbeat_ms"], 20_000);
+        assert!(exchange(&mut client, r#"{"type":"note"}"#).await.is_empty());
+        let _ = client.to_session.send(Ok(Message::Close(Some(CloseFrame {
+            code: 1000,
+            reason: "bye".into(),
+        }))));
+        session.await.unwrap();
+
+        assert!(hub.is_empty());
+        assert_eq!(runtimes.get("/ws").connections(), 0, "the slot is free");
+        let cmds = commands(&mut rx);
+        assert!(matches!(cmds.first(), Some(Command::Connect(c)) if c.conn == conn.0));
+        assert!(matches!(cmds.get(1), Some(Command::Event { msg_type, .. }) if msg_type == "note"));
+        assert_eq!(disconnect_of(&cmds), (conn, 1000, vec![]));
+    }
+
+    /// Dropping the session's future (an aborted task, a runtime shutting
+    /// down) releases its hub entry and topics and tells the bridge, with
+    /// the request still in flight.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_session_leaves_nothing_behind() {
+        let route = testkit::route("/ws", "svc");
+        let (env, mut rx) = testkit::env(table(&[&route]), 16);
+        let hub = env.hub.clone();
+        let runtimes = Runtimes::default();
+        let start = testkit::start(&runtimes, Arc::new(route));
+        let conn = start.conn.clone();
+        let (socket, mut client) = testkit::socket();
+        let mut session = Box::pin(run(socket, env, start));
+
+        let script = async {
+            client.next_json().await;
+            let acks = exchange(
+                &mut client,
+                r#"{"type":"subscribe","id":"s","data":{"topic":"t"}}"#,
+            )
+            .await;
+            assert_eq!(acks[0]["type"], "subscribed");
+            assert!(exchange(&mut client, r#"{"type":"echo","id":"r"}"#)
+                .await
+                .is_empty());
+        };
+        tokio::select! {
+            _ = &mut session => panic!("the session ended on its own"),
+            _ = script => {}
+        }
+        let cid = hub.get(&conn).and_then(|c| c.cid_of("\"r\"")).unwrap();
+        assert_eq!((hub.len(), hub.topic_count()), (1, 1));
+
+        drop(session);
+        assert!(hub.is_empty());
+        assert_eq!(hub.topic_count(), 0);
+        assert_eq!(runtimes.get("/ws").connections(), 0);
+        let cmds = commands(&mut rx);
+        assert!(matches!(cmds.get(1), Some(Command::Request(r)) if r.cid == cid));
+        assert_eq!(disconnect_of(&cmds), (conn, 1006, vec![cid]));
+    }
+
+    /// `Drop` cannot wait for room in the bridge queue: a task on the
+    /// sessions' tracker delivers the disconnect once there is room.
+    #[tokio::test(start_paused = true)]
+    async fn a_disconnect_that_finds_the_bridge_queue_full_still_arrives() {
+        let route = testkit::route("/ws", "svc");
+        // Room for the connect and one request: then the queue is full.
+        let (env, mut rx) = testkit::env(table(&[&route]), 2);
+        let tracker = env.tracker.clone();
+        let runtimes = Runtimes::default();
+        let start = testkit::start(&runtimes, Arc::new(route));
+        let conn = start.conn.clone();
+        let (socket, mut client) = testkit::socket();
+        let mut session = Box::pin(run(socket, env, start));
+        let script = async {
+            client.next_json().await;
+            exchange(&mut client, r#"{"type":"echo","id":"r"}"#).await;
+            let refused = exchange(&mut client, r#"{"type":"echo","id":"q"}"#).await;
+            assert_eq!(
+                refused[0]["error"]["code"], "overloaded",
+                "the queue is full"
+            );
+        };
+        tokio::select! {
+            _ = &mut session => panic!("the session ended on its own"),
+            _ = script => {}
+        }
+        drop(session);
+        assert_eq!(tracker.len(), 1, "a task holds the disconnect");
+        let mut cmds = Vec::new();
+        while let Some(cmd) = rx.recv().await {
+            let last = matches!(cmd, Command::Disconnect { .. });
+            cmds.push(cmd);
+            if last {
+                break;
+            }
+        }
+        assert_eq!(disconnect_of(&cmds).0, conn);
+        assert_eq!(disconnect_of(&cmds).2.len(), 1);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// A socket that panics when the client sends `boom`.
+    struct Boom(TestSocket);
+
+    impl Stream for Boom {
+        type Item = Result<Message, axum::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let next = Pin::new(&mut self.0).poll_next(cx);
+            if let Poll::Ready(Some(Ok(Message::Text(t)))) = &next {
+                assert_ne!(t.as_str(), "boom", "a bug in the socket");
+            }
+            next
+        }
+    }
+
+    impl Sink<Message> for Boom {
+        type Error = std::io::Error;
+
+        fn poll_ready(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.0).poll_ready(cx)
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, m: Message) -> Result<(), Self::Error> {
+            Pin::new(&mut self.0).start_send(m)
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_close(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.0).poll_close(cx)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_session_leaves_nothing_behind() {
+        let route = testkit::route("/ws", "svc");
+        let (env, mut rx) = testkit::env(table(&[&route]), 16);
+        let hub = env.hub.clone();
+        let runtimes = Runtimes::default();
+        let start = testkit::start(&runtimes, Arc::new(route));
+        let conn = start.conn.clone();
+        let (socket, mut client) = testkit::socket();
+        let session = tokio::spawn(run(Boom(socket), env, start));
+        client.next_json().await;
+        exchange(&mut client, r#"{"type":"subscribe","data":{"topic":"t"}}"#).await;
+        client.send_text("boom");
+        assert!(session.await.unwrap_err().is_panic());
+        assert!(hub.is_empty());
+        assert_eq!(hub.topic_count(), 0);
+        assert_eq!(disconnect_of(&commands(&mut rx)), (conn, 1011, vec![]));
+    }
+
+    /// Defect: a reload between the upgrade's route snapshot and the
+    /// session's subscription to the table was never seen by the session.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_before_the_session_subscribed_is_applied_at_once() {
+        let route = testkit::route("/ws", "svc");
+        let other = testkit::route("/other", "svc");
+        let mut tighter = route.clone();
+        tighter.max_in_flight = 3;
+        let runtimes = Runtimes::default();
+
+        // The policies changed: the welcome already carries the new limit.
+        let (env, _rx) = testkit::env(table(&[&route]), 16);
+        env.registry.replace_file(table(&[&tighter]));
+        let (socket, mut client) = testkit::socket();
+        let _session = tokio::spawn(run(
+            socket,
+            env,
+            testkit::start(&runtimes, Arc::new(route.clone())),
+        ));
+        let welcome = client.next_json().await;
+        assert_eq!(welcome["data"]["limits"]["max_in_flight"], 3, "{welcome}");
+
+        // The route is gone: the session closes with 1012 at once.
+        let (env, _rx) = testkit::env(table(&[&route, &other]), 16);
+        env.registry.replace_file(table(&[&other]));
+        let (socket, mut client) = testkit::socket();
+        let _session = tokio::spawn(run(socket, env, testkit::start(&runtimes, Arc::new(route))));
+        assert_eq!(client.next_json().await["type"], "welcome");
+        assert_eq!(
+            close_frame(&mut client).await,
+            (1012, "route removed".into())
+        );
+    }
+
+    /// Defect: a closing session closed as soon as no request was in flight,
+    /// dropping the terminal frame that freed the last one if it was still
+    /// queued (or not yet queued: the broker frees the client id first).
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_session_writes_the_last_terminal_frame_before_its_close() {
+        let route = testkit::route("/ws", "svc");
+        for queued_before_the_drain in [true, false] {
+            let (env, _rx) = testkit::env(table(&[&route]), 16);
+            let (hub, draining) = (env.hub.clone(), env.draining.clone());
+            let runtimes = Runtimes::default();
+            let start = testkit::start(&runtimes, Arc::new(route.clone()));
+            let conn = start.conn.clone();
+            let (socket, mut client) = testkit::socket();
+            let session = tokio::spawn(run(socket, env, start));
+            client.next_json().await;
+            exchange(&mut client, r#"{"type":"echo","id":"r"}"#).await;
+            let shared = hub.get(&conn).unwrap();
+            let cid = shared.cid_of("\"r\"").unwrap();
+            let terminal = OutFrame::reply("echo", Some(json!("r")), Some(&cid.0), json!(1), true);
+
+            // What the broker does, in its order: free the id, queue the frame.
+            shared.end_request("\"r\"", &cid);
+            if queued_before_the_drain {
+                shared.send(terminal.clone().into());
+                draining.cancel();
+            } else {
+                draining.cancel();
+                tokio::task::yield_now().await;
+                shared.send(terminal.clone().into());
+            }
+            let last = client.next().await;
+            let Message::Text(t) = &last else {
+                panic!("queued first = {queued_before_the_drain}: expected the terminal frame, got {last:?}")
+            };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            assert_eq!(
+                (v["id"].clone(), v["done"].clone()),
+                (json!("r"), json!(true))
+            );
+            assert_eq!(close_frame(&mut client).await.0, 1001);
+            drop(client);
+            session.await.unwrap();
+        }
+    }
+}

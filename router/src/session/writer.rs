@@ -1,0 +1,296 @@
+//! The session's writer: the only code that writes to a client's socket.
+//!
+//! It stamps `seq` in send order (so the order clients see is the order of
+//! the numbers), encodes outbound items into WebSocket messages, writes what
+//! is queued in batches with one flush each, and runs the close handshake.
+//! Every write gives up on a peer that stops reading, so a client that never
+//! reads costs a bounded wait, not a stuck task.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{Sink, SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::{Ending, Socket};
+use crate::{client::Outbound, hub::ConnShared, metrics::Metrics};
+
+/// Most frames written with one flush.
+const WRITE_BATCH: usize = 64;
+
+/// How long a close handshake (or the flush before it) may take before the
+/// socket is dropped.
+pub(crate) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// The socket failed while writing: the peer is gone.
+#[derive(Debug)]
+pub(crate) struct Gone;
+
+pub(crate) struct Writer {
+    /// `seq` of the next JSON frame (the welcome is 0).
+    seq: u64,
+    shared: Arc<ConnShared>,
+    metrics: Arc<Metrics>,
+    /// Route pattern, the metrics label (fixed for the session).
+    route: String,
+    /// How long one write may wait on a peer that does not read.
+    patience: Duration,
+}
+
+impl Writer {
+    pub fn new(
+        shared: Arc<ConnShared>,
+        metrics: Arc<Metrics>,
+        route: String,
+        patience: Duration,
+    ) -> Self {
+        Self {
+            seq: 0,
+            shared,
+            metrics,
+            route,
+            patience,
+        }
+    }
+
+    /// The WebSocket message for an outbound item; JSON frames take the
+    /// next `seq`. Items taken off the queue are `dequeued` by the caller
+    /// first.
+    pub fn encode(&mut self, out: Outbound) -> Message {
+        let metrics = &self.metrics;
+        let route = &self.route;
+        match out {
+            Outbound::Frame(mut frame) => {
+                metrics.message_out(
+                    route,
+                    &frame.msg_type,
+                    frame.error.as_ref().map(|e| e.code.as_str()),
+                );
+                let text = frame.to_json(self.seq);
+                self.seq += 1;
+                Message::Text(text.into())
+            }
+            Outbound::Binary(b) => {
+                metrics.message_out(route, "binary", None);
+                Message::Binary(b)
+            }
+            Outbound::Raw {
+                binary: true,
+                payload,
+            } => {
+                metrics.message_out(route, "raw", None);
+                Message::Binary(payload)
+            }
+            Outbound::Raw {
+                binary: false,
+                payload,
+            } => {
+                metrics.message_out(route, "raw", None);
+                match String::from_utf8(payload.to_vec()) {
+                    Ok(s) => Message::Text(s.into()),
+                    Err(_) => {
+                        debug!("worker sent a raw text frame that is not UTF-8: sent as binary");
+                        Message::Binary(payload)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one item that did not come through the queue (the welcome).
+    pub async fn write<S>(&mut self, socket: &mut S, out: Outbound) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let msg = self.encode(out);
+        self.send_or_give_up(socket, vec![msg]).await
+    }
+
+    /// Writes `first` and whatever else is already queued (up to a batch),
+    /// with one flush: a stream of small frames costs one syscall per batch
+    /// rather than per frame, so a reading client keeps up with a fast
+    /// worker.
+    pub async fn write_batch<S>(
+        &mut self,
+        socket: &mut S,
+        first: Outbound,
+        outbound: &mut mpsc::Receiver<Outbound>,
+    ) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let mut msgs = Vec::new();
+        let mut next = Some(first);
+        while let Some(mut out) = next.take() {
+            self.shared.dequeued(&mut out);
+            msgs.push(self.encode(out));
+            if msgs.len() < WRITE_BATCH {
+                next = outbound.try_recv().ok();
+            }
+        }
+        self.send_or_give_up(socket, msgs).await
+    }
+
+    /// Writes what is queued right now (before a close that is not the
+    /// queue's fault: answers already admitted still reach the client).
+    /// Bounded by the queue's length and [`CLOSE_HANDSHAKE`].
+    pub async fn flush_queue<S>(&mut self, socket: &mut S, outbound: &mut mpsc::Receiver<Outbound>)
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let mut msgs = Vec::new();
+        while let Ok(mut out) = outbound.try_recv() {
+            self.shared.dequeued(&mut out);
+            msgs.push(self.encode(out));
+        }
+        if !msgs.is_empty() {
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, send_all(socket, msgs)).await;
+        }
+    }
+
+    /// A WebSocket ping (keep-alive and dead-peer detection).
+    pub async fn ping<S>(&self, socket: &mut S) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        self.send_or_give_up(socket, vec![Message::Ping(bytes::Bytes::new())])
+            .await
+    }
+
+    /// Sends messages, unless the peer stops reading: a send that waits
+    /// longer than the patience (three ping intervals), or while the
+    /// connection is being killed (its outbound queue overflowed), gives up
+    /// on the peer.
+    async fn send_or_give_up<S>(&self, socket: &mut S, msgs: Vec<Message>) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        tokio::select! {
+            r = send_all(socket, msgs) => r.map_err(|_| Gone),
+            _ = self.shared.kill.cancelled() => Err(Gone),
+            _ = tokio::time::sleep(self.patience) => Err(Gone),
+        }
+    }
+
+    /// Sends a close frame and waits (briefly) for the peer's, as RFC 6455
+    /// §7.1 asks; a peer that does not read or answer is dropped.
+    pub async fn close<S: Socket>(&mut self, socket: &mut S, code: u16, reason: &str) -> Ending {
+        let frame = CloseFrame {
+            code,
+            reason: close_reason(reason).to_owned().into(),
+        };
+        let handshake = async {
+            if socket.send(Message::Close(Some(frame))).await.is_ok() {
+                // Read until the peer's close frame ends the stream.
+                while let Some(Ok(_)) = socket.next().await {}
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, handshake).await;
+        Ending::new(code, reason)
+    }
+}
+
+/// A close reason cut to the 123 bytes a close frame has room for (RFC 6455
+/// §5.5: 125 minus the code), on a character boundary.
+fn close_reason(reason: &str) -> &str {
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &reason[..cut]
+}
+
+/// Feeds every message, then flushes once.
+async fn send_all<S>(socket: &mut S, msgs: Vec<Message>) -> Result<(), S::Error>
+where
+    S: Sink<Message> + Unpin,
+{
+    for m in msgs {
+        socket.feed(m).await?;
+    }
+    socket.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{client::OutFrame, ids::ConnId};
+    use serde_json::{json, Value};
+
+    fn writer() -> (Writer, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
+        let (shared, rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
+        let w = Writer::new(
+            shared.clone(),
+            Arc::new(Metrics::new()),
+            "/ws".into(),
+            Duration::from_secs(1),
+        );
+        (w, shared, rx)
+    }
+
+    fn seq_of(m: &Message) -> Option<u64> {
+        match m {
+            Message::Text(t) => serde_json::from_str::<Value>(t.as_str()).ok()?["seq"].as_u64(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn json_frames_take_consecutive_seq_and_other_items_none() {
+        let (mut w, _, _) = writer();
+        let items = [
+            Outbound::from(OutFrame::push("a", None, json!(1))),
+            Outbound::Binary(bytes::Bytes::from_static(b"\x00")),
+            Outbound::from(OutFrame::push("b", None, json!(2))),
+            Outbound::Raw {
+                binary: false,
+                payload: bytes::Bytes::from_static(b"\xff not utf-8"),
+            },
+            Outbound::Raw {
+                binary: false,
+                payload: bytes::Bytes::from_static(b"text"),
+            },
+        ];
+        let msgs: Vec<Message> = items.into_iter().map(|o| w.encode(o)).collect();
+        assert_eq!(
+            msgs.iter().map(seq_of).collect::<Vec<_>>()[..3],
+            [Some(0), None, Some(1)]
+        );
+        assert!(
+            matches!(&msgs[3], Message::Binary(_)),
+            "invalid UTF-8 goes out as binary"
+        );
+        assert!(matches!(&msgs[4], Message::Text(t) if t.as_str() == "text"));
+    }
+
+    #[test]
+    fn close_reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = close_reason(&long);
+        assert_eq!(cut.len(), 122);
+        assert!(long.starts_with(cut));
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_queued_up_to_its_size_and_gives_back_the_bytes() {
+        let (mut w, shared, mut rx) = writer();
+        for i in 0..WRITE_BATCH + 10 {
+            assert!(shared.send(OutFrame::push("t", None, json!(i)).into()));
+        }
+        let mut sink: Vec<Message> = Vec::new();
+        let first = rx.try_recv().unwrap();
+        w.write_batch(&mut sink, first, &mut rx).await.unwrap();
+        assert_eq!(sink.len(), WRITE_BATCH);
+        let seqs: Vec<u64> = sink.iter().filter_map(seq_of).collect();
+        assert_eq!(seqs, (0..WRITE_BATCH as u64).collect::<Vec<_>>());
+        w.flush_queue(&mut sink, &mut rx).await;
+        assert_eq!(sink.len(), WRITE_BATCH + 10);
+        assert_eq!(
+            shared.queued_bytes(),
+            0,
+            "every written frame gave its bytes back"
+        );
+    }
+}
