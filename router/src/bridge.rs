@@ -17,7 +17,8 @@
 use std::{sync::Arc, time::Duration};
 
 use bridge_proto::{
-    decode_from_worker_versioned, decode_publication, encode_to_worker_as, DecodeError, ToWorker,
+    decode_from_worker_versioned, decode_header, decode_publication, encode_to_worker_as,
+    DecodeError, ToWorker,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -384,6 +385,31 @@ fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) -> boo
         return false;
     }
     let payload = &frames[0];
+    // Before the handshake only a small `hello` or `auth` is decoded whole:
+    // a peer that did not prove itself cannot make the router build a big
+    // body (a frame's decoded form can take many times its bytes).
+    if !broker.is_registered(&peer) {
+        match decode_header(payload) {
+            Ok((_, kind)) if kind == "hello" || kind == "auth" => {
+                if payload.len() > MAX_HANDSHAKE_FRAME {
+                    warn!(peer = ?peer, bytes = payload.len(), "oversized handshake message: dropped");
+                    return false;
+                }
+            }
+            Ok((version, _)) => {
+                broker.on_unregistered_message(peer, version, outbox);
+                return true;
+            }
+            Err(DecodeError::Version { found, .. }) => {
+                broker.on_unsupported_version(peer, found, outbox);
+                return false;
+            }
+            Err(e) => {
+                warn!(peer = ?peer, bytes = payload.len(), error = %short(&e), "undecodable bridge message: dropped");
+                return false;
+            }
+        }
+    }
     match decode_from_worker_versioned(payload) {
         Ok((version, m)) => {
             broker.on_worker_message(peer, version, m, outbox);
@@ -394,9 +420,23 @@ fn on_frame(broker: &mut Broker, msg: ZmqMessage, outbox: &mut ZmqOutbox) -> boo
             false
         }
         Err(e) => {
-            warn!(peer = ?peer, bytes = payload.len(), error = %e, "undecodable bridge message: dropped");
+            warn!(peer = ?peer, bytes = payload.len(), error = %short(&e), "undecodable bridge message: dropped");
             false
         }
+    }
+}
+
+/// Largest `hello` or `auth` a peer that is not registered may send: far
+/// above what the bounds of a hello allow (64 services of 256 bytes).
+const MAX_HANDSHAKE_FRAME: usize = 64 << 10;
+
+/// A decode error for the log, cut short: its text may quote what the peer
+/// sent (a `kind`, a field's value), and logs carry kinds and sizes only.
+fn short(e: &DecodeError) -> String {
+    let text = e.to_string();
+    match text.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
     }
 }
 
@@ -429,6 +469,13 @@ async fn publication_loop(
             );
             continue;
         }
+        if frames[0].is_empty() || frames[0].len() > crate::hub::MAX_TOPIC_LEN {
+            warn!(
+                bytes = frames[0].len(),
+                "publication topic is empty or too long: dropped"
+            );
+            continue;
+        }
         let Ok(topic) = std::str::from_utf8(&frames[0]) else {
             warn!("publication topic is not UTF-8: dropped");
             continue;
@@ -438,11 +485,66 @@ async fn publication_loop(
                 let n = hub.publish(topic, &p.msg_type, p.data);
                 debug!(topic, subscribers = n, "publication delivered");
             }
-            Err(e) => warn!(topic, error = %e, "undecodable publication: dropped"),
+            Err(e) => warn!(topic, error = %short(&e), "undecodable publication: dropped"),
         }
     }
     drop(sub);
     if let Some(path) = ipc_file {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::testkit::{fixture, peer};
+    use bridge_proto::{encode_from_worker, FromWorker, Hello};
+
+    fn message(from: &PeerId, payload: Vec<u8>) -> ZmqMessage {
+        let mut m = ZmqMessage::from(Bytes::from(payload));
+        m.push_front(from.clone());
+        m
+    }
+
+    /// A peer that did not pass the handshake gets its `goodbye` from the
+    /// header alone: the body (here not even valid) is never decoded.
+    #[tokio::test]
+    async fn before_the_handshake_only_hello_and_auth_bodies_are_decoded() {
+        let mut f = fixture();
+        let mut outbox = ZmqOutbox { out: Vec::new() };
+        let stranger = peer("stranger");
+        let bogus_push =
+            rmp_serde::to_vec_named(&serde_json::json!({"v": 2, "kind": "push"})).unwrap();
+        assert!(on_frame(
+            &mut f.broker,
+            message(&stranger, bogus_push),
+            &mut outbox
+        ));
+        assert!(matches!(
+            outbox.out.as_slice(),
+            [(p, Some(2), ToWorker::Goodbye(g))] if *p == stranger && g.reconnect
+        ));
+        // An oversized hello is dropped unread.
+        let huge = encode_from_worker(&FromWorker::Hello(Hello {
+            worker_id: "x".repeat(MAX_HANDSHAKE_FRAME),
+            services: vec!["echo".into()],
+            capacity: 1,
+            sdk: "t".into(),
+        }));
+        outbox.out.clear();
+        assert!(!on_frame(
+            &mut f.broker,
+            message(&peer("big"), huge),
+            &mut outbox
+        ));
+        assert!(outbox.out.is_empty());
+    }
+
+    #[test]
+    fn logged_errors_are_cut_short() {
+        let e = DecodeError::UnknownKind {
+            kind: "k".repeat(10_000),
+        };
+        assert!(short(&e).chars().count() <= 121);
     }
 }

@@ -210,11 +210,13 @@ async fn a_second_dealer_with_the_same_routing_id_gets_none_of_the_workers_reque
             by.push(s.0);
         }
         assert_eq!(by, vec!["worker"; 10], "who received the requests");
-        victim.abort();
-        attacker.abort();
+        // Checked while both are connected: the victim's closed connection
+        // would remove it at once.
         let workers = e2e_tests::routes(router.http).await.unwrap();
         let echo = workers.iter().find(|r| r.service == "echo").unwrap();
         assert_eq!(echo.live_workers, 1, "the attacker never registered");
+        victim.abort();
+        attacker.abort();
     })
     .await;
 }
