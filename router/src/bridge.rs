@@ -540,6 +540,44 @@ mod tests {
         assert!(outbox.out.is_empty());
     }
 
+    /// PROTOCOL.md §13: a hello of a version the router does not speak gets
+    /// a version-1 goodbye naming the versions, so the worker stops instead
+    /// of retrying forever.
+    #[tokio::test]
+    async fn an_unsupported_version_gets_a_goodbye_that_names_the_versions() {
+        let mut f = fixture();
+        let mut outbox = ZmqOutbox { out: Vec::new() };
+        let future = peer("future");
+        let v3_hello = rmp_serde::to_vec_named(&serde_json::json!({
+            "v": 3, "kind": "hello", "worker_id": "w", "services": ["echo"], "capacity": 1, "sdk": "x"
+        }))
+        .unwrap();
+        assert!(!on_frame(
+            &mut f.broker,
+            message(&future, v3_hello.clone()),
+            &mut outbox
+        ));
+        match outbox.out.as_slice() {
+            [(p, Some(1), ToWorker::Goodbye(g))] => {
+                assert_eq!(*p, future);
+                assert!(!g.reconnect);
+                assert!(
+                    g.reason.contains("version 3") && g.reason.contains("1 to 2"),
+                    "{}",
+                    g.reason
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Once per heartbeat interval, not once per frame.
+        assert!(!on_frame(
+            &mut f.broker,
+            message(&future, v3_hello),
+            &mut outbox
+        ));
+        assert_eq!(outbox.out.len(), 1);
+    }
+
     #[test]
     fn logged_errors_are_cut_short() {
         let e = DecodeError::UnknownKind {

@@ -7,13 +7,44 @@
 //! Keyed limiters hold one entry per client IP; [`IpLimiter::evict_idle`]
 //! drops entries that have refilled (they carry no information), so the map
 //! does not grow with the number of distinct clients ever seen.
+//!
+//! The limiters read tokio's clock ([`TokioClock`]), like the broker and the
+//! breaker, so tests on paused time check them exactly at their edges.
 
 use std::{net::IpAddr, num::NonZeroU32, time::Duration};
 
 use governor::{
-    clock::{Clock, DefaultClock},
-    DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota,
+    clock::Clock,
+    middleware::NoOpMiddleware,
+    state::{keyed::DashMapStateStore, InMemoryState, NotKeyed},
+    Quota, RateLimiter,
 };
+
+/// tokio's monotonic clock for governor: time since the limiter was made.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    base: tokio::time::Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.base)
+    }
+}
+
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+type KeyedLimiter =
+    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, TokioClock, NoOpMiddleware<Duration>>;
 
 /// Rate-limit settings of a route (0 disables that limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,34 +84,40 @@ fn quota(per: Duration, count: u32, burst: u32) -> Option<Quota> {
 /// A limiter over one stream of events (a connection's messages, a route's
 /// messages). `None` inside means unlimited.
 #[derive(Debug)]
-pub struct Limiter(Option<DefaultDirectRateLimiter>);
+pub struct Limiter(Option<DirectLimiter>);
 
 impl Limiter {
     pub fn per_second(rate: u32, burst: u32) -> Self {
-        Self(quota(Duration::from_secs(1), rate, burst).map(governor::RateLimiter::direct))
+        Self(
+            quota(Duration::from_secs(1), rate, burst)
+                .map(|q| RateLimiter::direct_with_clock(q, TokioClock::default())),
+        )
     }
 
     /// `Ok` if the event may happen now, else how long until it may.
     pub fn check(&self) -> Result<(), Duration> {
         let Some(l) = &self.0 else { return Ok(()) };
         l.check()
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(l.clock().now()))
     }
 }
 
 /// New connections per client IP.
 #[derive(Debug)]
-pub struct IpLimiter(Option<DefaultKeyedRateLimiter<IpAddr>>);
+pub struct IpLimiter(Option<KeyedLimiter>);
 
 impl IpLimiter {
     pub fn per_minute(rate: u32, burst: u32) -> Self {
-        Self(quota(Duration::from_secs(60), rate, burst).map(governor::RateLimiter::keyed))
+        Self(
+            quota(Duration::from_secs(60), rate, burst)
+                .map(|q| RateLimiter::dashmap_with_clock(q, TokioClock::default())),
+        )
     }
 
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         let Some(l) = &self.0 else { return Ok(()) };
         l.check_key(&ip)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(l.clock().now()))
     }
 
     /// Forgets addresses whose allowance has fully refilled.
@@ -105,15 +142,30 @@ pub fn retry_after_ms(wait: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn burst_then_refusal_with_a_usable_wait() {
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_refusal_with_a_wait_that_is_exact() {
+        // 10/s: one slot every 100 ms, burst 3.
         let l = Limiter::per_second(10, 3);
         for _ in 0..3 {
             assert!(l.check().is_ok());
         }
-        let wait = l.check().unwrap_err();
-        assert!(wait <= Duration::from_millis(100), "{wait:?}");
-        assert!(retry_after_ms(wait) >= 1);
+        assert_eq!(l.check().unwrap_err(), Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert_eq!(
+            l.check().unwrap_err(),
+            Duration::from_millis(1),
+            "1 ms before the slot"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(l.check().is_ok(), "exactly at the slot");
+        assert!(l.check().is_err(), "and only one");
+        // A full refill after burst × period.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        for _ in 0..3 {
+            assert!(l.check().is_ok());
+        }
+        assert!(l.check().is_err());
+        assert_eq!(retry_after_ms(Duration::from_micros(1)), 1);
     }
 
     #[test]
@@ -127,17 +179,24 @@ mod tests {
         assert_eq!(ip.tracked(), 0);
     }
 
-    #[test]
-    fn ips_are_limited_separately_and_idle_ones_evicted() {
-        let l = IpLimiter::per_minute(60_000, 2);
+    #[tokio::test(start_paused = true)]
+    async fn ips_are_limited_separately_and_idle_ones_evicted() {
+        // 60/min: one slot a second, burst 2.
+        let l = IpLimiter::per_minute(60, 2);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         assert!(l.check(a).is_ok());
         assert!(l.check(a).is_ok());
-        assert!(l.check(a).is_err());
+        assert_eq!(l.check(a).unwrap_err(), Duration::from_secs(1));
         assert!(l.check(b).is_ok());
         assert_eq!(l.tracked(), 2);
-        // 60 000/min refills one slot per millisecond: wait for both to refill.
-        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(l.check(a).is_err(), "1 ms before the slot");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(l.check(a).is_ok(), "exactly at the slot");
+        // Still tracked until both have fully refilled.
+        l.evict_idle();
+        assert_eq!(l.tracked(), 2);
+        tokio::time::advance(Duration::from_secs(3)).await;
         l.evict_idle();
         assert_eq!(l.tracked(), 0);
     }
