@@ -40,6 +40,15 @@ impl RouteLimits {
     }
 }
 
+/// The fields of a policy the route's shared limiters are built from.
+fn shared_fields(p: &RateLimitPolicy) -> (u32, u32, u32) {
+    (
+        p.connections_per_minute,
+        p.connection_burst,
+        p.route_messages_per_second,
+    )
+}
+
 #[derive(Debug)]
 pub struct RouteRuntime {
     pub breaker: Arc<Breaker>,
@@ -56,11 +65,13 @@ impl RouteRuntime {
         }
     }
 
-    /// The route's limiters for this policy (rebuilt if the policy changed).
+    /// The route's limiters for this policy, rebuilt only if a field they
+    /// use changed (a reload that changes per-connection limits keeps the
+    /// route's per-IP and route-wide state).
     pub fn limits(&self, policy: &RateLimitPolicy) -> Arc<RouteLimits> {
         // One pointer swap under the lock: poisoning cannot leave it half-done.
         let mut slot = self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.policy != *policy {
+        if shared_fields(&slot.policy) != shared_fields(policy) {
             *slot = Arc::new(RouteLimits::new(*policy));
         }
         slot.clone()
@@ -161,8 +172,18 @@ mod tests {
         let p = RateLimitPolicy::DEFAULT;
         let a = r.limits(&p);
         assert!(Arc::ptr_eq(&a, &r.limits(&p)));
-        let changed = RateLimitPolicy {
+        let per_connection_only = RateLimitPolicy {
             messages_per_second: 1,
+            message_burst: 1,
+            close_after_rejections: 1,
+            ..p
+        };
+        assert!(
+            Arc::ptr_eq(&a, &r.limits(&per_connection_only)),
+            "per-connection fields do not reset the route's shared limiters"
+        );
+        let changed = RateLimitPolicy {
+            connection_burst: 1,
             ..p
         };
         assert!(!Arc::ptr_eq(&a, &r.limits(&changed)));
