@@ -440,8 +440,11 @@ fn short(e: &DecodeError) -> String {
     }
 }
 
-async fn publication_loop(
-    mut sub: zeromq::SubSocket,
+/// How long the publication loop pauses after a receive error.
+const RECV_ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+async fn publication_loop<S: SocketRecv + Send>(
+    mut sub: S,
     hub: Arc<Hub>,
     stop: CancellationToken,
     ipc_file: Option<std::path::PathBuf>,
@@ -457,7 +460,7 @@ async fn publication_loop(
                 // A peer's bad frame (it is dropped by the socket) or a socket
                 // error: log, and do not spin if it keeps failing.
                 warn!(error = %e, "publication receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(RECV_ERROR_PAUSE).await;
                 continue;
             }
         };
@@ -576,6 +579,45 @@ mod tests {
             &mut outbox
         ));
         assert_eq!(outbox.out.len(), 1);
+    }
+
+    /// A socket whose every receive fails at once, counting the calls; it
+    /// stops the loop itself after 1000 (so a spinning loop ends the test
+    /// with a failure rather than a hang).
+    struct Failing(Arc<std::sync::atomic::AtomicUsize>, CancellationToken);
+
+    impl SocketRecv for Failing {
+        fn recv<'a, 'r>(
+            &'a mut self,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = zeromq::ZmqResult<ZmqMessage>> + Send + 'r>,
+        >
+        where
+            'a: 'r,
+            Self: 'r,
+        {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1000 {
+                self.1.cancel();
+            }
+            Box::pin(async { Err(ZmqError::NoMessage) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_publication_loop_pauses_after_a_receive_error_instead_of_spinning() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(publication_loop(
+            Failing(calls.clone(), stop.clone()),
+            Arc::new(Hub::new()),
+            stop.clone(),
+            None,
+        ));
+        tokio::time::sleep(RECV_ERROR_PAUSE * 10).await;
+        stop.cancel();
+        task.await.unwrap();
+        let n = calls.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((10..=20).contains(&n), "{n} receives in 10 pauses");
     }
 
     #[test]
