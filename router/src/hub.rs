@@ -96,6 +96,8 @@ impl ConnShared {
     /// Queues a frame; never waits. A full queue (in frames or in bytes)
     /// closes the connection.
     pub fn send(&self, mut out: Outbound) -> bool {
+        // Outside the lock below: it walks the frame's data.
+        let cost = out.cost();
         // A request's terminal frame: the request stops counting as
         // finishing only once its frame is queued (the lock is held until
         // then), so [`ConnShared::is_idle`] never sees it gone while its
@@ -109,7 +111,6 @@ impl ConnShared {
             }
             _ => None,
         };
-        let cost = out.cost();
         let before = self.queued_bytes.fetch_add(cost, Ordering::AcqRel);
         if before > 0 && before.saturating_add(cost) > self.max_bytes {
             self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);

@@ -6,8 +6,8 @@
 //! Dynamic routing (`ENABLE_DYNAMIC_ROUTING=true`): a worker whose hello
 //! names a service that is a path (starts with `/`) and that no file route
 //! covers gets a route with that path as pattern and service, with the
-//! file's default policies. It is removed when the last worker serving it is
-//! gone. A file route with the same pattern always wins.
+//! file's default policies. The broker removes it once no worker has served it
+//! for the liveness period. A file route with the same pattern always wins.
 
 use std::{
     collections::BTreeMap,

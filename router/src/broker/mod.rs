@@ -130,6 +130,10 @@ pub struct Broker {
     conns: HashMap<ConnId, ConnEntry>,
     /// Unregistered peers sent a goodbye since the last tick.
     told_to_hello: HashSet<PeerId>,
+    /// Dynamic routes whose last worker left, and since when: removed only
+    /// after the liveness period, so a worker that restarts at once keeps
+    /// its route (and its clients' sessions).
+    orphaned: HashMap<String, Instant>,
     /// Open challenges of peers that have not proved the secret yet.
     handshake: Handshake,
     // The request table's timers live here, side by side, so the bridge's
@@ -161,6 +165,7 @@ impl Broker {
             requests: Requests::default(),
             conns: HashMap::new(),
             told_to_hello: HashSet::new(),
+            orphaned: HashMap::new(),
             deadlines: DelayQueue::new(),
             retry_timers: DelayQueue::new(),
             zombie_timers: DelayQueue::new(),
@@ -315,7 +320,7 @@ impl Broker {
             FromWorker::Publish(p) => {
                 self.hub.publish(&p.topic, &p.msg_type, p.data);
             }
-            FromWorker::Bye(b) => self.on_bye(&peer, &b.reason, now),
+            FromWorker::Bye(b) => self.on_bye(&peer, &b.reason, now, out),
         }
     }
 }

@@ -235,7 +235,7 @@ impl Broker {
                 warn!(peer = ?peer, %reason, "worker refused");
                 self.metrics.bridge_refused();
                 // A registered worker whose new hello is refused is gone.
-                self.remove_worker_at(&peer, "refused hello", now);
+                self.remove_worker_at(&peer, "refused hello", now, out);
                 return out.send_as(
                     &peer,
                     version,
@@ -315,13 +315,19 @@ impl Broker {
 
     /// The worker said `bye`: it gets no new work, and leaves when its last
     /// request is over.
-    pub(super) fn on_bye(&mut self, peer: &PeerId, reason: &str, now: Instant) {
+    pub(super) fn on_bye(
+        &mut self,
+        peer: &PeerId,
+        reason: &str,
+        now: Instant,
+        out: &mut dyn Outbox,
+    ) {
         let Some(worker) = self.workers.drain(peer) else {
             return;
         };
         info!(worker = %worker.name, reason = %reason, in_flight = worker.in_flight, "worker is stopping: no new work");
         if worker.in_flight == 0 {
-            self.remove_worker_at(peer, "stopped", now);
+            self.remove_worker_at(peer, "stopped", now, out);
         }
     }
 
@@ -333,7 +339,22 @@ impl Broker {
         self.metrics
             .set_held_request_bytes(self.requests.held_bytes());
         for peer in self.workers.silent(now) {
-            self.remove_worker_at(&peer, "missed heartbeats", now);
+            self.remove_worker_at(&peer, "missed heartbeats", now, out);
+        }
+        let limit = self.cfg.heartbeat * self.cfg.liveness;
+        let workers = &self.workers;
+        let gone: Vec<String> = self
+            .orphaned
+            .iter()
+            .filter(|(s, since)| !workers.serves(s, now) && now.duration_since(**since) >= limit)
+            .map(|(s, _)| s.clone())
+            .collect();
+        self.orphaned
+            .retain(|s, _| !gone.contains(s) && !workers.serves(s, now));
+        if let Some(registry) = &self.registry {
+            for service in gone {
+                registry.remove_dynamic(&service);
+            }
         }
         for peer in self.workers.peers() {
             out.send(peer, ToWorker::Heartbeat);
@@ -358,7 +379,7 @@ impl Broker {
         };
         if w.draining {
             if w.in_flight == 0 {
-                self.remove_worker_at(peer, "stopped", now);
+                self.remove_worker_at(peer, "stopped", now, out);
             }
             return;
         }
@@ -368,11 +389,17 @@ impl Broker {
 
     /// Forgets a worker; its requests are retried elsewhere where allowed,
     /// else get their terminal `worker_error`.
-    pub fn remove_worker(&mut self, peer: &PeerId, why: &str, _out: &mut dyn Outbox) {
-        self.remove_worker_at(peer, why, Instant::now());
+    pub fn remove_worker(&mut self, peer: &PeerId, why: &str, out: &mut dyn Outbox) {
+        self.remove_worker_at(peer, why, Instant::now(), out);
     }
 
-    pub(super) fn remove_worker_at(&mut self, peer: &PeerId, why: &str, now: Instant) {
+    pub(super) fn remove_worker_at(
+        &mut self,
+        peer: &PeerId,
+        why: &str,
+        now: Instant,
+        out: &mut dyn Outbox,
+    ) {
         let Some(worker) = self.workers.remove(peer) else {
             return;
         };
@@ -399,16 +426,20 @@ impl Broker {
         for service in &worker.services {
             self.service_may_be_gone(service, now);
         }
+        // Requests waiting for this worker (affinity homes it was) may go to
+        // a live sibling now.
+        self.drain_waiting(&worker.services, now, out);
     }
 
     /// A worker stopped serving `service`. If no live worker serves it any
-    /// more, its dynamic route goes and the requests waiting for it fail.
+    /// more, the requests waiting for it fail, and its dynamic route goes
+    /// if no worker comes back within the liveness period (`on_tick`).
     fn service_may_be_gone(&mut self, service: &str, now: Instant) {
         if self.workers.serves(service, now) {
             return;
         }
-        if let Some(registry) = &self.registry {
-            registry.remove_dynamic(service);
+        if self.registry.is_some() {
+            self.orphaned.entry(service.to_owned()).or_insert(now);
         }
         for req in self.requests.take_waiting_for(service) {
             let msg = format!("no live worker serves `{service}`");
@@ -486,6 +517,68 @@ mod tests {
             capacity,
             sdk: "test".into(),
         })
+    }
+
+    #[tokio::test]
+    async fn an_affinity_request_waiting_for_a_dead_home_goes_to_a_live_sibling_at_once() {
+        let mut f = fixture();
+        let (home, sibling) = (peer("home"), peer("sibling"));
+        f.hello(&home, 1);
+        let (conn, shared, _rx) = f.connected_client(); // home: the only worker
+        f.hello(&sibling, 1);
+        f.request_with(&conn, &shared, "1", 60_000, true);
+        let waiting = f.request_with(&conn, &shared, "2", 60_000, true);
+        assert_eq!(
+            f.out.requests_to(&home).len(),
+            1,
+            "request 2 waits for its home"
+        );
+        f.broker.on_connection_closed(&home, &mut f.out);
+        assert_eq!(
+            f.out.requests_to(&sibling),
+            vec![waiting.0.clone()],
+            "re-homed on the sibling without waiting for anything else"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dynamic_route_outlives_its_last_worker_for_the_liveness_period() {
+        use crate::{config::parse_routes, registry::RouteRegistry};
+        let mut f = fixture();
+        let registry = Arc::new(RouteRegistry::new(
+            parse_routes(r#"{"routes":[{"path":"/file"}]}"#).unwrap(),
+            true,
+        ));
+        f.broker.registry = Some(registry.clone());
+        let w = peer("w");
+        f.broker
+            .on_worker_message(w.clone(), 2, hello_msg(&["/ws/dyn"], 1), &mut f.out);
+        assert!(registry.current().get("/ws/dyn").is_some());
+        f.broker.on_connection_closed(&w, &mut f.out);
+        f.broker.on_tick(&mut f.out);
+        assert!(
+            registry.current().get("/ws/dyn").is_some(),
+            "kept while it may come back"
+        );
+        tokio::time::advance(HEARTBEAT * LIVENESS - ms(1)).await;
+        f.broker.on_tick(&mut f.out);
+        assert!(
+            registry.current().get("/ws/dyn").is_some(),
+            "1 ms before the liveness period"
+        );
+        tokio::time::advance(ms(1)).await;
+        f.broker.on_tick(&mut f.out);
+        assert!(registry.current().get("/ws/dyn").is_none(), "gone after it");
+        // A worker that comes back in time keeps the route.
+        f.broker
+            .on_worker_message(w.clone(), 2, hello_msg(&["/ws/dyn"], 1), &mut f.out);
+        f.broker.on_connection_closed(&w, &mut f.out);
+        let back = peer("back");
+        f.broker
+            .on_worker_message(back, 2, hello_msg(&["/ws/dyn"], 1), &mut f.out);
+        tokio::time::advance(HEARTBEAT * LIVENESS).await;
+        f.broker.on_tick(&mut f.out);
+        assert!(registry.current().get("/ws/dyn").is_some());
     }
 
     #[tokio::test]
