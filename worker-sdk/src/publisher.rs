@@ -40,7 +40,7 @@ use crate::error::{ConfigError, SendError};
 use crate::handle::{State, Status, WorkerHandle};
 use crate::handler::Handlers;
 use crate::outgoing::Outgoing;
-use crate::worker::Worker;
+use crate::worker::{SessionSettings, Worker};
 
 /// Default bound on waiting for a registered session, in
 /// [`PublisherBuilder::connect`] and in each [`Publisher::publish`].
@@ -85,22 +85,20 @@ pub enum PublishError {
 /// as for a worker.
 #[derive(Clone, Default)]
 pub struct PublisherBuilder {
-    endpoint: Option<String>,
-    secret: Option<String>,
     id: Option<String>,
     timeout: Option<Duration>,
-    backoff: Option<(Duration, Duration)>,
-    connect_timeout: Option<Duration>,
-    handshake_timeout: Option<Duration>,
-    env: Option<EnvDefaults>,
+    session: SessionSettings,
 }
 
 impl std::fmt::Debug for PublisherBuilder {
     // Hand-written so the secret never reaches a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PublisherBuilder")
-            .field("endpoint", &self.endpoint)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("endpoint", &self.session.endpoint)
+            .field(
+                "secret",
+                &self.session.secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("id", &self.id)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -111,14 +109,14 @@ impl PublisherBuilder {
     /// The router's bridge endpoint (default: `BRIDGE_ENDPOINT`, then
     /// `tcp://127.0.0.1:5555`).
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.endpoint = Some(endpoint.into());
+        self.session.endpoint = Some(endpoint.into());
         self
     }
 
     /// The shared secret the router may challenge for (default:
     /// `BRIDGE_SECRET`). Never sent; only a proof computed from it is.
     pub fn secret(mut self, secret: impl Into<String>) -> Self {
-        self.secret = Some(secret.into());
+        self.session.secret = Some(secret.into());
         self
     }
 
@@ -138,53 +136,39 @@ impl PublisherBuilder {
 
     /// Reconnect backoff: first step and cap (default 100 ms, 5 s).
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = Some((initial, max));
+        self.session.backoff = Some((initial, max));
         self
     }
 
     /// Bound on one connection attempt (default 2 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = Some(timeout);
+        self.session.connect_timeout = Some(timeout);
         self
     }
 
     /// A socket with no `welcome` after this long is re-created (default 5 s).
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.handshake_timeout = Some(timeout);
+        self.session.handshake_timeout = Some(timeout);
         self
     }
 
     /// Uses these environment defaults instead of the process environment
     /// (for tests).
     pub fn env(mut self, env: EnvDefaults) -> Self {
-        self.env = Some(env);
+        self.session.env = Some(env);
         self
     }
 
     /// The session configuration this builder would produce (environment
     /// applied): no services, capacity 0.
     pub fn config(&self) -> WorkerConfig {
-        let env = self.env.clone().unwrap_or_else(EnvDefaults::from_env);
         let mut c = WorkerConfig::new(Vec::new());
         c.capacity = 0;
         c.worker_id = self
             .id
             .clone()
             .unwrap_or_else(|| format!("rust-publisher-{}", std::process::id()));
-        if let Some(e) = self.endpoint.clone().or(env.endpoint) {
-            c.endpoint = e;
-        }
-        c.secret = self.secret.clone().or(env.secret);
-        if let Some((initial, max)) = self.backoff {
-            c.backoff_initial = initial;
-            c.backoff_max = max;
-        }
-        if let Some(t) = self.connect_timeout {
-            c.connect_timeout = t;
-        }
-        if let Some(t) = self.handshake_timeout {
-            c.handshake_timeout = t;
-        }
+        self.session.apply(&mut c);
         c
     }
 

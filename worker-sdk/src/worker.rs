@@ -116,17 +116,45 @@ impl Worker {
 #[derive(Default)]
 pub struct WorkerBuilder {
     services: Vec<String>,
-    endpoint: Option<String>,
     worker_id: Option<String>,
     capacity: Option<u32>,
-    secret: Option<String>,
     grace_period: Option<Duration>,
-    backoff: Option<(Duration, Duration)>,
-    connect_timeout: Option<Duration>,
-    handshake_timeout: Option<Duration>,
     linger: Option<Duration>,
-    env: Option<EnvDefaults>,
+    session: SessionSettings,
     handlers: Handlers,
+}
+
+/// The settings of a bridge session that workers and publishers share, and
+/// the one place that resolves them against the environment.
+#[derive(Clone, Default)]
+pub(crate) struct SessionSettings {
+    pub(crate) endpoint: Option<String>,
+    pub(crate) secret: Option<String>,
+    pub(crate) backoff: Option<(Duration, Duration)>,
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) handshake_timeout: Option<Duration>,
+    pub(crate) env: Option<EnvDefaults>,
+}
+
+impl SessionSettings {
+    /// Writes what is set (or found in the environment) into `c`.
+    pub(crate) fn apply(&self, c: &mut WorkerConfig) {
+        let env = self.env.clone().unwrap_or_else(EnvDefaults::from_env);
+        if let Some(e) = self.endpoint.clone().or(env.endpoint) {
+            c.endpoint = e;
+        }
+        c.secret = self.secret.clone().or(env.secret);
+        if let Some((initial, max)) = self.backoff {
+            c.backoff_initial = initial;
+            c.backoff_max = max;
+        }
+        if let Some(t) = self.connect_timeout {
+            c.connect_timeout = t;
+        }
+        if let Some(t) = self.handshake_timeout {
+            c.handshake_timeout = t;
+        }
+    }
 }
 
 impl WorkerBuilder {
@@ -149,7 +177,7 @@ impl WorkerBuilder {
     /// The router's bridge endpoint (default: `BRIDGE_ENDPOINT`, then
     /// `tcp://127.0.0.1:5555`).
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.endpoint = Some(endpoint.into());
+        self.session.endpoint = Some(endpoint.into());
         self
     }
 
@@ -169,7 +197,7 @@ impl WorkerBuilder {
     /// `BRIDGE_SECRET`). It is never sent: the worker answers the router's
     /// `challenge` with a proof computed from it.
     pub fn secret(mut self, secret: impl Into<String>) -> Self {
-        self.secret = Some(secret.into());
+        self.session.secret = Some(secret.into());
         self
     }
 
@@ -181,19 +209,19 @@ impl WorkerBuilder {
 
     /// Reconnect backoff: first step and cap (default 100 ms, 5 s).
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = Some((initial, max));
+        self.session.backoff = Some((initial, max));
         self
     }
 
     /// Bound on one connection attempt (default 2 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = Some(timeout);
+        self.session.connect_timeout = Some(timeout);
         self
     }
 
     /// A socket with no `welcome` after this long is re-created (default 5 s).
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.handshake_timeout = Some(timeout);
+        self.session.handshake_timeout = Some(timeout);
         self
     }
 
@@ -206,7 +234,7 @@ impl WorkerBuilder {
     /// Uses these environment defaults instead of the process environment
     /// (for tests).
     pub fn env(mut self, env: EnvDefaults) -> Self {
-        self.env = Some(env);
+        self.session.env = Some(env);
         self
     }
 
@@ -279,30 +307,16 @@ impl WorkerBuilder {
 
     /// The configuration this builder would produce (environment applied).
     pub fn config(&self) -> WorkerConfig {
-        let env = self.env.clone().unwrap_or_else(EnvDefaults::from_env);
         let mut c = WorkerConfig::new(self.services.clone());
-        if let Some(e) = self.endpoint.clone().or(env.endpoint) {
-            c.endpoint = e;
-        }
+        self.session.apply(&mut c);
         if let Some(id) = &self.worker_id {
             c.worker_id = id.clone();
         }
         if let Some(n) = self.capacity {
             c.capacity = n;
         }
-        c.secret = self.secret.clone().or(env.secret);
         if let Some(g) = self.grace_period {
             c.grace_period = g;
-        }
-        if let Some((initial, max)) = self.backoff {
-            c.backoff_initial = initial;
-            c.backoff_max = max;
-        }
-        if let Some(t) = self.connect_timeout {
-            c.connect_timeout = t;
-        }
-        if let Some(t) = self.handshake_timeout {
-            c.handshake_timeout = t;
         }
         if let Some(l) = self.linger {
             c.linger = l;
