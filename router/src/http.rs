@@ -19,6 +19,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::{
+    capacity,
     ids::ConnId,
     listener::{self, PeerInfo},
     policy::{auth, breaker::BreakerState, ratelimit::retry_after_ms},
@@ -54,6 +55,21 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
             "draining",
             "the router is shutting down",
             json!({}),
+        )
+    } else if app.capacity.is_full() {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "at_capacity",
+            &format!(
+                "the router reached its limit of {} connections; ready again at {}",
+                app.capacity.max(),
+                app.capacity.low_water()
+            ),
+            json!({
+                "max_connections": app.capacity.max(),
+                "connections": app.capacity.sessions(),
+                "low_water": app.capacity.low_water(),
+            }),
         )
     } else {
         refuse(
@@ -131,6 +147,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .map(|(s, (live, in_flight))| (s, live, in_flight))
         .collect();
     app.metrics.set_workers(&rows);
+    app.metrics.set_capacity(app.capacity_figures());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -186,7 +203,51 @@ async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         },
         "config": app.metrics.config_status(),
         "draining": app.draining.is_cancelled(),
+        "capacity": capacity_stats(&app),
     }))
+}
+
+fn capacity_stats(app: &AppState) -> serde_json::Value {
+    let c = app.capacity_figures();
+    json!({
+        "maxConnections": c.max_connections,
+        "sessions": c.sessions,
+        "full": c.full,
+        "lowWater": app.capacity.low_water(),
+        "refused": app.capacity.refused(),
+        "tcpOpen": c.tcp_open,
+        "tcpPending": c.tcp_pending,
+        "tcpEvicted": app.tracker.stats().evicted,
+        "descriptorLimit": c.descriptor_limit,
+    })
+}
+
+/// `503 at_capacity`: with `Retry-After`, and `Connection: close` so the
+/// refused client gives its descriptor back at once.
+fn at_capacity(app: &AppState) -> Response {
+    let retry_after = capacity::RETRY_AFTER;
+    let mut response = refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "at_capacity",
+        &format!(
+            "the router is at its limit of {} connections; try again later or elsewhere",
+            app.capacity.max()
+        ),
+        json!({
+            "max_connections": app.capacity.max(),
+            "retry_after_ms": retry_after.as_millis() as u64,
+        }),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(retry_after.as_secs().max(1)),
+    );
+    headers.insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// A refusal: status, stable error code, human message, extra fields.
@@ -248,9 +309,18 @@ async fn upgrade(
         }
     };
     let route = found.route;
-    // Admission order (ARCHITECTURE.md): cheap checks first, and the per-IP
-    // connection rate before anything that costs the router work for an
-    // unknown client (token verification is the expensive one).
+    // Admission order (ARCHITECTURE.md): cheap checks first; the router-wide
+    // cap before the per-IP rate, so a full router does not spend clients'
+    // allowance; the per-IP connection rate before anything that costs the
+    // router work for an unknown client (token verification is the
+    // expensive one); the route's own cap last.
+    let Some(permit) = app.capacity.try_admit() else {
+        app.metrics.refused("at_capacity");
+        if let Some(skipped) = app.at_capacity_log.hit() {
+            warn!(%remote, path, max_connections = app.capacity.max(), since_last_line = skipped, "refused: at capacity (logged at most once a second)");
+        }
+        return at_capacity(&app);
+    };
     let runtime = app.runtimes.get(&route.path);
     if app.settings.enable_rate_limit {
         if let Err(wait) = runtime
@@ -360,6 +430,7 @@ async fn upgrade(
         connect,
         runtime,
         slot,
+        permit,
     };
     // The handshake is done; the session's pings take over liveness.
     peer.deadline.disarm();

@@ -17,7 +17,10 @@
 //! - [`bridge`]: the only module that touches ZeroMQ sockets.
 //! - [`server`]: wiring and the shutdown sequence; [`state`]: shared state.
 //! - [`ids`]: correlation and session ids.
-//! - [`listener`]: the TCP listener with a handshake deadline per connection.
+//! - [`listener`]: the TCP listener: a handshake deadline per connection,
+//!   and a budget of open connections (the oldest idle one makes room).
+//! - [`capacity`]: the descriptor budget and the cap on sessions that keep
+//!   the router answering health probes when it is full.
 //! - [`policy`]: rate limits, circuit breakers, origin and token checks.
 //!
 //! The binary (`src/main.rs`) only parses settings, sets up logging, loads
@@ -25,6 +28,7 @@
 
 pub mod bridge;
 pub mod broker;
+pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod handshake;

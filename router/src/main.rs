@@ -4,12 +4,21 @@
 use std::{io::Write, net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
-use router::{config, server, settings::Settings};
+use router::{capacity, config, server, settings::Settings};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
     let settings = Settings::parse();
     init_logging(&settings.log_format);
+    match capacity::raise_descriptor_limit() {
+        Ok(l) => tracing::info!(
+            descriptors.initial = l.initial,
+            descriptors.soft = l.soft,
+            descriptors.hard = l.hard,
+            "descriptor limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+    }
     if let Err(e) = settings.check_bridge_exposure() {
         eprintln!("router: {e}");
         return ExitCode::from(2);

@@ -78,6 +78,28 @@ fn error_code_label(code: &str) -> &str {
     }
 }
 
+/// The capacity figures the metrics mirror.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CapacityFigures {
+    pub max_connections: usize,
+    pub sessions: usize,
+    pub full: bool,
+    pub tcp_open: usize,
+    pub tcp_pending: usize,
+    pub descriptor_limit: u64,
+}
+
+#[derive(Debug, Default)]
+struct CapacityGauges {
+    max: Gauge,
+    sessions: Gauge,
+    full: Gauge,
+    tcp_open: Gauge,
+    tcp_pending: Gauge,
+    tcp_evicted: Counter,
+    descriptor_limit: Gauge,
+}
+
 /// Plain counters of one route, for `/stats`.
 #[derive(Debug, Default)]
 pub struct RouteCounters {
@@ -123,6 +145,8 @@ pub struct Metrics {
     credits_reclaimed: Counter,
     held_request_bytes: Gauge,
     outbound_bytes: Gauge,
+    accept_errors: Counter,
+    capacity: CapacityGauges,
     types: DashMap<String, DashSet<String>>,
     routes: DashMap<String, Arc<RouteCounters>>,
     config: Mutex<Option<ConfigStatus>>,
@@ -167,6 +191,8 @@ impl Metrics {
             credits_reclaimed: Counter::default(),
             held_request_bytes: Gauge::default(),
             outbound_bytes: Gauge::default(),
+            accept_errors: Counter::default(),
+            capacity: CapacityGauges::default(),
             types: DashMap::new(),
             routes: DashMap::new(),
             config: Mutex::new(None),
@@ -273,7 +299,72 @@ impl Metrics {
             "Bytes queued for clients across all connections, not yet written",
             m.outbound_bytes.clone(),
         );
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the client port (out of descriptors, mostly)",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "max_connections",
+            "The cap on WebSocket sessions (MAX_CONNECTIONS)",
+            m.capacity.max.clone(),
+        );
+        registry.register(
+            "sessions",
+            "WebSocket sessions counted against MAX_CONNECTIONS",
+            m.capacity.sessions.clone(),
+        );
+        registry.register(
+            "at_capacity",
+            "1 from reaching MAX_CONNECTIONS until back at its low-water mark (then /ready is 503)",
+            m.capacity.full.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "Open TCP connections on the client port, sessions or not",
+            m.capacity.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_pending",
+            "Open TCP connections on the client port that have not upgraded",
+            m.capacity.tcp_pending.clone(),
+        );
+        registry.register(
+            "tcp_evicted",
+            "Connections without a session closed early to make room for new ones",
+            m.capacity.tcp_evicted.clone(),
+        );
+        registry.register(
+            "descriptor_limit",
+            "The process's soft limit of open file descriptors",
+            m.capacity.descriptor_limit.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.inc();
+    }
+
+    /// A connection without a session was closed to make room.
+    pub fn tcp_evicted(&self) {
+        self.capacity.tcp_evicted.inc();
+    }
+
+    pub fn tcp_evicted_total(&self) -> u64 {
+        self.capacity.tcp_evicted.get()
+    }
+
+    /// Refreshes the capacity gauges (at scrape time: the figures live in
+    /// `capacity` and the listener).
+    pub fn set_capacity(&self, c: CapacityFigures) {
+        let g = &self.capacity;
+        g.max.set(c.max_connections as i64);
+        g.sessions.set(c.sessions as i64);
+        g.full.set(i64::from(c.full));
+        g.tcp_open.set(c.tcp_open as i64);
+        g.tcp_pending.set(c.tcp_pending as i64);
+        g.descriptor_limit.set(c.descriptor_limit as i64);
     }
 
     pub fn route(&self, route: &str) -> Arc<RouteCounters> {

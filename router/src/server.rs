@@ -15,17 +15,18 @@ use tracing::{info, warn};
 use crate::{
     bridge::{self, BridgeConfig, Endpoints},
     broker::BrokerConfig,
+    capacity::{self, Capacity},
     client::unix_ms,
     http,
     hub::Hub,
     ids::ConnId,
-    listener::{DeadlineListener, PeerInfo},
+    listener::{DeadlineListener, PeerInfo, Tracker},
     metrics::{ConfigStatus, Metrics},
     registry::RouteRegistry,
     reload,
     routes::RouteTable,
     settings::Settings,
-    state::AppState,
+    state::{AppState, Budget},
 };
 
 /// Where the router ended up listening.
@@ -33,6 +34,36 @@ use crate::{
 pub struct Listening {
     pub http: SocketAddr,
     pub endpoints: Endpoints,
+}
+
+/// The session cap and the budget of open TCP connections (README,
+/// "Capacity"): `MAX_CONNECTIONS` or the descriptor limit minus the
+/// reserve; connections without a session may use a quarter of the
+/// reserve (the rest covers the router's own files, and connections that
+/// were expired for room but have not closed yet).
+fn connection_budget(settings: &Settings, metrics: Arc<Metrics>) -> Budget {
+    let descriptor_limit = capacity::descriptor_limit().unwrap_or_else(|| {
+        warn!("cannot read the descriptor limit; budgeting for 1024");
+        1024
+    });
+    let reserve = capacity::reserve_for(descriptor_limit);
+    let max_connections = match settings.max_connections {
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => capacity::default_max_connections(descriptor_limit),
+    };
+    if max_connections.saturating_add(reserve) as u64 > descriptor_limit {
+        warn!(
+            max_connections,
+            descriptor_limit,
+            reserve,
+            "MAX_CONNECTIONS leaves less than the reserve of descriptors: at the cap the router may fail to accept health probes"
+        );
+    }
+    Budget {
+        capacity: Capacity::new(max_connections),
+        tracker: Tracker::new(max_connections.saturating_add(reserve / 4), metrics),
+        descriptor_limit,
+    }
 }
 
 /// Why the router could not run.
@@ -104,6 +135,7 @@ pub async fn run(
 
     let drain_timeout = settings.drain_timeout();
     let routes_path: PathBuf = settings.routes.clone();
+    let budget = connection_budget(&settings, metrics.clone());
     let state = Arc::new(AppState::new(
         settings,
         registry.clone(),
@@ -111,6 +143,7 @@ pub async fn run(
         bridge,
         endpoints.clone(),
         metrics.clone(),
+        budget,
     ));
     reload::spawn(
         routes_path,
@@ -122,7 +155,12 @@ pub async fn run(
 
     let http_addr = listener.local_addr()?;
     let app = http::app(state.clone()).into_make_service_with_connect_info::<PeerInfo>();
-    let listener = DeadlineListener::new(listener, state.settings.handshake_timeout());
+    let listener = DeadlineListener::new(
+        listener,
+        state.settings.handshake_timeout(),
+        state.tracker.clone(),
+        state.metrics.clone(),
+    );
     // The listener stays open while sessions drain, so `/ready` can answer
     // 503 and late upgrades get a JSON refusal; it closes after the drain.
     let stop_http = CancellationToken::new();
@@ -156,7 +194,7 @@ pub async fn run(
     });
 
     state.set_ready(true);
-    info!(http = %http_addr, bridge = %endpoints.bridge, publish = endpoints.publish.as_deref().unwrap_or("(not bound)"), router.id = %router_id, "router listening");
+    info!(http = %http_addr, bridge = %endpoints.bridge, publish = endpoints.publish.as_deref().unwrap_or("(not bound)"), router.id = %router_id, max_connections = state.capacity.max(), "router listening");
     on_listening(&Listening {
         http: http_addr,
         endpoints,

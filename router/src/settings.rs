@@ -88,6 +88,14 @@ pub struct Settings {
     /// milliseconds; an idle HTTP keep-alive connection is closed after it too.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub handshake_timeout_ms: u64,
+    /// Most WebSocket sessions at once, all routes together; above it an
+    /// upgrade is answered `503 at_capacity` and `/ready` turns 503 until
+    /// the count is back at 95 %. Default: the descriptor limit (raised
+    /// to the hard limit at start) minus a reserve of an eighth of it,
+    /// between 64 and 512, kept for HTTP requests and the router's own
+    /// files (README, "Capacity").
+    #[arg(long, env = "MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
     /// How long in-flight requests may take to finish on shutdown, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
@@ -339,5 +347,9 @@ mod tests {
         assert!(!s.enable_rate_limit);
         assert!(Settings::try_parse_from(["router", "--heartbeat-ms", "1"]).is_err());
         assert!(Settings::try_parse_from(["router", "--port", "70000"]).is_err());
+        assert!(Settings::try_parse_from(["router", "--max-connections", "0"]).is_err());
+        let s = Settings::try_parse_from(["router", "--max-connections", "300"]).unwrap();
+        assert_eq!(s.max_connections, Some(300));
+        assert_eq!(Settings::defaults().max_connections, None);
     }
 }

@@ -9,7 +9,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     bridge::{BridgeHandle, Endpoints},
+    capacity::{Capacity, LogThrottle},
     hub::Hub,
+    listener::Tracker,
     metrics::Metrics,
     policy::runtime::Runtimes,
     registry::RouteRegistry,
@@ -31,7 +33,22 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// Live policy state per route (breakers, limiters, connection counts).
     pub runtimes: Runtimes,
+    /// The router-wide cap on sessions.
+    pub capacity: Arc<Capacity>,
+    /// Every open TCP connection of the client port.
+    pub tracker: Arc<Tracker>,
+    /// The soft descriptor limit the budget was derived from.
+    pub descriptor_limit: u64,
+    /// Refusals at capacity come in floods: one log line a second.
+    pub at_capacity_log: LogThrottle,
     ready: AtomicBool,
+}
+
+/// The connection budget [`AppState`] enforces.
+pub struct Budget {
+    pub capacity: Arc<Capacity>,
+    pub tracker: Arc<Tracker>,
+    pub descriptor_limit: u64,
 }
 
 impl AppState {
@@ -42,6 +59,7 @@ impl AppState {
         bridge: BridgeHandle,
         endpoints: Endpoints,
         metrics: Arc<Metrics>,
+        budget: Budget,
     ) -> Self {
         Self {
             settings,
@@ -53,12 +71,32 @@ impl AppState {
             draining: CancellationToken::new(),
             sessions: TaskTracker::new(),
             runtimes: Runtimes::default(),
+            capacity: budget.capacity,
+            tracker: budget.tracker,
+            descriptor_limit: budget.descriptor_limit,
+            at_capacity_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             ready: AtomicBool::new(false),
         }
     }
 
+    /// Started, not draining, and not full (README, "Capacity").
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.is_cancelled()
+        self.ready.load(Ordering::Acquire)
+            && !self.draining.is_cancelled()
+            && !self.capacity.is_full()
+    }
+
+    /// The capacity figures for `/metrics` and `/stats`.
+    pub fn capacity_figures(&self) -> crate::metrics::CapacityFigures {
+        let t = self.tracker.stats();
+        crate::metrics::CapacityFigures {
+            max_connections: self.capacity.max(),
+            sessions: self.capacity.sessions(),
+            full: self.capacity.is_full(),
+            tcp_open: t.open,
+            tcp_pending: t.pending,
+            descriptor_limit: self.descriptor_limit,
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {

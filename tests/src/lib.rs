@@ -218,6 +218,9 @@ pub struct RouterConfig {
     /// Extra command-line arguments (e.g. `--heartbeat-ms 200`).
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A descriptor limit (soft and hard) for the router process only, set
+    /// with util-linux's `prlimit`.
+    pub descriptor_limit: Option<u64>,
 }
 
 impl RouterConfig {
@@ -227,7 +230,14 @@ impl RouterConfig {
             endpoints: Endpoints::ipc(),
             args: Vec::new(),
             env: Vec::new(),
+            descriptor_limit: None,
         }
+    }
+
+    /// Runs the router under `RLIMIT_NOFILE` = `n` (soft and hard).
+    pub fn descriptor_limit(mut self, n: u64) -> Self {
+        self.descriptor_limit = Some(n);
+        self
     }
 
     pub fn endpoints(mut self, e: Endpoints) -> Self {
@@ -361,7 +371,17 @@ impl Drop for RouterProc {
 }
 
 fn spawn_router(cfg: &RouterConfig, routes_file: &Path) -> Proc {
-    let mut cmd = Command::new(router_bin());
+    let mut cmd = match cfg.descriptor_limit {
+        None => Command::new(router_bin()),
+        Some(n) => {
+            // prlimit sets the limit on itself and execs the router: same pid.
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(router_bin());
+            c
+        }
+    };
     for k in STACK_ENV {
         cmd.env_remove(k);
     }

@@ -47,7 +47,12 @@ where
             start.route.path.clone(),
             env.max_outbound_bytes,
         );
-        let mut attachment = Attachment::new(&env, shared.clone(), start.slot, attachment_span);
+        let mut attachment = Attachment::new(
+            &env,
+            shared.clone(),
+            (start.slot, start.permit),
+            attachment_span,
+        );
         info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
         let mut inbound = Inbound::new(
             shared.clone(),

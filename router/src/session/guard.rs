@@ -2,7 +2,8 @@
 //!
 //! A live session has an entry in the hub (with its topics), a connection at
 //! the bridge (its home worker, its requests in flight), a slot in its
-//! route's connection count and a place in the connection gauges. An
+//! route's connection count and in the router-wide cap, and a place in the
+//! connection gauges. An
 //! [`Attachment`] takes all of them when the session starts and gives them
 //! back when it is dropped: at the normal end of the session, but also when
 //! the session panics or its future is dropped (a runtime shutting down, an
@@ -23,6 +24,7 @@ use tracing::{info, warn, Span};
 use super::{Bridge, Ending, Env};
 use crate::{
     broker::Command,
+    capacity::SessionPermit,
     hub::{ConnShared, Registration},
     metrics::Metrics,
     policy::runtime::ConnectionSlot,
@@ -33,7 +35,8 @@ pub(crate) struct Attachment<B: Bridge> {
     shared: Arc<ConnShared>,
     /// The hub entry and its topics (unregistered when dropped).
     registration: Option<Registration>,
-    slot: Option<ConnectionSlot>,
+    /// Its places under the route's cap and the router's.
+    slots: Option<(ConnectionSlot, SessionPermit)>,
     bridge: B,
     tracker: TaskTracker,
     metrics: Arc<Metrics>,
@@ -45,13 +48,18 @@ pub(crate) struct Attachment<B: Bridge> {
 
 impl<B: Bridge> Attachment<B> {
     /// Registers the connection in the hub and counts it as open.
-    pub fn new(env: &Env<B>, shared: Arc<ConnShared>, slot: ConnectionSlot, span: Span) -> Self {
+    pub fn new(
+        env: &Env<B>,
+        shared: Arc<ConnShared>,
+        slots: (ConnectionSlot, SessionPermit),
+        span: Span,
+    ) -> Self {
         let registration = env.hub.attach(shared.clone());
         env.metrics.connection_opened(&shared.route);
         Self {
             shared,
             registration: Some(registration),
-            slot: Some(slot),
+            slots: Some(slots),
             bridge: env.bridge.clone(),
             tracker: env.tracker.clone(),
             metrics: env.metrics.clone(),
@@ -76,7 +84,7 @@ impl<B: Bridge> Drop for Attachment<B> {
                 Ending::new(1006, "session ended without a close")
             }
         });
-        drop(self.slot.take());
+        drop(self.slots.take());
         let route = &self.shared.route;
         self.metrics.connection_closed(route, ending.code);
         if self.shared.dropped.load(Ordering::Relaxed) > 0 {

@@ -56,6 +56,8 @@ pub struct SessionStart {
     pub runtime: Arc<RouteRuntime>,
     /// Counts the connection against the route's limit until the session ends.
     pub slot: ConnectionSlot,
+    /// The session's place under the router-wide cap; freed with the session.
+    pub permit: crate::capacity::SessionPermit,
 }
 
 /// Runs a session to its end. Never panics on client input.

@@ -208,5 +208,8 @@ pub(crate) fn start(runtimes: &Runtimes, route: Arc<Route>) -> SessionStart {
         route,
         runtime,
         slot,
+        permit: crate::capacity::Capacity::new(usize::MAX)
+            .try_admit()
+            .expect("no router-wide limit"),
     }
 }

@@ -1,4 +1,4 @@
-//! The TCP listener, with a handshake deadline on every connection.
+//! The handshake deadline every accepted connection carries.
 //!
 //! axum does not time out connections that never send a request, so a
 //! client (or an attack) could hold sockets open forever without upgrading.
@@ -7,12 +7,12 @@
 //! the router pushes the deadline one handshake timeout further (so keep-alive
 //! clients polling `/health` are fine); a successful WebSocket upgrade
 //! disarms it for good. A connection that never completes a request is
-//! therefore closed within the timeout.
+//! therefore closed within the timeout, or earlier when the listener needs
+//! its descriptor for a newer one ([`Deadline::expire`], `tracker`).
 
 use std::{
     future::Future,
     io,
-    net::SocketAddr,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -23,124 +23,89 @@ use std::{
 };
 
 use axum::{
-    extract::{connect_info::Connected, ConnectInfo, Request, State},
+    extract::{ConnectInfo, Request, State},
     middleware::Next,
     response::Response,
-    serve::IncomingStream,
 };
+use futures_util::task::AtomicWaker;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     time::{Instant, Sleep},
 };
 
+use super::{tracker::Tracker, PeerInfo};
 use crate::state::AppState;
 
 const DISARMED: u64 = u64::MAX;
+
+const EXPIRED: u64 = 0;
 
 /// A connection's deadline, in milliseconds since the listener started.
 #[derive(Debug)]
 pub struct Deadline {
     epoch: Instant,
     until_ms: AtomicU64,
+    /// The connection's task, woken when the deadline is expired early.
+    waker: AtomicWaker,
+    /// Where the connection is counted, and its id there.
+    tracker: Arc<Tracker>,
+    id: u64,
 }
 
 impl Deadline {
-    fn new(epoch: Instant, timeout: Duration) -> Self {
-        let d = Self {
+    pub(super) fn new(epoch: Instant, timeout: Duration, tracker: Arc<Tracker>, id: u64) -> Self {
+        Self {
+            until_ms: AtomicU64::new(Self::ms_from_now(epoch, timeout)),
             epoch,
-            until_ms: AtomicU64::new(0),
-        };
-        d.extend(timeout);
-        d
+            waker: AtomicWaker::new(),
+            tracker,
+            id,
+        }
     }
 
-    /// Pushes the deadline to `timeout` from now (unless disarmed).
+    fn ms_from_now(epoch: Instant, timeout: Duration) -> u64 {
+        // At least 1: 0 means expired.
+        ((epoch.elapsed() + timeout).as_millis() as u64).max(1)
+    }
+
+    /// Pushes the deadline to `timeout` from now (unless disarmed or
+    /// expired: an expired connection stays expired).
     pub fn extend(&self, timeout: Duration) {
-        let until = (self.epoch.elapsed() + timeout).as_millis() as u64;
+        let until = Self::ms_from_now(self.epoch, timeout);
         let _ = self
             .until_ms
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur != DISARMED).then_some(until)
+                (cur != DISARMED && cur != EXPIRED).then_some(until)
             });
     }
 
-    /// The connection upgraded: no deadline any more.
+    /// The connection upgraded: no deadline any more, and it is a session
+    /// now rather than a pending connection.
     pub fn disarm(&self) {
         self.until_ms.store(DISARMED, Ordering::Release);
+        self.tracker.upgraded(self.id);
     }
 
-    fn until(&self) -> Option<Instant> {
+    /// Ends the connection now (unless it has upgraded): its next read or
+    /// write fails, and its task is woken to find out.
+    pub(super) fn expire(&self) {
+        let expired = self
+            .until_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur != DISARMED).then_some(EXPIRED)
+            })
+            .is_ok();
+        if expired {
+            self.waker.wake();
+        }
+    }
+
+    pub(super) fn until(&self) -> Option<Instant> {
         match self.until_ms.load(Ordering::Acquire) {
             DISARMED => None,
             ms => Some(self.epoch + Duration::from_millis(ms)),
         }
-    }
-}
-
-/// The peer address and the connection's deadline, available to handlers
-/// as `ConnectInfo<PeerInfo>`.
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    pub addr: SocketAddr,
-    pub deadline: Arc<Deadline>,
-}
-
-/// A TCP listener whose connections carry a handshake deadline.
-pub struct DeadlineListener {
-    inner: TcpListener,
-    epoch: Instant,
-    timeout: Duration,
-}
-
-impl DeadlineListener {
-    pub fn new(inner: TcpListener, timeout: Duration) -> Self {
-        Self {
-            inner,
-            epoch: Instant::now(),
-            timeout,
-        }
-    }
-}
-
-impl axum::serve::Listener for DeadlineListener {
-    type Io = DeadlineIo;
-    type Addr = PeerInfo;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let deadline = Arc::new(Deadline::new(self.epoch, self.timeout));
-                    let io = DeadlineIo {
-                        inner: stream,
-                        deadline: deadline.clone(),
-                        timer: Box::pin(tokio::time::sleep(self.timeout)),
-                    };
-                    return (io, PeerInfo { addr, deadline });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead
-                    // of spinning; the error is the operator's to see.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(PeerInfo {
-            addr: self.inner.local_addr()?,
-            deadline: Arc::new(Deadline::new(self.epoch, self.timeout)),
-        })
-    }
-}
-
-impl Connected<IncomingStream<'_, DeadlineListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, DeadlineListener>) -> Self {
-        stream.remote_addr().clone()
     }
 }
 
@@ -151,10 +116,30 @@ pub struct DeadlineIo {
     timer: Pin<Box<Sleep>>,
 }
 
+impl Drop for DeadlineIo {
+    fn drop(&mut self) {
+        self.deadline.tracker.closed(self.deadline.id);
+    }
+}
+
 impl DeadlineIo {
+    pub(super) fn new(inner: TcpStream, deadline: Arc<Deadline>, timeout: Duration) -> Self {
+        Self {
+            inner,
+            deadline,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
     /// `Ready(Err)` once the deadline has passed; otherwise arms the timer
     /// so the task wakes up at the deadline even if the peer stays silent.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.deadline.until().is_none() {
+            // Upgraded: no deadline, and no waker to keep up to date.
+            return Poll::Pending;
+        }
+        // Registered before the check, so an `expire` in between is seen.
+        self.deadline.waker.register(cx.waker());
         let Some(until) = self.deadline.until() else {
             return Poll::Pending;
         };
@@ -248,7 +233,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deadline_extends_and_disarms() {
         let epoch = Instant::now();
-        let d = Deadline::new(epoch, Duration::from_secs(10));
+        let d = Deadline::new(
+            epoch,
+            Duration::from_secs(10),
+            Tracker::new(10, Arc::new(crate::metrics::Metrics::new())),
+            0,
+        );
         assert_eq!(d.until(), Some(epoch + Duration::from_secs(10)));
         tokio::time::advance(Duration::from_secs(5)).await;
         d.extend(Duration::from_secs(10));
