@@ -22,7 +22,7 @@ use crate::{
     capacity,
     ids::ConnId,
     listener::{self, PeerInfo},
-    policy::{auth, breaker::BreakerState, ratelimit::retry_after_ms},
+    policy::{auth, breaker::BreakerState, forwarded, ratelimit::retry_after_ms},
     session::{self, SessionStart},
     state::AppState,
 };
@@ -204,6 +204,7 @@ async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "config": app.metrics.config_status(),
         "draining": app.draining.is_cancelled(),
         "capacity": capacity_stats(&app),
+        "tls": app.tls.as_ref().map(|t| t.status()),
     }))
 }
 
@@ -266,7 +267,9 @@ async fn upgrade(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let remote = peer.addr;
+    // The client, as trusted proxies report it (never a header from anyone
+    // else): what per-IP limits, logs and workers see.
+    let remote = forwarded::client_addr(peer.addr, &headers, &app.settings.trusted_proxies);
     let path = uri.path();
     let table = app.route_table();
     let Some(found) = table.find(path) else {
@@ -326,7 +329,7 @@ async fn upgrade(
         if let Err(wait) = runtime
             .limits(&route.rate_limit)
             .connections
-            .check(remote.ip())
+            .check(remote.ip)
         {
             let retry_after_ms = retry_after_ms(wait);
             warn!(%remote, path, retry_after_ms, "refused: connection rate limit");
@@ -337,8 +340,7 @@ async fn upgrade(
                 "rate_limited",
                 &format!(
                     "too many new connections from {} to {}",
-                    remote.ip(),
-                    route.path
+                    remote.ip, route.path
                 ),
                 json!({ "path": path, "retry_after_ms": retry_after_ms }),
             );

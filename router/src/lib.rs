@@ -21,7 +21,11 @@
 //!   and a budget of open connections (the oldest idle one makes room).
 //! - [`capacity`]: the descriptor budget and the cap on sessions that keep
 //!   the router answering health probes when it is full.
-//! - [`policy`]: rate limits, circuit breakers, origin and token checks.
+//! - [`policy`]: rate limits, circuit breakers, origin and token checks,
+//!   and which peers may say who the client is (`TRUSTED_PROXIES`).
+//! - [`tls`]: TLS on the client port: the certificate pair that reloads
+//!   without a restart; [`watch`]: file changes and SIGHUP, the trigger of
+//!   every reload.
 //!
 //! The binary (`src/main.rs`) only parses settings, sets up logging, loads
 //! the routes, binds the listener and calls [`server::run`].
@@ -45,3 +49,5 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod state;
+pub mod tls;
+pub mod watch;

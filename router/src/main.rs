@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             let line = serde_json::json!({
                 "event": "listening",
                 "http": l.http.to_string(),
+                "tls": l.tls,
                 "bridge": l.endpoints.bridge,
                 "publish": l.endpoints.publish,
             });

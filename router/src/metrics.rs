@@ -147,6 +147,8 @@ pub struct Metrics {
     outbound_bytes: Gauge,
     accept_errors: Counter,
     capacity: CapacityGauges,
+    tls_reloads: Family<L1, Counter>,
+    tls_handshake_failures: Counter,
     types: DashMap<String, DashSet<String>>,
     routes: DashMap<String, Arc<RouteCounters>>,
     config: Mutex<Option<ConfigStatus>>,
@@ -193,6 +195,8 @@ impl Metrics {
             outbound_bytes: Gauge::default(),
             accept_errors: Counter::default(),
             capacity: CapacityGauges::default(),
+            tls_reloads: Family::default(),
+            tls_handshake_failures: Counter::default(),
             types: DashMap::new(),
             routes: DashMap::new(),
             config: Mutex::new(None),
@@ -339,7 +343,26 @@ impl Metrics {
             "The process's soft limit of open file descriptors",
             m.capacity.descriptor_limit.clone(),
         );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the TLS certificate pair, by result (ok, rejected)",
+            m.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (bad client certificate, not TLS, deadline)",
+            m.tls_handshake_failures.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn tls_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.tls_reloads.get_or_create(&l1("result", result)).inc();
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     pub fn accept_error(&self) {

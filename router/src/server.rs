@@ -26,22 +26,25 @@ use crate::{
     reload,
     routes::RouteTable,
     settings::Settings,
-    state::{AppState, Budget},
+    state::{AppState, ClientEdge},
+    tls::Tls,
 };
 
 /// Where the router ended up listening.
 #[derive(Debug, Clone)]
 pub struct Listening {
     pub http: SocketAddr,
+    /// Whether the port serves HTTPS and `wss://` (TLS_CERT).
+    pub tls: bool,
     pub endpoints: Endpoints,
 }
 
-/// The session cap and the budget of open TCP connections (README,
+/// TLS, the session cap and the budget of open TCP connections (README,
 /// "Capacity"): `MAX_CONNECTIONS` or the descriptor limit minus the
 /// reserve; connections without a session may use a quarter of the
 /// reserve (the rest covers the router's own files, and connections that
 /// were expired for room but have not closed yet).
-fn connection_budget(settings: &Settings, metrics: Arc<Metrics>) -> Budget {
+fn client_edge(settings: &Settings, metrics: Arc<Metrics>, tls: Option<Arc<Tls>>) -> ClientEdge {
     let descriptor_limit = capacity::descriptor_limit().unwrap_or_else(|| {
         warn!("cannot read the descriptor limit; budgeting for 1024");
         1024
@@ -59,10 +62,11 @@ fn connection_budget(settings: &Settings, metrics: Arc<Metrics>) -> Budget {
             "MAX_CONNECTIONS leaves less than the reserve of descriptors: at the cap the router may fail to accept health probes"
         );
     }
-    Budget {
+    ClientEdge {
         capacity: Capacity::new(max_connections),
         tracker: Tracker::new(max_connections.saturating_add(reserve / 4), metrics),
         descriptor_limit,
+        tls,
     }
 }
 
@@ -73,6 +77,8 @@ pub enum ServeError {
     Bridge(#[from] bridge::BridgeError),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Runs the router until `shutdown` resolves, then drains and returns.
@@ -100,6 +106,11 @@ pub async fn run(
         RouteRegistry::new(routes, settings.enable_dynamic_routing)
             .with_max_dynamic(settings.max_dynamic_routes),
     );
+    // TLS first: a bad certificate stops the start before anything binds.
+    let tls = match settings.tls_files() {
+        Some(files) => Some(Tls::load(files, metrics.clone())?),
+        None => None,
+    };
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
     let router_id = ConnId::new().0;
@@ -135,7 +146,7 @@ pub async fn run(
 
     let drain_timeout = settings.drain_timeout();
     let routes_path: PathBuf = settings.routes.clone();
-    let budget = connection_budget(&settings, metrics.clone());
+    let edge = client_edge(&settings, metrics.clone(), tls.clone());
     let state = Arc::new(AppState::new(
         settings,
         registry.clone(),
@@ -143,8 +154,11 @@ pub async fn run(
         bridge,
         endpoints.clone(),
         metrics.clone(),
-        budget,
+        edge,
     ));
+    if let Some(tls) = &tls {
+        tls.spawn_reloader(&tasks, stop_background.clone());
+    }
     reload::spawn(
         routes_path,
         registry,
@@ -160,7 +174,8 @@ pub async fn run(
         state.settings.handshake_timeout(),
         state.tracker.clone(),
         state.metrics.clone(),
-    );
+    )
+    .with_tls(tls);
     // The listener stays open while sessions drain, so `/ready` can answer
     // 503 and late upgrades get a JSON refusal; it closes after the drain.
     let stop_http = CancellationToken::new();
@@ -194,9 +209,11 @@ pub async fn run(
     });
 
     state.set_ready(true);
-    info!(http = %http_addr, bridge = %endpoints.bridge, publish = endpoints.publish.as_deref().unwrap_or("(not bound)"), router.id = %router_id, max_connections = state.capacity.max(), "router listening");
+    let scheme = if state.tls.is_some() { "https" } else { "http" };
+    info!(http = %http_addr, scheme, bridge = %endpoints.bridge, publish = endpoints.publish.as_deref().unwrap_or("(not bound)"), router.id = %router_id, max_connections = state.capacity.max(), "router listening");
     on_listening(&Listening {
         http: http_addr,
+        tls: state.tls.is_some(),
         endpoints,
     });
 

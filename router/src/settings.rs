@@ -88,6 +88,24 @@ pub struct Settings {
     /// milliseconds; an idle HTTP keep-alive connection is closed after it too.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub handshake_timeout_ms: u64,
+    /// PEM file with the certificate chain: with `--tls-key`, the port
+    /// serves HTTPS and `wss://` only. Reloaded when the file changes and
+    /// on SIGHUP.
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of `--tls-cert`.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file with the CA certificates that sign client certificates
+    /// (mutual TLS): clients may then present one, and routes with
+    /// `"clientCert": "required"` admit only those that did.
+    #[arg(long, env = "TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose
+    /// `X-Forwarded-For` / `Forwarded` headers name the client. Empty: the
+    /// headers are ignored and the TCP peer is the client.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Most WebSocket sessions at once, all routes together; above it an
     /// upgrade is answered `503 at_capacity` and `/ready` turns 503 until
     /// the count is back at 95 %. Default: the descriptor limit (raised
@@ -162,6 +180,14 @@ pub enum SettingsError {
     },
 }
 
+/// One `TRUSTED_PROXIES` entry: an address (a /32 or /128) or a CIDR block.
+fn parse_proxy(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR block"))
+}
+
 impl Settings {
     /// Refuses endpoints that untrusted hosts could reach without a secret
     /// (PROTOCOL.md §14), unless explicitly allowed.
@@ -208,6 +234,15 @@ impl Settings {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -351,5 +386,23 @@ mod tests {
         let s = Settings::try_parse_from(["router", "--max-connections", "300"]).unwrap();
         assert_eq!(s.max_connections, Some(300));
         assert_eq!(Settings::defaults().max_connections, None);
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_proxies_parse() {
+        assert!(Settings::try_parse_from(["router", "--tls-cert", "c.pem"]).is_err());
+        assert!(Settings::try_parse_from(["router", "--tls-key", "k.pem"]).is_err());
+        let s = Settings::try_parse_from(["router", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .unwrap();
+        assert_eq!(s.tls_files().unwrap().cert, PathBuf::from("c.pem"));
+        assert!(Settings::defaults().tls_files().is_none());
+        let s =
+            Settings::try_parse_from(["router", "--trusted-proxies", "10.0.0.0/8, 127.0.0.1,::1"])
+                .unwrap();
+        let shown: Vec<String> = s.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+        assert!(Settings::try_parse_from(["router", "--trusted-proxies", "10.0.0.0/33"]).is_err());
+        assert!(Settings::try_parse_from(["router", "--trusted-proxies", "proxy.local"]).is_err());
+        assert!(Settings::defaults().trusted_proxies.is_empty());
     }
 }

@@ -17,6 +17,7 @@ use crate::{
     registry::RouteRegistry,
     routes::RouteTable,
     settings::Settings,
+    tls::Tls,
 };
 
 pub struct AppState {
@@ -41,14 +42,17 @@ pub struct AppState {
     pub descriptor_limit: u64,
     /// Refusals at capacity come in floods: one log line a second.
     pub at_capacity_log: LogThrottle,
+    /// TLS on the client port, when configured.
+    pub tls: Option<Arc<Tls>>,
     ready: AtomicBool,
 }
 
-/// The connection budget [`AppState`] enforces.
-pub struct Budget {
+/// What the client port enforces: the connection budget and TLS.
+pub struct ClientEdge {
     pub capacity: Arc<Capacity>,
     pub tracker: Arc<Tracker>,
     pub descriptor_limit: u64,
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl AppState {
@@ -59,7 +63,7 @@ impl AppState {
         bridge: BridgeHandle,
         endpoints: Endpoints,
         metrics: Arc<Metrics>,
-        budget: Budget,
+        edge: ClientEdge,
     ) -> Self {
         Self {
             settings,
@@ -71,10 +75,11 @@ impl AppState {
             draining: CancellationToken::new(),
             sessions: TaskTracker::new(),
             runtimes: Runtimes::default(),
-            capacity: budget.capacity,
-            tracker: budget.tracker,
-            descriptor_limit: budget.descriptor_limit,
+            capacity: edge.capacity,
+            tracker: edge.tracker,
+            descriptor_limit: edge.descriptor_limit,
             at_capacity_log: LogThrottle::new(std::time::Duration::from_secs(1)),
+            tls: edge.tls,
             ready: AtomicBool::new(false),
         }
     }

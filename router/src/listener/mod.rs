@@ -8,17 +8,24 @@
 //! backs off instead of spinning.
 
 mod deadline;
+mod tls_io;
 mod tracker;
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{extract::connect_info::Connected, serve::IncomingStream};
 use tokio::{net::TcpListener, time::Instant};
 
 pub use deadline::{extend_deadline, Deadline, DeadlineIo};
+pub use tls_io::{ClientCert, ClientIo, TlsIo};
 pub use tracker::{Tracker, TrackerStats};
 
-use crate::{capacity::LogThrottle, metrics::Metrics};
+use crate::{capacity::LogThrottle, metrics::Metrics, tls::Tls};
 
 /// The peer address and the connection's deadline, available to handlers
 /// as `ConnectInfo<PeerInfo>`.
@@ -26,6 +33,10 @@ use crate::{capacity::LogThrottle, metrics::Metrics};
 pub struct PeerInfo {
     pub addr: SocketAddr,
     pub deadline: Arc<Deadline>,
+    /// Whether the connection is TLS (`https`/`wss`).
+    pub tls: bool,
+    /// The client's certificate, once a TLS handshake has verified one.
+    pub client_cert: Arc<OnceLock<ClientCert>>,
 }
 
 /// How long the accept loop waits after an error before it tries again.
@@ -40,6 +51,7 @@ pub struct DeadlineListener {
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     accept_errors: LogThrottle,
+    tls: Option<Arc<Tls>>,
 }
 
 impl DeadlineListener {
@@ -56,12 +68,20 @@ impl DeadlineListener {
             tracker,
             metrics,
             accept_errors: LogThrottle::new(Duration::from_secs(1)),
+            tls: None,
         }
+    }
+
+    /// Serves TLS on every connection, with the configuration current at
+    /// each accept.
+    pub fn with_tls(mut self, tls: Option<Arc<Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
 impl axum::serve::Listener for DeadlineListener {
-    type Io = DeadlineIo;
+    type Io = ClientIo;
     type Addr = PeerInfo;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -82,7 +102,22 @@ impl axum::serve::Listener for DeadlineListener {
                         tokio::task::yield_now().await;
                     }
                     let io = DeadlineIo::new(stream, deadline.clone(), timeout);
-                    return (io, PeerInfo { addr, deadline });
+                    let client_cert = Arc::new(OnceLock::new());
+                    let io = match &self.tls {
+                        None => ClientIo::Plain(io),
+                        Some(tls) => ClientIo::Tls(TlsIo::new(
+                            tls.acceptor().accept(io),
+                            client_cert.clone(),
+                            self.metrics.clone(),
+                        )),
+                    };
+                    let peer = PeerInfo {
+                        addr,
+                        deadline,
+                        tls: self.tls.is_some(),
+                        client_cert,
+                    };
+                    return (io, peer);
                 }
                 Err(e) => {
                     self.metrics.accept_error();
@@ -112,6 +147,8 @@ impl axum::serve::Listener for DeadlineListener {
                 Tracker::new(1, self.metrics.clone()),
                 u64::MAX,
             )),
+            tls: self.tls.is_some(),
+            client_cert: Arc::new(OnceLock::new()),
         })
     }
 }
