@@ -16,6 +16,8 @@
 #   BRIDGE_ENDPOINT     ZeroMQ ROUTER socket for workers   (tcp://127.0.0.1:5555)
 #   PUBLISH_ENDPOINT    ZeroMQ SUB socket for publishers   (tcp://127.0.0.1:5556)
 #   ENABLE_RATE_LIMIT, ENABLE_DYNAMIC_ROUTING              passed on when set
+#   TLS_CERT, TLS_KEY   PEM certificate and key: serve https:// and wss://
+#                       (README, TLS; needs curl for the readiness probes)
 # and for this script:
 #   ROUTER_BIN_DIR      where `router` and `examples/` are (${CARGO_TARGET_DIR:-<repo>/target}/release)
 #   LOG_DIR             where each process's stdout/stderr go (a new temporary directory)
@@ -66,6 +68,21 @@ export BRIDGE_ENDPOINT=${BRIDGE_ENDPOINT:-tcp://127.0.0.1:5555}
 export PUBLISH_ENDPOINT=${PUBLISH_ENDPOINT:-tcp://127.0.0.1:5556}
 [[ -n ${ENABLE_RATE_LIMIT:-} ]] && export ENABLE_RATE_LIMIT
 [[ -n ${ENABLE_DYNAMIC_ROUTING:-} ]] && export ENABLE_DYNAMIC_ROUTING
+scheme=http ws_scheme=ws
+if [[ -n ${TLS_CERT:-} || -n ${TLS_KEY:-} ]]; then
+    if [[ -z ${TLS_CERT:-} || -z ${TLS_KEY:-} ]]; then
+        echo "TLS_CERT and TLS_KEY go together (README, TLS)" >&2
+        exit 2
+    fi
+    TLS_CERT=$(absolute "$TLS_CERT")
+    TLS_KEY=$(absolute "$TLS_KEY")
+    export TLS_CERT TLS_KEY
+    scheme=https ws_scheme=wss
+    if ! command -v curl >/dev/null 2>&1; then
+        echo "TLS_CERT is set: the readiness probes need curl (apt-get install curl)" >&2
+        exit 2
+    fi
+fi
 
 target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
 [[ $target_dir == /* ]] || target_dir=$repo_root/$target_dir
@@ -197,7 +214,9 @@ http_get() {
     local path=$1 fd line status
     if ((have_curl)); then
         # In the background: `wait` returns as soon as a trapped signal arrives.
-        curl -s --max-time 2 -w '\n%{http_code}' "http://$http_addr$path" >"$log_dir/.probe" 2>/dev/null &
+        # -k: this probes the router this script started; whether clients
+        # trust its certificate is theirs to check.
+        curl -s -k --max-time 2 -w '\n%{http_code}' "$scheme://$http_addr$path" >"$log_dir/.probe" 2>/dev/null &
         wait $! || true
         status=$(tail -n 1 "$log_dir/.probe")
         echo "${status:-000}"
@@ -353,7 +372,7 @@ while ((ready == 0 || ${#pending[@]} > 0)); do
     fi
     if ((ready == 0 || ${#pending[@]} > 0)); then
         if (($(now_ms) >= deadline)); then
-            ((ready)) || startup_failed "GET http://$http_addr/ready never answered 200 within ${startup_timeout_s}s" router
+            ((ready)) || startup_failed "GET $scheme://$http_addr/ready never answered 200 within ${startup_timeout_s}s" router
             startup_failed "not registered within ${startup_timeout_s}s: ${pending[*]}" "${pending[0]}"
         fi
         nap 0.1
@@ -367,10 +386,10 @@ mapfile -t paths < <(http_get /routes | sed 1d | grep -o -E '"path" *: *"[^"]*"'
 echo
 echo "Unified backend ready"
 echo "  WebSocket routes:"
-for p in "${paths[@]}"; do echo "    ws://$http_addr$p"; done
-echo "  Health:   http://$http_addr/health"
-echo "  Ready:    http://$http_addr/ready"
-echo "  Routes:   http://$http_addr/routes"
+for p in "${paths[@]}"; do echo "    $ws_scheme://$http_addr$p"; done
+echo "  Health:   $scheme://$http_addr/health"
+echo "  Ready:    $scheme://$http_addr/ready"
+echo "  Routes:   $scheme://$http_addr/routes"
 echo "  Bridge:   $bridge    Publish: $publish"
 echo "  Logs:     $log_dir/<name>.log"
 echo "Press Ctrl-C to stop."

@@ -16,6 +16,10 @@ python3 -c 'import venv, ensurepip' 2>/dev/null \
 if ! command -v pyenv >/dev/null || [[ ! -x "$(pyenv root)/versions/2.7.18/bin/python" ]]; then
     missing+=("pyenv's Python 2.7.18, for the Autobahn conformance suite (pyenv install 2.7.18)")
 fi
+command -v openssl >/dev/null \
+    || missing+=("openssl, which makes the TLS tests' certificates (Debian: apt-get install openssl)")
+command -v prlimit >/dev/null \
+    || missing+=("prlimit, which runs the router under a low descriptor limit (Debian: apt-get install util-linux)")
 if ((${#missing[@]})); then
     printf 'scripts/test.sh: missing prerequisites:\n' >&2
     printf '  - %s\n' "${missing[@]}" >&2

@@ -13,6 +13,8 @@
 //! - [`ws`]: the WebSocket client ([`WsClient`]) that speaks the README's client protocol.
 //! - [`http`]: a tiny GET client for `/health`, `/ready`, `/routes`, and the
 //!   bounded polls on `/routes` ([`wait_live_workers`]).
+//! - [`tls`]: a throwaway CA (the `openssl` command), certificates for
+//!   `localhost`, and a rustls client that trusts them.
 //!
 //! Every test owns its processes: the router listens on port 0 and binds
 //! fresh `ipc://` endpoints, so tests run in parallel and never collide with
@@ -23,6 +25,7 @@
 
 pub mod http;
 pub mod process;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;

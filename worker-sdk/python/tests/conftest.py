@@ -271,8 +271,9 @@ class Client:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, url: str, *, raw: bool = False) -> AsyncIterator[Client]:
-        async with websockets.connect(url, open_timeout=5, close_timeout=2) as ws:
+    async def connect(cls, url: str, *, raw: bool = False, ssl: Any = None) -> AsyncIterator[Client]:
+        tls = {"ssl": ssl} if ssl is not None else {}
+        async with websockets.connect(url, open_timeout=5, close_timeout=2, **tls) as ws:
             client = cls(ws)
             if not raw:
                 client.welcome = await client.next(lambda f: isinstance(f, dict) and f.get("type") == "welcome")
