@@ -7,9 +7,11 @@
 # Fails (exit 1) on any FAILED case. Compression cases 12.* and 13.* are
 # excluded: the router does not negotiate permessage-deflate yet.
 #
-# Usage: scripts/conformance.sh [--no-build] [--help]
+# Usage: scripts/conformance.sh [--no-build] [--tls] [--help]
 #
 #   --no-build   use the binaries in ROUTER_BIN_DIR as they are
+#   --tls        the router serves TLS (a certificate made here with openssl)
+#                and the suite connects over wss://
 #
 # Environment:
 #   ROUTER_BIN_DIR    where `router` and `examples/echo_worker` are
@@ -31,9 +33,11 @@
 set -euo pipefail
 
 build=1
+tls=0
 for arg in "$@"; do
     case "$arg" in
         --no-build) build=0 ;;
+        --tls) tls=1 ;;
         -h | --help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "unknown option: $arg" >&2; exit 2 ;;
     esac
@@ -134,10 +138,22 @@ wait_line() {
     die "$what did not start within 60 s"
 }
 
+tls_args=()
+scheme=ws
+if ((tls)); then
+    # The suite's client does not verify certificates; any self-signed one does.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null \
+        || die "openssl could not make a certificate (apt-get install openssl)"
+    tls_args=(--tls-cert "$work/cert.pem" --tls-key "$work/key.pem")
+    scheme=wss
+fi
+
 # Rate limits off: the suite opens ~300 connections and sends bursts of
 # 1000 frames, which the default per-connection limits would refuse.
 ENABLE_RATE_LIMIT=false RUST_LOG=${RUST_LOG:-warn} "$router_bin" --port 0 --routes "$work/routes.json" \
-    --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
+    --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 "${tls_args[@]}" \
     >"$work/router.out" 2>"$work/router.err" &
 router_pid=$!
 pids+=("$router_pid")
@@ -149,19 +165,19 @@ RUST_LOG=${RUST_LOG:-warn} "$worker_bin" --bridge-endpoint "$bridge" --service e
 worker_pid=$!
 pids+=("$worker_pid")
 wait_line "$work/worker.out" '"event":"registered"' echo_worker "$worker_pid" >/dev/null
-say "router at $http, echo_worker registered"
+say "router at $scheme://$http, echo_worker registered"
 
 # ---------------------------------------------------------------------------
 # 3. the fuzzing client
 # ---------------------------------------------------------------------------
-reports=$cache/reports
+reports=$cache/reports-$scheme
 rm -rf "$reports"
 mkdir -p "$reports"
 cat >"$work/fuzzingclient.json" <<EOF
 {
   "options": {"failByDrop": false},
   "outdir": "$reports",
-  "servers": [{"agent": "router", "url": "ws://$http/autobahn"}],
+  "servers": [{"agent": "router", "url": "$scheme://$http/autobahn"}],
   "cases": $cases,
   "exclude-cases": ["12.*", "13.*"],
   "exclude-agent-cases": {}

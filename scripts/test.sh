@@ -65,5 +65,7 @@ BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
 # binaries built above; its Python 2.7 virtualenv is cached in target/autobahn.
 echo "==> scripts/conformance.sh (Autobahn|TestSuite)"
 ROUTER_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" scripts/conformance.sh --no-build
+echo "==> scripts/conformance.sh --tls (Autobahn|TestSuite over wss://)"
+ROUTER_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" scripts/conformance.sh --no-build --tls
 
 echo "==> all tests passed"
