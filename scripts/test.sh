@@ -18,6 +18,8 @@ if ! command -v pyenv >/dev/null || [[ ! -x "$(pyenv root)/versions/2.7.18/bin/p
 fi
 command -v openssl >/dev/null \
     || missing+=("openssl, which makes the TLS tests' certificates (Debian: apt-get install openssl)")
+command -v haproxy >/dev/null \
+    || missing+=("haproxy, the load balancer the behind-a-proxy test runs (Debian: apt-get install haproxy)")
 command -v prlimit >/dev/null \
     || missing+=("prlimit, which runs the router under a low descriptor limit (Debian: apt-get install util-linux)")
 if ((${#missing[@]})); then

@@ -3,13 +3,13 @@
 //! for `localhost` / 127.0.0.1, and a rustls client that trusts it.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
 };
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{
     client::TlsStream,
     rustls::{
@@ -186,7 +186,24 @@ pub async fn tls_connect(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    tls_connect_from(None, addr, config).await
+}
+
+/// [`tls_connect`] from a chosen local address (e.g. `127.0.0.3`, which
+/// Linux routes over loopback: another client IP on one machine).
+pub async fn tls_connect_from(
+    source: Option<IpAddr>,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     let name = ServerName::try_from("localhost").expect("a valid name");
     TlsConnector::from(config).connect(name, tcp).await
 }

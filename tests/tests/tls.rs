@@ -321,3 +321,110 @@ async fn upgrade_from(source: &str, router: &RouterProc, xff: &str) -> TcpStream
     assert_eq!(&buf, b"HTTP/1.1 101", "upgrade from {source}");
     s
 }
+
+/// The README's haproxy block, as written, with its paths and ports
+/// pointed at this test's files and router.
+fn readme_haproxy_config(listen: &str, pem: &str, router: &str) -> String {
+    let readme = std::fs::read_to_string(e2e_tests::workspace_root().join("README.md")).unwrap();
+    let start = readme
+        .find("haproxy, terminating TLS")
+        .expect("the README's haproxy example");
+    let block = readme[start..]
+        .split("```")
+        .nth(1)
+        .expect("a code block after the haproxy sentence");
+    assert!(
+        block.contains("bind :443 ") && block.contains("127.0.0.1:8001"),
+        "{block}"
+    );
+    block
+        .replace("bind :443 ", &format!("bind {listen} "))
+        .replace("/etc/haproxy/site.pem", pem)
+        .replace("127.0.0.1:8001", router)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_readme_haproxy_the_router_sees_the_real_client() {
+    run(LIMIT, async {
+        let pki = TestPki::new("tls-haproxy");
+        let site = pki.issue("site", "proxy");
+        let pem = pki.dir.join("site-combined.pem");
+        let mut combined = std::fs::read(&site.cert).unwrap();
+        combined.extend(std::fs::read(&site.key).unwrap());
+        std::fs::write(&pem, combined).unwrap();
+        let router = RouterProc::start(ROUTES, &[("TRUSTED_PROXIES", "127.0.0.1")]).await;
+        let _worker = router.worker("echo_worker", &["echo"], &[]).await;
+
+        let port = e2e_tests::free_tcp_port();
+        let listen = format!("127.0.0.1:{port}");
+        let cfg = pki.dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            readme_haproxy_config(&listen, pem.to_str().unwrap(), &router.http.to_string()),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new("haproxy");
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        let _haproxy = e2e_tests::Proc::spawn("haproxy", cmd);
+        let proxy: std::net::SocketAddr = listen.parse().unwrap();
+
+        // Ready when a wss:// session through it gets its welcome (bounded).
+        let started = Instant::now();
+        let source: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let mut ws = loop {
+            match wss_via(proxy, source, &pki, "1.2.3.4").await {
+                Ok(ws) => break ws,
+                Err(e) => assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "haproxy did not pass a session within 15 s: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        request(&mut ws, "echo", "e", json!({"via": "haproxy"})).await;
+        assert_eq!(
+            until_done(&mut ws, "e").await["data"],
+            json!({"via": "haproxy"})
+        );
+        // haproxy appended the client it saw (127.0.0.3) to the forged
+        // header; the router trusts haproxy (127.0.0.1) and takes that hop.
+        let log = router.proc.stderr.text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("connection opened") && l.contains("remote=127.0.0.3 ")),
+            "the router did not see the client behind haproxy:\n{log}"
+        );
+        assert!(
+            !log.contains("remote=1.2.3.4"),
+            "a forged hop was believed:\n{log}"
+        );
+    })
+    .await;
+}
+
+/// A `wss://` session through a TLS-terminating proxy, from `source`, with a
+/// forged `X-Forwarded-For`.
+async fn wss_via(
+    proxy: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    pki: &TestPki,
+    forged: &str,
+) -> Result<Wss, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tls = e2e_tests::tls::tls_connect_from(Some(source), proxy, pki.client_config(None))
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut req = format!("wss://localhost:{}/ws/echo", proxy.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", forged.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .map_err(|e| format!("WebSocket: {e}"))?;
+    let welcome = next_json(&mut ws).await;
+    if welcome["type"] != "welcome" {
+        return Err(format!("first frame: {welcome}"));
+    }
+    Ok(ws)
+}
