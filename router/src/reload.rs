@@ -67,13 +67,11 @@ pub fn spawn(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    tracker.spawn(async move {
-        watch_files("routes file", vec![path.clone()], stop, |trigger| {
-            if trigger == Trigger::Hangup {
-                info!("SIGHUP: reloading the routes file");
-            }
-            reload(&path, &registry, &metrics);
-        })
-        .await
-    });
+    let watched = vec![path.clone()];
+    tracker.spawn(watch_files("routes file", watched, stop, move |trigger| {
+        if trigger == Trigger::Hangup {
+            info!("SIGHUP: reloading the routes file");
+        }
+        reload(&path, &registry, &metrics);
+    }));
 }

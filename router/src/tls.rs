@@ -178,16 +178,13 @@ impl Tls {
     /// Reloads on changes of the files and on SIGHUP until `stop` fires.
     pub fn spawn_reloader(self: &Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
         let tls = self.clone();
-        tracker.spawn(async move {
-            let files = tls.files.paths();
-            watch_files("TLS files", files, stop, |trigger| {
-                if trigger == Trigger::Hangup {
-                    info!("SIGHUP: reloading the TLS certificate");
-                }
-                tls.reload();
-            })
-            .await
-        });
+        let files = self.files.paths();
+        tracker.spawn(watch_files("TLS files", files, stop, move |trigger| {
+            if trigger == Trigger::Hangup {
+                info!("SIGHUP: reloading the TLS certificate");
+            }
+            tls.reload();
+        }));
     }
 }
 

@@ -32,17 +32,22 @@ pub enum Trigger {
 }
 
 /// Calls `reload` after a change to any of `files` (debounced) and on
-/// SIGHUP, until `stop` fires. `what` names the files in log lines. Run it
-/// as a task; the watcher lives as long as the future.
-pub async fn watch_files(
+/// SIGHUP, until `stop` fires. `what` names the files in log lines.
+///
+/// The watchers and the SIGHUP handler are installed when this is called,
+/// not when the returned future first runs: a change (or a SIGHUP, whose
+/// default action ends the process) right after the router says it is
+/// listening must not be missed. Run the future as a task; the watchers
+/// live as long as it does.
+pub fn watch_files(
     what: &'static str,
     files: Vec<PathBuf>,
     stop: CancellationToken,
-    mut reload: impl FnMut(Trigger),
-) {
+    mut reload: impl FnMut(Trigger) + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     // One pending trigger is enough: a reload reads the whole files.
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watchers: Vec<_> = directories(&files)
+    let watchers: Vec<_> = directories(&files)
         .into_iter()
         .filter_map(|(dir, names)| {
             let tx = tx.clone();
@@ -71,25 +76,28 @@ pub async fn watch_files(
         })
         .collect();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        let sighup = async {
-            match hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(()) = rx.recv() => {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(DEBOUNCE) => break,
-                        Some(()) = rx.recv() => continue,
-                    }
+    async move {
+        let _watchers = watchers;
+        loop {
+            let sighup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
                 }
-                reload(Trigger::FileChanged);
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(()) = rx.recv() => {
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(DEBOUNCE) => break,
+                            Some(()) = rx.recv() => continue,
+                        }
+                    }
+                    reload(Trigger::FileChanged);
+                }
+                Some(()) = sighup => reload(Trigger::Hangup),
             }
-            Some(()) = sighup => reload(Trigger::Hangup),
         }
     }
 }
