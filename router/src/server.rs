@@ -232,9 +232,11 @@ pub async fn run(
         }
     }
 
-    info!(connections = hub.len(), "shutdown: draining");
+    // Not ready and draining before the log line says so: whoever reads
+    // the line and then asks `/ready` must get 503.
     state.set_ready(false);
     state.draining.cancel();
+    info!(connections = hub.len(), "shutdown: draining");
     state.sessions.close();
     // Sessions close themselves within the drain timeout; the extra second
     // covers close handshakes with slow clients.
