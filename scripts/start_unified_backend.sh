@@ -392,6 +392,9 @@ echo "  Ready:    $scheme://$http_addr/ready"
 echo "  Routes:   $scheme://$http_addr/routes"
 echo "  Bridge:   $bridge    Publish: $publish"
 echo "  Logs:     $log_dir/<name>.log"
+if [[ -x $bin_dir/examples/poke ]]; then
+    echo "  Try it:   $bin_dir/examples/poke ws://$http_addr/ws '{\"type\":\"echo\",\"id\":\"1\",\"data\":\"hi\"}'"
+fi
 echo "Press Ctrl-C to stop."
 
 # ---------------------------------------------------------------------------

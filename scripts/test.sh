@@ -8,12 +8,29 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Prerequisites, checked in the first second rather than minutes into the run.
+# Prerequisites, checked in the first second rather than minutes into the run
+# (README: set up on a new machine). Each line says what is missing and how
+# to get it.
 missing=()
-command -v cargo >/dev/null || missing+=("cargo (a Rust toolchain: https://rustup.rs)")
-python3 -c 'import venv, ensurepip' 2>/dev/null \
-    || missing+=("python3 with venv and pip (Debian: apt-get install python3-venv)")
-if ! command -v pyenv >/dev/null || [[ ! -x "$(pyenv root)/versions/2.7.18/bin/python" ]]; then
+if ! command -v cargo >/dev/null; then
+    missing+=("cargo: a Rust toolchain, 1.80 or newer (https://rustup.rs)")
+elif ! rustc --version 2>/dev/null | awk '{ split($2, v, "."); exit !(v[1] > 1 || (v[1] == 1 && v[2] >= 80)) }'; then
+    missing+=("Rust 1.80 or newer (this is $(rustc --version 2>/dev/null || echo 'no rustc'); rustup update stable)")
+fi
+if ! command -v python3 >/dev/null; then
+    missing+=("python3, 3.10 or newer, with venv and pip (Debian/Ubuntu: apt-get install python3 python3-venv)")
+elif ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    missing+=("Python 3.10 or newer as python3 (this is $(python3 --version 2>&1))")
+elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    missing+=("python3's venv and pip (Debian/Ubuntu: apt-get install python3-venv)")
+fi
+((BASH_VERSINFO[0] >= 5)) ||
+    missing+=("bash 5 or newer for the start script (this is $BASH_VERSION; macOS: brew install bash)")
+command -v timeout >/dev/null ||
+    missing+=("timeout from coreutils (macOS: brew install coreutils)")
+if ! command -v pyenv >/dev/null; then
+    missing+=("pyenv with Python 2.7.18, for the Autobahn conformance suite, which has no Python 3 port (install pyenv: https://github.com/pyenv/pyenv#installation, then: pyenv install 2.7.18)")
+elif [[ ! -x "$(pyenv root)/versions/2.7.18/bin/python" ]]; then
     missing+=("pyenv's Python 2.7.18, for the Autobahn conformance suite (pyenv install 2.7.18)")
 fi
 command -v openssl >/dev/null \

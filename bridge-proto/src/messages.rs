@@ -257,6 +257,11 @@ pub struct Hello {
     pub capacity: u32,
     /// SDK name and version, e.g. `worker-sdk-rust/0.1.0`.
     pub sdk: String,
+    /// The client message types this worker has handlers for (requests and
+    /// fire-and-forget messages), for every service it names. Absent from
+    /// older workers: then the router knows nothing about its types.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_types: Option<Vec<String>>,
 }
 
 /// Worker → router: the answer to a [`Challenge`].

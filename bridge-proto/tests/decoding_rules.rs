@@ -46,6 +46,7 @@ fn nil_optional_fields_count_as_absent() {
                 services: vec!["echo".into()],
                 capacity: 2,
                 sdk: "sdk/1".into(),
+                msg_types: None,
             }),
         ),
         (

@@ -165,16 +165,22 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
 
 fn from_worker() -> impl Strategy<Value = FromWorker> {
     prop_oneof![
-        (text(), vec(text(), 0..4), any::<u32>(), text(),).prop_map(
-            |(worker_id, services, capacity, sdk)| {
+        (
+            text(),
+            vec(text(), 0..4),
+            any::<u32>(),
+            text(),
+            option::of(vec(text(), 0..4))
+        )
+            .prop_map(|(worker_id, services, capacity, sdk, msg_types)| {
                 FromWorker::Hello(Hello {
                     worker_id,
                     services,
                     capacity,
                     sdk,
+                    msg_types,
                 })
-            }
-        ),
+            }),
         vec(any::<u8>(), 0..40).prop_map(|proof| FromWorker::Auth(Auth { proof })),
         Just(FromWorker::Heartbeat),
         (text(), any::<bool>(), option::of(text()), json_value()).prop_map(
@@ -369,6 +375,7 @@ const FIELD_NAMES: &[&str] = &[
     "services",
     "capacity",
     "sdk",
+    "msg_types",
     "secret",
     "done",
     "message",

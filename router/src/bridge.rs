@@ -533,6 +533,7 @@ mod tests {
             services: vec!["echo".into()],
             capacity: 1,
             sdk: "t".into(),
+            msg_types: None,
         }));
         outbox.out.clear();
         assert!(!on_frame(

@@ -5,6 +5,7 @@
 //! shape of the public API lives in one place. `seq` is filled in by the
 //! session writer, the only place that knows the send order.
 
+use bridge_proto::codes;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -28,7 +29,7 @@ pub struct BadRequest {
 
 /// Longest accepted `type` and string `id`, in bytes: these end up in logs,
 /// metrics labels and every reply frame.
-const MAX_TYPE_LEN: usize = 128;
+pub const MAX_TYPE_LEN: usize = 128;
 const MAX_ID_LEN: usize = 256;
 
 /// Parses one text frame.
@@ -169,6 +170,60 @@ impl OutFrame {
         }
     }
 
+    /// The `unknown_type` error for a message of `msg_type` on `route`,
+    /// naming what the route accepts (`accepted`, in order), so a client
+    /// learns the route's types from the error itself.
+    pub fn unknown_type<'a>(
+        id: Option<Value>,
+        route: &str,
+        msg_type: &str,
+        accepted: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let mut list = String::new();
+        for t in accepted {
+            list.push_str(if list.is_empty() { "`" } else { ", `" });
+            list.push_str(t);
+            list.push('`');
+        }
+        let accepts = if list.is_empty() {
+            "no message types".to_owned()
+        } else {
+            list
+        };
+        Self::error(
+            id,
+            None,
+            codes::UNKNOWN_TYPE,
+            format!("{route} does not handle messages of type `{msg_type}`; it accepts {accepts}"),
+            None,
+        )
+    }
+
+    /// A `push` from a worker as the client sees it. A push of type `error`
+    /// whose data is `{"code": <error code>, "message": <text>}` is how a
+    /// worker answers a message that has no request id (PROTOCOL.md §5,
+    /// `push`): the client gets an error frame without `id`, the same shape
+    /// as the router's own. The code, when the frame is one, is returned
+    /// for the log.
+    pub fn from_worker_push(msg_type: String, data: Value) -> (Self, Option<String>) {
+        if msg_type == "error" {
+            if let (Some(code), Some(message)) = (
+                data.get("code").and_then(Value::as_str),
+                data.get("message").and_then(Value::as_str),
+            ) {
+                // The same rule as for a worker's `error` (PROTOCOL.md §12).
+                let code = if codes::is_valid_code(code) {
+                    code
+                } else {
+                    codes::WORKER_ERROR
+                };
+                let frame = Self::error(None, None, code, message, None);
+                return (frame, Some(code.to_owned()));
+            }
+        }
+        (Self::push(msg_type, None, data), None)
+    }
+
     /// An unsolicited message (worker push or topic publication).
     pub fn push(msg_type: impl Into<String>, topic: Option<String>, data: Value) -> Self {
         Self {
@@ -300,6 +355,38 @@ mod tests {
     }
 
     #[test]
+    fn an_error_push_from_a_worker_becomes_an_error_frame_without_id() {
+        let cases = [
+            // (msg_type, data, expected code: Some = error frame)
+            (
+                "error",
+                json!({"code": "unknown_type", "message": "m"}),
+                Some("unknown_type"),
+            ),
+            (
+                "error",
+                json!({"code": "Not A Code", "message": "m"}),
+                Some("worker_error"),
+            ),
+            ("error", json!({"code": "x"}), None),
+            ("error", json!("just text"), None),
+            ("news", json!({"code": "x", "message": "m"}), None),
+        ];
+        for (msg_type, data, want) in cases {
+            let (mut frame, code) = OutFrame::from_worker_push(msg_type.into(), data.clone());
+            assert_eq!(code.as_deref(), want, "{msg_type} {data}");
+            let v: Value = serde_json::from_str(&frame.to_json(3)).unwrap();
+            match want {
+                Some(code) => assert_eq!(
+                    v,
+                    json!({"type":"error","done":true,"seq":3,"error":{"code":code,"message":"m"}})
+                ),
+                None => assert_eq!(v, json!({"type":msg_type,"data":data,"seq":3})),
+            }
+        }
+    }
+
+    #[test]
     fn frames_serialize_to_the_documented_shape() {
         let mut reply = OutFrame::reply("echo", Some(json!("1")), Some("C1"), json!({"x":1}), true);
         let v: Value = serde_json::from_str(&reply.to_json(4)).unwrap();
@@ -313,6 +400,18 @@ mod tests {
             v,
             json!({"type":"error","done":true,"seq":0,
                    "error":{"code":"bad_request","message":"nope","retry_after_ms":10}})
+        );
+        let mut unknown = OutFrame::unknown_type(None, "/ws/x", "nope", ["a", "b"]);
+        let v: Value = serde_json::from_str(&unknown.to_json(1)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"error","done":true,"seq":1,"error":{"code":"unknown_type",
+                   "message":"/ws/x does not handle messages of type `nope`; it accepts `a`, `b`"}})
+        );
+        let none = OutFrame::unknown_type(Some(json!(1)), "/r", "t", []);
+        assert_eq!(
+            none.error.map(|e| e.message).as_deref(),
+            Some("/r does not handle messages of type `t`; it accepts no message types")
         );
         let mut push = OutFrame::push("news", Some("room:1".into()), json!(null));
         let v: Value = serde_json::from_str(&push.to_json(2)).unwrap();

@@ -1,15 +1,18 @@
 //! The routes file (`websocket-routes.json`): schema, parsing, validation, defaults.
 //!
 //! Reading the file ([`load_routes`]) is kept apart from parsing text ([`parse_routes`]) so
-//! tests and hot reload feed strings. Parsing has two stages:
-//! 1. serde into [`RoutesFile`] (`deny_unknown_fields` everywhere). serde stops at the first
-//!    syntax, type or unknown-field error, so that stage reports one problem, located by
-//!    line and column.
-//! 2. [`RoutesFile::problems`] checks everything serde cannot, and reports **every** problem,
-//!    each located by a JSON path such as `routes[2].path` (indexes count from 0).
+//! tests and hot reload feed strings. Parsing has two stages, and one pass reports the
+//! problems of both:
+//! 1. the schema ([`schema`]): JSON syntax (a syntax error is the one problem then, located
+//!    by line and column), then serde into [`RoutesFile`] (`deny_unknown_fields` everywhere),
+//!    field by field, so that every unknown field and every value of the wrong type is
+//!    reported, not only the first.
+//! 2. [`RoutesFile::problems`] checks everything serde cannot (ranges, patterns, duplicates).
 //!
-//! Only a file without problems becomes a [`RouteTable`], so an invalid reload is rejected
-//! whole and the running table stays.
+//! Every problem is located by a JSON path such as `routes[2].maxInFlight` (indexes count
+//! from 0) and, inside a route, names that route's `path` too. Only a file without
+//! problems becomes a [`RouteTable`], so an invalid reload is rejected whole and the
+//! running table stays.
 //!
 //! This module is longer than the others (about 640 lines without tests) on purpose: the
 //! schema, its defaults and the validation of each field are read side by side, and
@@ -36,6 +39,8 @@ use serde::Deserialize;
 
 use jsonwebtoken::DecodingKey;
 
+mod schema;
+
 use crate::policy::{auth::AuthPolicy, breaker::BreakerPolicy, ratelimit::RateLimitPolicy};
 use crate::routes::{Pattern, Route, RouteDefaults, RouteTable};
 
@@ -56,9 +61,12 @@ pub const RETRIES: RangeInclusive<u64> = 0..=2;
 /// One thing wrong with a routes file, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// A JSON path (`routes[2].path`), `line L, column C` for syntax and type errors, or the
+    /// A JSON path (`routes[2].path`), `line L, column C` for a syntax error, or the
     /// file's path when it cannot be read.
     pub location: String,
+    /// The `path` of the route the location is in, when it has one: the location counts
+    /// routes from 0, people name them by path.
+    pub route: Option<String>,
     pub message: String,
 }
 
@@ -66,14 +74,37 @@ impl Problem {
     fn new(location: impl Into<String>, message: impl Into<String>) -> Problem {
         Problem {
             location: location.into(),
+            route: None,
             message: message.into(),
+        }
+    }
+
+    /// The index of the route the location is in (`routes[2]...` → 2).
+    fn route_index(&self) -> Option<usize> {
+        let rest = self.location.strip_prefix("routes[")?;
+        rest[..rest.find(']')?].parse().ok()
+    }
+
+    /// Where the problem sits in the file, for sorting problems into file order: top-level
+    /// fields, `defaults`, `routes` itself, then each route.
+    fn order(&self) -> (usize, usize) {
+        match self.route_index() {
+            Some(i) => (3, i),
+            None if self.location.starts_with("defaults") => (1, 0),
+            None if self.location == "routes" => (2, 0),
+            None => (0, 0),
         }
     }
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.location, self.message)
+        match &self.route {
+            Some(route) if !route.is_empty() => {
+                write!(f, "{} (route {route}): {}", self.location, self.message)
+            }
+            _ => write!(f, "{}: {}", self.location, self.message),
+        }
     }
 }
 
@@ -104,7 +135,7 @@ impl From<serde_json::Error> for ConfigError {
             format!("line {}, column {}", err.line(), err.column())
         };
         ConfigError {
-            problems: vec![Problem { location, message }],
+            problems: vec![Problem::new(location, message)],
         }
     }
 }
@@ -120,14 +151,57 @@ pub fn load_routes(path: &Path) -> Result<RouteTable, ConfigError> {
     parse_routes(&text)
 }
 
-/// Parses, validates and resolves the text of a routes file.
+/// Parses, validates and resolves the text of a routes file, reporting every problem of
+/// both stages (see the module docs) at once.
 pub fn parse_routes(text: &str) -> Result<RouteTable, ConfigError> {
-    RoutesFile::from_json(text)?.into_table()
+    let value: serde_json::Value = serde_json::from_str(text)?;
+    // Route paths by index, for naming routes in problems (read before any repair).
+    let paths: Vec<Option<String>> = value
+        .get("routes")
+        .and_then(serde_json::Value::as_array)
+        .map(|routes| {
+            routes
+                .iter()
+                .map(|r| r.get("path")?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (file, mut problems) = schema::read(value);
+    if let Some(file) = &file {
+        let unread = problems.len();
+        for p in file.problems() {
+            // A field stage 1 could not read was left out: its stage-2 complaints are moot.
+            if !problems[..unread]
+                .iter()
+                .any(|s| schema::covers(&s.location, &p.location))
+            {
+                problems.push(p);
+            }
+        }
+    }
+    if let (Some(file), true) = (file, problems.is_empty()) {
+        // Keys are loaded while resolving: that can still fail.
+        problems = match file.resolve() {
+            Ok(table) => return Ok(table),
+            Err(e) => e.problems,
+        };
+    }
+    problems.sort_by_key(Problem::order);
+    for p in &mut problems {
+        p.route = p
+            .route_index()
+            .and_then(|i| paths.get(i).cloned().flatten());
+    }
+    Err(ConfigError { problems })
 }
 
 /// The routes file as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a routes file object"
+)]
 pub struct RoutesFile {
     #[serde(rename = "$schema")]
     pub schema: Option<String>,
@@ -139,7 +213,11 @@ pub struct RoutesFile {
 
 /// The `defaults` object: policy knobs for routes that do not set them.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a `defaults` object"
+)]
 pub struct DefaultsSpec {
     pub request_timeout_ms: Option<u64>,
     pub max_message_bytes: Option<u64>,
@@ -156,7 +234,11 @@ pub struct DefaultsSpec {
 /// `rateLimit`: each unset field takes the `defaults` value, then the built-in
 /// ([`RateLimitPolicy::DEFAULT`]). 0 disables that limit.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a `rateLimit` object"
+)]
 pub struct RateLimitSpec {
     pub messages_per_second: Option<u32>,
     pub message_burst: Option<u32>,
@@ -168,7 +250,11 @@ pub struct RateLimitSpec {
 
 /// `circuitBreaker`: each unset field takes the `defaults` value, then the built-in.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a `circuitBreaker` object"
+)]
 pub struct BreakerSpec {
     pub failure_threshold: Option<u32>,
     pub open_ms: Option<u64>,
@@ -178,7 +264,11 @@ pub struct BreakerSpec {
 /// written in the routes file: HS256 secrets come from an environment variable,
 /// RS256 public keys from a PEM file (relative paths: from the working directory).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "an `auth` object"
+)]
 pub struct AuthSpec {
     /// Default true: refuse connections without a valid token.
     pub required: Option<bool>,
@@ -191,7 +281,11 @@ pub struct AuthSpec {
 
 /// One entry of `routes`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a route object"
+)]
 pub struct RouteSpec {
     pub path: String,
     pub service: Option<String>,
@@ -278,9 +372,12 @@ fn to_usize(value: u64) -> usize {
 }
 
 impl RoutesFile {
-    /// Stage 1: syntax, types and unknown fields (first error only, see the module docs).
+    /// Stage 1 alone: syntax, types and unknown fields, every problem (see the module docs).
     pub fn from_json(text: &str) -> Result<RoutesFile, ConfigError> {
-        Ok(serde_json::from_str(text)?)
+        match schema::read(serde_json::from_str(text)?) {
+            (Some(file), problems) if problems.is_empty() => Ok(file),
+            (_, problems) => Err(ConfigError { problems }),
+        }
     }
 
     /// Stage 2: everything else that is wrong, in file order.
@@ -366,6 +463,11 @@ impl RoutesFile {
     /// Validates, then resolves every route's policies.
     pub fn into_table(self) -> Result<RouteTable, ConfigError> {
         self.validate()?;
+        self.resolve()
+    }
+
+    /// Resolves every route's policies of a file without problems.
+    fn resolve(self) -> Result<RouteTable, ConfigError> {
         // Keys are loaded here (environment, files): that can still fail.
         let mut problems = Vec::new();
         let defaults = self.resolved_defaults(&mut problems);
@@ -644,6 +746,7 @@ mod tests {
     use std::collections::HashSet;
 
     const DEFAULT_FILE: &str = include_str!("../../websocket-routes.json");
+    const SECURE_EXAMPLE: &str = include_str!("../../examples/secure-routes.json");
 
     fn problems_of(text: &str) -> Vec<Problem> {
         match parse_routes(text) {
@@ -696,6 +799,17 @@ mod tests {
             table.did_you_mean("/ws/visoin").as_deref(),
             Some("/ws/vision")
         );
+    }
+
+    /// The example of auth, origins and rate limits together passes every check that
+    /// needs no key (the end-to-end test `example_routes` loads it with its key).
+    #[test]
+    fn the_secure_routes_example_is_valid() {
+        let file = RoutesFile::from_json(SECURE_EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(file.problems(), []);
+        let defaults = file.defaults.as_ref().expect("defaults");
+        assert!(defaults.auth.is_some() && defaults.allowed_origins.is_some());
+        assert!(defaults.rate_limit.is_some());
     }
 
     #[test]
@@ -937,12 +1051,16 @@ mod tests {
                 "routes[2].allowedTypes[0]"
             ]
         );
-        // Display: one "location: message" line per problem.
+        // Display: one "location (route path): message" line per problem.
         let shown = err.to_string();
         let lines: Vec<&str> = shown.lines().collect();
         assert_eq!(lines.len(), 3, "{shown}");
-        for (line, problem) in lines.iter().zip(&err.problems) {
-            assert_eq!(*line, format!("{}: {}", problem.location, problem.message));
+        let paths = ["ws", "/ok", "/ok2"];
+        for ((line, problem), path) in lines.iter().zip(&err.problems).zip(paths) {
+            assert_eq!(
+                *line,
+                format!("{} (route {path}): {}", problem.location, problem.message)
+            );
         }
     }
 
@@ -966,44 +1084,14 @@ mod tests {
         );
     }
 
-    /// serde's errors: one problem, located by line and column, with serde's message.
+    /// A syntax error: one problem (nothing after it can be read), by line and column.
     #[test]
-    fn serde_errors_have_line_and_column() {
+    fn syntax_errors_have_line_and_column() {
         let cases: &[(&str, &str, &str)] = &[
-            (
-                "{\n  \"routes\": [],\n  \"rootes\": []\n}",
-                "line 3, column 10",
-                "unknown field `rootes`",
-            ),
-            (
-                "{\"defaults\": {\n  \"timeout\": 1}, \"routes\": []}",
-                "line 2, column 11",
-                "unknown field `timeout`",
-            ),
-            (
-                "{\"routes\": [\n  {\"path\": \"/ws\",\n   \"pythonModul\": \"x\"}]}",
-                "line 3, column 16",
-                "unknown field `pythonModul`",
-            ),
             (
                 "{\"routes\": [\n  {\"path\": \"/ws\",}]}",
                 "line 2, column 18",
                 "trailing comma",
-            ),
-            (
-                "{\"routes\": [{\"path\": 7}]}",
-                "line 1, column 22",
-                "invalid type: integer `7`",
-            ),
-            (
-                "{\"routes\": [{\"path\": \"/ws\", \"maxInFlight\": -1}]}",
-                "line 1, column 45",
-                "invalid value: integer `-1`",
-            ),
-            (
-                "{\"version\": 1}",
-                "line 1, column 14",
-                "missing field `routes`",
             ),
             ("", "line 1, column 0", "EOF while parsing"),
         ];
@@ -1017,6 +1105,118 @@ mod tests {
             );
             assert!(!problems[0].message.contains(" at line "), "{problems:#?}");
         }
+    }
+
+    /// Schema errors (unknown fields, wrong types, missing fields): each located by its
+    /// JSON path, with serde's message (or a suggestion for a misspelt field).
+    #[test]
+    fn schema_errors_are_located_by_json_path() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#"{"routes": [{"path": "/ws"}], "rootes": []}"#,
+                "rootes",
+                "unknown field `rootes`; did you mean `routes`?",
+            ),
+            (
+                r#"{"defaults": {"colour": 1}, "routes": [{"path": "/ws"}]}"#,
+                "defaults.colour",
+                "unknown field `colour`, expected one of",
+            ),
+            (
+                r#"{"routes": [{"path": "/ws", "pythonModul": "x"}]}"#,
+                "routes[0].pythonModul",
+                "did you mean `pythonModule`?",
+            ),
+            (
+                r#"{"routes": [{"path": 7}]}"#,
+                "routes[0].path",
+                "invalid type: integer `7`, expected a string",
+            ),
+            (
+                r#"{"routes": [{"path": "/ws", "maxInFlight": -1}]}"#,
+                "routes[0].maxInFlight",
+                "invalid value: integer `-1`, expected u64",
+            ),
+            (
+                r#"{"routes": [{"path": "/ws", "rateLimit": {"messagesPerSecond": "many"}}]}"#,
+                "routes[0].rateLimit.messagesPerSecond",
+                "invalid type: string \"many\", expected u32",
+            ),
+            (
+                r#"{"routes": [{"path": "/ws", "allowedTypes": ["a", 5]}]}"#,
+                "routes[0].allowedTypes[1]",
+                "expected a string",
+            ),
+            (
+                r#"{"routes": [{"path": "/ws", "auth": "yes"}]}"#,
+                "routes[0].auth",
+                "expected an `auth` object",
+            ),
+            (
+                r#"{"routes": [{"service": "s"}]}"#,
+                "routes[0].path",
+                "missing (this field is required)",
+            ),
+            (r#"{"version": 1}"#, "routes", "missing"),
+            (r#"{"routes": [7]}"#, "routes[0]", "expected a route object"),
+            (
+                r#"{"routes": [["/ws"]]}"#,
+                "routes[0]",
+                "a list, expected a route object",
+            ),
+            (
+                r#"{"routes": [{"path": "/ws", "rateLimit": [1, 2]}]}"#,
+                "routes[0].rateLimit",
+                "a list, expected a `rateLimit` object",
+            ),
+            (
+                r#"{"defaults": [], "routes": [{"path": "/ws"}]}"#,
+                "defaults",
+                "a list, expected a `defaults` object",
+            ),
+            (
+                "[1, 2]",
+                "routes file",
+                "must be a JSON object with a `routes` list, found a list",
+            ),
+            ("7", "routes file", "found a number"),
+        ];
+        for (text, location, needle) in cases {
+            let problems = problems_of(text);
+            assert_eq!(problems.len(), 1, "{text} => {problems:#?}");
+            assert_eq!(problems[0].location, *location, "{text} => {problems:#?}");
+            assert!(
+                problems[0].message.contains(needle),
+                "{text} => {problems:#?}"
+            );
+        }
+    }
+
+    /// The issue's case: a misspelt field no longer hides a bad value next to it, nor the
+    /// problems stage 2 finds elsewhere; all come in one pass, in file order, each naming
+    /// its route.
+    #[test]
+    fn schema_and_rule_problems_come_together_in_one_pass() {
+        let text = r#"{
+          "version": 2,
+          "routes": [
+            {"path": "/ws/a", "service": "a", "timeoutMs": 5000, "maxInFlight": -1},
+            {"path": "/ws/b", "service": "b", "retries": 5, "binary": "no"}
+          ]
+        }"#;
+        let err = parse_routes(text).expect_err("five problems");
+        let shown: Vec<String> = err.problems.iter().map(Problem::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "version: unsupported version 2: this router reads version 1",
+                "routes[0].maxInFlight (route /ws/a): invalid value: integer `-1`, expected u64",
+                "routes[0].timeoutMs (route /ws/a): unknown field `timeoutMs`; did you mean `requestTimeoutMs`?",
+                "routes[1].binary (route /ws/b): invalid type: string \"no\", expected a boolean",
+                "routes[1].retries (route /ws/b): must be between 0 and 2 (at most 3 attempts in all), got 5",
+            ],
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! make the router send it a `challenge` or a `goodbye`, and nothing else.
 //!
 //! Rules (PROTOCOL.md §8.1, §13, §14):
-//! - a `hello` is checked against the bounds below before anything is kept;
+//! - a `hello` is checked against the bounds below before anything is kept
+//!   (its optional `msg_types` too: at most [`MAX_MSG_TYPES`], each as long
+//!   as a client `type` may be);
 //! - without a secret, a valid `hello` of version 1 or 2 registers at once;
 //! - with a secret, a version-1 `hello` (which would carry the secret in
 //!   clear) is refused with a `goodbye` naming version 2; a version-2 `hello`
@@ -23,7 +25,7 @@
 //!   challenges and stall the bridge.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     time::Duration,
 };
 
@@ -38,6 +40,10 @@ pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_SERVICES: usize = 64;
 /// Longest service name, in bytes.
 pub const MAX_SERVICE_LEN: usize = 256;
+/// Most message types one `hello` may announce.
+pub const MAX_MSG_TYPES: usize = 256;
+/// Longest announced message type, in bytes: no client may send a longer one.
+pub const MAX_MSG_TYPE_LEN: usize = crate::client::MAX_TYPE_LEN;
 /// Challenges open at once; more hellos wait for a slot (they are asked to
 /// reconnect).
 pub const MAX_PENDING: usize = 1024;
@@ -52,6 +58,8 @@ pub struct Admitted {
     pub hello: proto::Hello,
     /// Services without duplicates, in the order named.
     pub services: Vec<String>,
+    /// The message types the worker announced (`None`: it did not say).
+    pub msg_types: Option<BTreeSet<String>>,
     /// The protocol version to answer this worker in.
     pub version: u8,
 }
@@ -76,6 +84,7 @@ struct Open {
     nonce: [u8; auth::NONCE_LEN],
     hello: proto::Hello,
     services: Vec<String>,
+    msg_types: Option<BTreeSet<String>>,
     opened: Instant,
     /// When the challenge was last sent.
     sent: Instant,
@@ -121,14 +130,15 @@ impl Handshake {
         registered: bool,
         now: Instant,
     ) -> Step {
-        let services = match check(&hello) {
-            Ok(services) => services,
+        let (services, msg_types) = match check(&hello) {
+            Ok(checked) => checked,
             Err(reason) => return Step::Refuse(version, reason),
         };
         let Some(_) = &self.secret else {
             return Step::Register(Admitted {
                 hello,
                 services,
+                msg_types,
                 version,
             });
         };
@@ -147,12 +157,14 @@ impl Handshake {
             return Step::Register(Admitted {
                 hello,
                 services,
+                msg_types,
                 version,
             });
         }
         if let Some(open) = self.open.get_mut(peer) {
             open.hello = hello;
             open.services = services;
+            open.msg_types = msg_types;
             if now.duration_since(open.sent) < RESEND_EVERY {
                 return Step::Ignore;
             }
@@ -181,6 +193,7 @@ impl Handshake {
                 nonce,
                 hello,
                 services,
+                msg_types,
                 opened: now,
                 sent: now,
             },
@@ -213,6 +226,7 @@ impl Handshake {
         Step::Register(Admitted {
             hello: open.hello,
             services: open.services,
+            msg_types: open.msg_types,
             version,
         })
     }
@@ -229,8 +243,9 @@ impl Handshake {
     }
 }
 
-/// The bounds of a `hello`; the services without duplicates.
-fn check(hello: &proto::Hello) -> Result<Vec<String>, String> {
+/// The bounds of a `hello`; the services without duplicates, and the
+/// announced message types as a set.
+fn check(hello: &proto::Hello) -> Result<(Vec<String>, Option<BTreeSet<String>>), String> {
     if hello.worker_id.len() > MAX_NAME_LEN || hello.sdk.len() > MAX_NAME_LEN {
         return Err(format!(
             "worker_id and sdk must be at most {MAX_NAME_LEN} bytes"
@@ -256,13 +271,33 @@ fn check(hello: &proto::Hello) -> Result<Vec<String>, String> {
     if !hello.services.is_empty() && hello.capacity == 0 {
         return Err("capacity must be at least 1".into());
     }
+    if let Some(types) = &hello.msg_types {
+        if types.len() > MAX_MSG_TYPES {
+            return Err(format!(
+                "a hello may announce at most {MAX_MSG_TYPES} msg_types"
+            ));
+        }
+        if types
+            .iter()
+            .any(|t| t.is_empty() || t.len() > MAX_MSG_TYPE_LEN)
+        {
+            return Err(format!(
+                "msg_types must be 1 to {MAX_MSG_TYPE_LEN} bytes each"
+            ));
+        }
+    }
     let mut seen = HashSet::new();
-    Ok(hello
+    let services = hello
         .services
         .iter()
         .filter(|s| seen.insert(s.as_str()))
         .cloned()
-        .collect())
+        .collect();
+    let msg_types = hello
+        .msg_types
+        .as_ref()
+        .map(|t| t.iter().cloned().collect());
+    Ok((services, msg_types))
 }
 
 #[cfg(test)]
@@ -276,6 +311,7 @@ mod tests {
             services: services.iter().map(|s| s.to_string()).collect(),
             capacity,
             sdk: "test".into(),
+            msg_types: None,
         }
     }
 
@@ -427,6 +463,27 @@ mod tests {
                 },
                 "worker_id",
             ),
+            (
+                proto::Hello {
+                    msg_types: Some(vec!["t".repeat(MAX_MSG_TYPE_LEN + 1)]),
+                    ..hello(&["echo"], 1)
+                },
+                "msg_types must be 1 to 128 bytes",
+            ),
+            (
+                proto::Hello {
+                    msg_types: Some(vec![String::new()]),
+                    ..hello(&["echo"], 1)
+                },
+                "msg_types must be 1 to 128 bytes",
+            ),
+            (
+                proto::Hello {
+                    msg_types: Some((0..=MAX_MSG_TYPES).map(|i| format!("t{i}")).collect()),
+                    ..hello(&["echo"], 1)
+                },
+                "at most 256 msg_types",
+            ),
         ];
         for (hl, needle) in cases {
             match h.on_hello(&peer(1), 2, hl, false, now) {
@@ -444,5 +501,34 @@ mod tests {
             Step::Register(adm) => assert_eq!(adm.services, vec!["a", "b"]),
             other => panic!("{other:?}"),
         }
+        // Announced types become a set; no announcement stays "unknown", and
+        // the most a hello may announce, each as long as allowed, registers.
+        let typed = proto::Hello {
+            msg_types: Some(vec!["b".into(), "a".into(), "b".into()]),
+            ..hello(&["echo"], 1)
+        };
+        match h.on_hello(&peer(1), 2, typed, false, now) {
+            Step::Register(adm) => assert_eq!(
+                adm.msg_types,
+                Some(BTreeSet::from(["a".to_owned(), "b".to_owned()]))
+            ),
+            other => panic!("{other:?}"),
+        }
+        match h.on_hello(&peer(1), 2, hello(&["echo"], 1), false, now) {
+            Step::Register(adm) => assert_eq!(adm.msg_types, None),
+            other => panic!("{other:?}"),
+        }
+        let widest = proto::Hello {
+            msg_types: Some(
+                (0..MAX_MSG_TYPES)
+                    .map(|i| format!("{i:0>width$}", width = MAX_MSG_TYPE_LEN))
+                    .collect(),
+            ),
+            ..hello(&["echo"], 1)
+        };
+        assert!(matches!(
+            h.on_hello(&peer(1), 2, widest, false, now),
+            Step::Register(_)
+        ));
     }
 }

@@ -2,7 +2,10 @@
 //! WebSocket upgrade of every route. Refusals answer with a JSON body that
 //! says exactly why, and are logged the same way.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use axum::{
     extract::{
@@ -81,6 +84,9 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Discovery: every route with its policies, what it accepts (`types`, from
+/// its live workers' announcements, and `allowed_types`), its live workers,
+/// and warnings about workers whose service no route uses.
 async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let table = app.route_table();
     let snapshot = app.bridge.snapshot().await;
@@ -90,17 +96,34 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         .iter()
         .map(|r| {
             let runtime = app.runtimes.peek(&r.path);
-            let workers: Vec<_> = snapshot
+            let serving: Vec<_> = snapshot
                 .workers
                 .iter()
                 .filter(|w| w.services.iter().any(|s| s == &r.service))
-                .map(|w| json!({ "id": w.id, "in_flight": w.in_flight, "capacity": w.capacity, "draining": w.draining, "sdk": w.sdk }))
+                .collect();
+            // What the live workers announced together; unknown (null) as
+            // soon as one of them did not announce its types.
+            let types: Option<BTreeSet<&str>> = serving
+                .iter()
+                .filter(|w| !w.draining)
+                .try_fold(BTreeSet::new(), |mut all, w| {
+                    all.extend(w.msg_types.as_ref()?.iter().map(String::as_str));
+                    Some(all)
+                });
+            let allowed_types: Option<BTreeSet<&String>> =
+                r.allowed_types.as_ref().map(|a| a.iter().collect());
+            let workers: Vec<_> = serving
+                .iter()
+                .map(|w| json!({ "id": w.id, "in_flight": w.in_flight, "capacity": w.capacity, "draining": w.draining, "sdk": w.sdk, "types": w.msg_types }))
                 .collect();
             json!({
                 "path": r.path,
                 "service": r.service,
                 "description": r.description,
                 "capabilities": r.capabilities,
+                "python_module": r.python_module,
+                "types": types,
+                "allowed_types": allowed_types,
                 "raw": r.raw,
                 "dynamic": r.dynamic,
                 "binary": r.binary,
@@ -115,7 +138,16 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
             })
         })
         .collect();
-    Json(json!({ "routes": routes, "connections": app.hub.len() }))
+    let warnings: Vec<_> = snapshot
+        .workers
+        .iter()
+        .flat_map(|w| w.services.iter().map(move |s| (w, s)))
+        .filter_map(|(w, s)| {
+            let why = table.unrouted(s)?;
+            Some(json!({ "worker": w.id, "service": s, "message": why }))
+        })
+        .collect();
+    Json(json!({ "routes": routes, "connections": app.hub.len(), "warnings": warnings }))
 }
 
 /// Prometheus (OpenMetrics text) exposition. Gauges that mirror state held

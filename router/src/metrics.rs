@@ -262,9 +262,15 @@ impl Metrics {
             "Requests outstanding at the workers of a service",
             m.worker_in_flight.clone(),
         );
+        // Reloads after the start only (the load at start is not one), so
+        // this counter and `/stats` `config.reloads` always agree; both
+        // series exist from the start.
+        for result in ["success", "failure"] {
+            drop(m.reloads.get_or_create(&l1("result", result)));
+        }
         registry.register(
             "config_reloads",
-            "Routes file loads, by result",
+            "Routes file reloads after the start, by result",
             m.reloads.clone(),
         );
         registry.register(
@@ -540,8 +546,18 @@ impl Metrics {
         }
     }
 
-    /// Records a routes-file load.
-    pub fn config_loaded(&self, status: ConfigStatus) {
+    /// Records the routes file the router started with (not a reload).
+    pub fn config_started(&self, status: ConfigStatus) {
+        let mut slot = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(ConfigStatus {
+            reloads: 0,
+            failed_reloads: 0,
+            ..status
+        });
+    }
+
+    /// Records a reload of the routes file (applied or rejected).
+    pub fn config_reloaded(&self, status: ConfigStatus) {
         let result = if status.ok { "success" } else { "failure" };
         self.reloads.get_or_create(&l1("result", result)).inc();
         let mut slot = self.config.lock().unwrap_or_else(|p| p.into_inner());
@@ -657,8 +673,10 @@ mod tests {
     }
 
     #[test]
-    fn failed_reloads_keep_the_running_config() {
+    fn failed_reloads_keep_the_running_config_and_agree_with_the_counter() {
         let m = Metrics::new();
+        let reloads =
+            |m: &Metrics, result: &str| m.reloads.get_or_create(&l1("result", result)).get();
         let ok = ConfigStatus {
             ok: true,
             path: "r.json".into(),
@@ -668,12 +686,18 @@ mod tests {
             reloads: 0,
             failed_reloads: 0,
         };
-        m.config_loaded(ok.clone());
-        m.config_loaded(ConfigStatus {
+        m.config_started(ok.clone());
+        let s = m.config_status().unwrap();
+        assert_eq!(
+            (s.reloads, reloads(&m, "success")),
+            (0, 0),
+            "the start is no reload"
+        );
+        m.config_reloaded(ConfigStatus {
             ok: false,
             error: Some("bad".into()),
             loaded_at_unix_ms: 2,
-            ..ok
+            ..ok.clone()
         });
         let s = m.config_status().unwrap();
         assert!(!s.ok);
@@ -682,5 +706,17 @@ mod tests {
             (4, 1, 1, 1)
         );
         assert_eq!(s.error.as_deref(), Some("bad"));
+        assert_eq!((reloads(&m, "success"), reloads(&m, "failure")), (0, 1));
+        m.config_reloaded(ConfigStatus {
+            loaded_at_unix_ms: 3,
+            ..ok
+        });
+        let s = m.config_status().unwrap();
+        assert_eq!((s.ok, s.reloads, s.failed_reloads), (true, 2, 1));
+        assert_eq!(
+            s.reloads,
+            reloads(&m, "success") + reloads(&m, "failure"),
+            "/stats and /metrics count the same reloads"
+        );
     }
 }

@@ -20,18 +20,29 @@ use crate::{
 };
 
 /// Loads the file and installs it, or keeps the running routes. Returns
-/// whether the new file was applied.
+/// whether the new file was applied. A valid file after a rejected one is
+/// logged at info even when it changes nothing (the usual case: the edit
+/// that broke the file was undone), so the log says the problem is over.
 pub fn reload(path: &Path, registry: &RouteRegistry, metrics: &Metrics) -> bool {
+    let was_rejected = metrics.config_status().is_some_and(|s| !s.ok);
     match load_routes(path) {
         Ok(table) => {
             let routes = table.routes().len();
             let changes = registry.replace_file(table);
-            if changes.is_empty() {
-                debug!("routes file reloaded: no change");
-            } else {
-                info!(added = ?changes.added, removed = ?changes.removed, modified = ?changes.modified, "routes reloaded");
+            match (changes.is_empty(), was_rejected) {
+                (true, false) => debug!("routes file reloaded: no change"),
+                (true, true) => info!(
+                    file = %path.display(),
+                    "routes file valid again after a rejected edit; the running routes match it"
+                ),
+                (false, false) => {
+                    info!(added = ?changes.added, removed = ?changes.removed, modified = ?changes.modified, "routes reloaded")
+                }
+                (false, true) => {
+                    info!(added = ?changes.added, removed = ?changes.removed, modified = ?changes.modified, "routes file valid again after a rejected edit: routes reloaded")
+                }
             }
-            metrics.config_loaded(ConfigStatus {
+            metrics.config_reloaded(ConfigStatus {
                 ok: true,
                 path: path.display().to_string(),
                 loaded_at_unix_ms: unix_ms(),
@@ -44,7 +55,7 @@ pub fn reload(path: &Path, registry: &RouteRegistry, metrics: &Metrics) -> bool 
         }
         Err(e) => {
             error!(file = %path.display(), problems = %e, "routes file rejected; the running routes stay");
-            metrics.config_loaded(ConfigStatus {
+            metrics.config_reloaded(ConfigStatus {
                 ok: false,
                 path: path.display().to_string(),
                 loaded_at_unix_ms: unix_ms(),

@@ -482,6 +482,39 @@ impl RouteTable {
         self.routes.iter().find(|r| r.path == pattern)
     }
 
+    /// Why a worker serving `service` gets no traffic, when no route uses
+    /// that service (a typo, or a route not written yet): for the log line
+    /// at its registration and for `/routes`. `None` when a route uses it.
+    pub fn unrouted(&self, service: &str) -> Option<String> {
+        if self.routes.iter().any(|r| r.service == service) {
+            return None;
+        }
+        let used: std::collections::BTreeSet<&str> =
+            self.routes.iter().map(|r| r.service.as_str()).collect();
+        let closest = used
+            .iter()
+            .map(|u| {
+                (
+                    strsim::levenshtein(&u.to_lowercase(), &service.to_lowercase()),
+                    *u,
+                )
+            })
+            .filter(|(d, u)| *d <= (u.chars().count().min(service.chars().count()) / 3).max(1))
+            .min();
+        let list = used
+            .iter()
+            .map(|u| format!("`{u}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut message = format!(
+            "no route uses service `{service}`, so this worker gets no traffic (the routes use {list})"
+        );
+        if let Some((_, suggestion)) = closest {
+            message.push_str(&format!("; did you mean `{suggestion}`?"));
+        }
+        Some(message)
+    }
+
     /// The route serving request path `path` (without query string), by the precedence in
     /// the module docs.
     pub fn find(&self, path: &str) -> Option<RouteMatch> {
@@ -565,6 +598,30 @@ mod tests {
                 .map(|p| RouteDefaults::BUILTIN.route(*p, "svc"))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn unrouted_services_are_named_with_a_suggestion() {
+        let t = RouteTable::new(vec![
+            RouteDefaults::BUILTIN.route("/ws/vision", "vision"),
+            RouteDefaults::BUILTIN.route("/ws", "chat"),
+            RouteDefaults::BUILTIN.route("/ws/v2", "vision"),
+        ]);
+        assert_eq!(t.unrouted("vision"), None);
+        assert_eq!(
+            t.unrouted("visoin").as_deref(),
+            Some(
+                "no route uses service `visoin`, so this worker gets no traffic \
+                 (the routes use `chat`, `vision`); did you mean `vision`?"
+            )
+        );
+        assert_eq!(
+            t.unrouted("billing").as_deref(),
+            Some(
+                "no route uses service `billing`, so this worker gets no traffic \
+                 (the routes use `chat`, `vision`)"
+            )
+        );
     }
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -93,7 +93,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
-    metrics.config_loaded(ConfigStatus {
+    metrics.config_started(ConfigStatus {
         ok: true,
         path: settings.routes.display().to_string(),
         loaded_at_unix_ms: unix_ms(),

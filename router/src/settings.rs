@@ -117,7 +117,10 @@ pub struct Settings {
     /// How long in-flight requests may take to finish on shutdown, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
-    /// Rate limiting on/off (policies come with the rate-limit feature).
+    /// Enforce the routes' rate limits (each route's `rateLimit` in the
+    /// routes file): messages per connection and per route (over them:
+    /// `rate_limited` errors, then a 1008 close) and new connections per
+    /// client IP (HTTP 429). `false` turns every one of them off.
     #[arg(long, env = "ENABLE_RATE_LIMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_rate_limit: bool,
     /// Let workers register routes the file does not list.
@@ -366,7 +369,28 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_spec() {
+    fn help_says_what_rate_limiting_covers() {
+        use clap::CommandFactory;
+        let help = Settings::command().render_long_help().to_string();
+        let start = help
+            .find("--enable-rate-limit")
+            .expect("the flag is listed");
+        let end = help[start..]
+            .find("--enable-dynamic-routing")
+            .map_or(help.len(), |i| start + i);
+        let entry = &help[start..end];
+        for needle in [
+            "rateLimit",
+            "per connection",
+            "per client IP",
+            "ENABLE_RATE_LIMIT",
+        ] {
+            assert!(entry.contains(needle), "{needle:?} missing from:\n{entry}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_readme() {
         let s = Settings::try_parse_from(["router"]).unwrap();
         assert_eq!(s.port, 8001);
         assert_eq!(s.host.to_string(), "127.0.0.1");

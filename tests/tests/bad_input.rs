@@ -162,6 +162,7 @@ async fn garbage_on_the_bridge_is_ignored_and_real_workers_keep_serving() {
                 services: vec!["rogue-service".into()],
                 capacity: 1,
                 sdk: "e2e-garbage".into(),
+                msg_types: None,
             }))),
             frame(encode_from_worker(&FromWorker::Reply(Reply {
                 cid: "01NOSUCHCID".into(),

@@ -126,6 +126,7 @@ async fn fixed_id_worker(
             services: vec!["echo".into()],
             capacity: 16,
             sdk: "bridge_hostile".into(),
+            msg_types: None,
         })))
         .await
         .unwrap();
@@ -282,6 +283,7 @@ async fn with_a_secret_a_v1_hello_and_a_wrong_proof_are_refused() {
             services: vec!["echo".into()],
             capacity: 1,
             sdk: "v1".into(),
+            msg_types: None,
         });
         // A version-1 worker would send the secret in clear: refused,
         // told in version 1 which version is needed.
@@ -380,6 +382,7 @@ async fn with_a_secret_nothing_unauthenticated_can_publish() {
                 services: vec![],
                 capacity: 0,
                 sdk: "bridge_hostile".into(),
+                msg_types: None,
             })))
             .await
             .unwrap();
@@ -491,6 +494,7 @@ async fn a_request_the_worker_never_answers_gives_its_credit_back_after_the_grac
             services: vec!["echo".into()],
             capacity: 1,
             sdk: "bridge_hostile".into(),
+            msg_types: None,
         })))
         .await
         .unwrap();

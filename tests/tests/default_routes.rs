@@ -225,6 +225,17 @@ async fn automation_run_asks_a_human_and_finishes_with_the_answer() {
         let last = after.last().expect("a done frame");
         assert_eq!(last["type"], "OUTPUT", "{last}");
         assert_eq!(last["data"]["human_response"], "the left one", "{last}");
+
+        // An answer to no open question, fire-and-forget: an error frame
+        // without id (the worker's `send_error`), not silence.
+        c.send_json(&json!({"type": "HUMAN_RESPONSE", "data": {"response": "late"}}))
+            .await;
+        let late = c.next_of_type("error", RECV_TIMEOUT).await;
+        assert_eq!(
+            (late.get("id"), &late["error"]["code"]),
+            (None, &json!("bad_request")),
+            "{late}"
+        );
         c.assert_seq_ok();
     })
     .await;

@@ -223,7 +223,8 @@ async fn routes_added_in_place_and_by_rename_are_served_within_a_second_under_20
             0.0,
             "debouncing never let a half-written file through"
         );
-        assert!(m.sum("router_config_reloads_total", &[("result", "success")]) >= 3.0);
+        // Two edits (the watcher may see one as several): reloads after the start only.
+        assert!(m.sum("router_config_reloads_total", &[("result", "success")]) >= 2.0);
 
         stop.store(true, Ordering::Relaxed);
         let mut total = 0;
@@ -314,12 +315,13 @@ async fn invalid_edits_are_rejected_whole_and_a_valid_edit_recovers() {
         assert!(line.contains("line "), "the log names the location: {line}");
         assert_eq!(reload_count(&router, "failure").await, 1.0);
 
-        // Semantic errors: every problem is reported with its JSON path.
+        // Schema and rule errors: every problem is reported with its JSON path and
+        // route, in one pass (a misspelt field no longer hides a bad value next to it).
         let log_from = router.proc.stderr.position();
         write_by_rename(
             &file,
             &routes(&[
-                r#"{"path": "/ws/bad", "service": "echo", "maxInFlight": 0}"#,
+                r#"{"path": "/ws/bad", "service": "echo", "timeoutMs": 5000, "maxInFlight": -1}"#,
                 r#"{"path": "/ws/bad2", "service": "echo", "requestTimeoutMs": 0}"#,
             ]),
         );
@@ -337,11 +339,13 @@ async fn invalid_edits_are_rejected_whole_and_a_valid_edit_recovers() {
         .await;
         let err = s["config"]["error"].as_str().unwrap_or_default();
         assert_eq!(s["config"]["ok"], false, "{s}");
-        assert!(err.contains("routes[1].maxInFlight"), "{err}");
-        assert!(
-            err.contains("routes[2].requestTimeoutMs"),
-            "every problem: {err}"
-        );
+        for problem in [
+            "routes[1].maxInFlight (route /ws/bad): invalid value: integer `-1`",
+            "routes[1].timeoutMs (route /ws/bad): unknown field `timeoutMs`; did you mean `requestTimeoutMs`?",
+            "routes[2].requestTimeoutMs (route /ws/bad2): must be between 1 and 600000",
+        ] {
+            assert!(err.contains(problem), "every problem: {problem} in {err}");
+        }
         assert_eq!(s["config"]["failed_reloads"], 2, "{s}");
         wait_log(
             &router.proc.stderr,
@@ -351,7 +355,11 @@ async fn invalid_edits_are_rejected_whole_and_a_valid_edit_recovers() {
         )
         .await;
         assert_eq!(reload_count(&router, "failure").await, 2.0);
-        assert_eq!(reload_count(&router, "success").await, 1.0);
+        assert_eq!(
+            reload_count(&router, "success").await,
+            0.0,
+            "the load at start is not a reload"
+        );
 
         // Everything keeps working; the rejected file's route never appeared.
         c.request_ok("echo", "during", json!(2)).await;
@@ -372,9 +380,35 @@ async fn invalid_edits_are_rejected_whole_and_a_valid_edit_recovers() {
         assert_eq!(s["config"]["error"], Value::Null, "{s}");
         assert_eq!(s["config"]["routes"], 2, "{s}");
         assert_eq!(reload_count(&router, "failure").await, 2.0);
-        assert_eq!(reload_count(&router, "success").await, 2.0);
+        assert_eq!(reload_count(&router, "success").await, 1.0);
+        assert_eq!(s["config"]["reloads"], 3, "/stats counts what /metrics counts: {s}");
         c.request_ok("echo", "after", json!(4)).await;
         assert!(c.backlog().is_empty(), "{:?}", c.backlog());
+
+        // Broken, then undone: the recovery is logged at info although the
+        // running routes do not change.
+        let good = routes(&[r#"{"path": "/ws/good", "service": "echo"}"#]);
+        write_in_place(&file, "{");
+        poll_until("the third rejection", SOON, || async {
+            let s = stats(router.http).await;
+            if s["config"]["failed_reloads"] == 3 {
+                Ok(())
+            } else {
+                Err(s["config"].to_string())
+            }
+        })
+        .await;
+        let log_from = router.proc.stderr.position();
+        write_in_place(&file, &good);
+        let line = wait_log(
+            &router.proc.stderr,
+            log_from,
+            &["routes file valid again after a rejected edit"],
+            SOON,
+        )
+        .await;
+        assert!(line.contains("INFO"), "{line}");
+        assert_eq!(stats(router.http).await["config"]["ok"], true);
     })
     .await;
 }
@@ -399,8 +433,8 @@ async fn sighup_alone_reloads_the_routes_file() {
         std::fs::rename(&link, &file).unwrap_or_else(|e| panic!("{e}"));
         let loads = poll_until("the watcher reloading the symlinked file", SOON, || async {
             match reload_count(&router, "success").await {
-                n if n >= 2.0 => Ok(n),
-                n => Err(format!("{n} successful loads")),
+                n if n >= 1.0 => Ok(n),
+                n => Err(format!("{n} successful reloads")),
             }
         })
         .await;

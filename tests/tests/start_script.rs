@@ -102,6 +102,35 @@ async fn start_script_serves_the_default_routes_and_stops_cleanly_on_sigterm() {
         assert!(!last["data"]["result"].is_null(), "{last}");
         drop(c);
 
+        // The banner's one-liner, run as printed (`sh -c`), answers from the chat worker.
+        let try_it = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Try it:"))
+            .unwrap_or_else(|| panic!("the banner has no `Try it:` line:\n{out}"));
+        let poked = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(try_it.trim())
+            .output();
+        let poked = tokio::time::timeout(Duration::from_secs(30), poked)
+            .await
+            .expect("poke finishes")
+            .expect("sh runs");
+        let printed = String::from_utf8_lossy(&poked.stdout);
+        assert!(
+            poked.status.success(),
+            "{try_it}: {}\n{printed}",
+            poked.status
+        );
+        let reply: serde_json::Value = printed
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("{try_it} printed no JSON: {printed}"));
+        assert_eq!(
+            (&reply["data"], &reply["done"]),
+            (&json!("hi"), &json!(true))
+        );
+
         script.sigterm();
         let status = script
             .wait_exit(Duration::from_secs(60))

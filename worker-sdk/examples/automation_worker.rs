@@ -13,6 +13,10 @@
 //!    oldest open question of the connection);
 //! 3. three `STREAM` frames `{"chunk"}`;
 //! 4. the final reply, typed `OUTPUT`: `{"result", "human_response", "simulated": true}`.
+//!
+//! A `HUMAN_RESPONSE` that answers no open question gets `bad_request` (an
+//! error frame without `id` when it was sent fire-and-forget). `echo`
+//! answers with the request's data unchanged, as in the Python edition.
 
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
             );
             builder
                 .on_request("run_task", move |ctx, data| run_task(ctx, data, q1.clone()))
+                .on_request("echo", |_ctx, data| async move { Ok(data) })
                 .on_request("HUMAN_RESPONSE", move |ctx, data| {
                     let questions = q2.clone();
                     async move {
@@ -62,7 +67,9 @@ fn main() -> ExitCode {
                     let questions = q3.clone();
                     async move {
                         if let Err(e) = answer(&questions, ev.connection_id(), data) {
-                            tracing::debug!(code = %e.code, "HUMAN_RESPONSE event not delivered");
+                            // No reply to carry the error: an error frame without id.
+                            tracing::info!(code = %e.code, "HUMAN_RESPONSE event not delivered");
+                            let _ = ev.send_error(&e).await;
                         }
                     }
                 })

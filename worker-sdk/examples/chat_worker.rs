@@ -7,14 +7,15 @@
 //! | `leave` | `{"room"}` | unsubscribes it | `{"left", "topic"}` |
 //! | `say` | `{"room", "text"}` | publishes `{"type": "message", "data": {"room", "text", "from"}}` to `room:<room>` | `{"said", "topic"}` |
 //!
-//! `join`, `leave` and `say` also work fire-and-forget (without an `id`).
+//! `join`, `leave` and `say` also work fire-and-forget (without an `id`); one
+//! that fails then gets an error frame without `id`.
 //! Publications go over the worker's own socket, so a `join` followed by a
 //! `say` from the same worker reaches the router in that order.
 
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
-use tracing::debug;
+use tracing::info;
 use worker_sdk::cli::{self, Example};
 use worker_sdk::{HandlerError, WorkerHandle};
 
@@ -38,9 +39,9 @@ fn main() -> ExitCode {
                     .on_event(msg_type, move |ev, data| async move {
                         let conn = ev.connection_id().to_owned();
                         if let Err(e) = action(ev.worker().clone(), conn, data).await {
-                            // No reply to carry the error: a fire-and-forget
-                            // message that fails is only logged.
-                            debug!(msg.type = msg_type, code = %e.code, "event failed");
+                            // No reply to carry the error: an error frame without id.
+                            info!(msg.type = msg_type, code = %e.code, "fire-and-forget message failed");
+                            let _ = ev.send_error(&e).await;
                         }
                     });
             }

@@ -60,7 +60,7 @@ use crate::context::{Context, EventContext};
 use crate::dispatch::{run_request, terminal, ConnQueues, Job, Outcome};
 use crate::error::{HandlerError, SendError, WorkerError};
 use crate::handle::{State, Status, WorkerHandle};
-use crate::handler::{Frame, Handlers};
+use crate::handler::{error_push_data, no_binary_handler, Frame, Handlers};
 use crate::outgoing::{too_large_error, ForRequest, Outgoing};
 use crate::salvage;
 
@@ -380,11 +380,15 @@ impl Owner {
     }
 
     fn hello(&self) -> FromWorker {
+        // The types of its handlers, so the router can show what its routes
+        // accept and answer unknown ones; a publisher session has none.
+        let msg_types = (!self.cfg.services.is_empty()).then(|| self.handlers.msg_types());
         FromWorker::Hello(Hello {
             worker_id: self.cfg.worker_id.clone(),
             services: self.cfg.services.clone(),
             capacity: self.cfg.capacity,
             sdk: SDK.to_owned(),
+            msg_types,
         })
     }
 
@@ -618,7 +622,7 @@ impl Owner {
         }
         let handler = self.handlers.requests.get(&req.msg_type).cloned();
         let refusal = match &handler {
-            None => Some(HandlerError::unknown_type(&req.msg_type)),
+            None => Some(self.handlers.no_request_handler(&req.msg_type)),
             // Crossed our bye: retryable, so the router can send it elsewhere.
             Some(_) if self.stopping => Some(HandlerError::transient("the worker is stopping")),
             Some(_) if self.inflight.len() >= self.cfg.capacity as usize => {
@@ -860,8 +864,9 @@ impl Owner {
 
     fn on_event(&mut self, e: Event) {
         let Some(handler) = self.handlers.events.get(&e.msg_type).cloned() else {
-            debug!(session.id = %e.conn, msg.type = %e.msg_type, "no handler for this event; dropped");
-            return;
+            info!(session.id = %e.conn, msg.type = %e.msg_type, "no handler for this fire-and-forget message: answering unknown_type");
+            let error = self.handlers.no_event_handler(&e.msg_type);
+            return self.answer_without_id(e.conn, "event", error);
         };
         let ctx = self.event_ctx(&e.conn, Some((e.route, e.service)), Some(e.msg_type));
         let data = e.data;
@@ -874,8 +879,8 @@ impl Owner {
 
     fn on_binary(&mut self, b: bridge_proto::Binary) {
         let Some(handler) = self.handlers.binary.clone() else {
-            debug!(session.id = %b.conn, bytes = b.data.len(), "no binary handler; frame dropped");
-            return;
+            info!(session.id = %b.conn, bytes = b.data.len(), "no binary handler: answering unknown_type");
+            return self.answer_without_id(b.conn, "binary", no_binary_handler());
         };
         let ctx = self.event_ctx(&b.conn, Some((b.route, b.service)), None);
         let data = Bytes::from(b.data);
@@ -883,6 +888,25 @@ impl Owner {
             &b.conn,
             "binary",
             Box::pin(async move { handler(ctx, data).await }),
+        );
+    }
+
+    /// Tells the client that a message without request id failed: a `push`
+    /// of type `error`, which the router turns into an error frame without
+    /// `id` (PROTOCOL.md §5, `push`). Queued behind the connection's earlier
+    /// events, so it answers them in order.
+    fn answer_without_id(&mut self, conn: String, kind: &'static str, error: HandlerError) {
+        let handle = self.handle.clone();
+        let data = error_push_data(&error);
+        let to = conn.clone();
+        self.enqueue(
+            &conn,
+            kind,
+            Box::pin(async move {
+                if let Err(e) = handle.push(to, "error", data).await {
+                    debug!(error = %e, "could not answer a message without request id");
+                }
+            }),
         );
     }
 

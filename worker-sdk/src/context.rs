@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::SendError;
+use crate::error::{HandlerError, SendError};
 use crate::handle::WorkerHandle;
 use crate::handler::Frame;
 
@@ -259,6 +259,16 @@ impl EventContext {
     /// Pushes a binary frame to this connection.
     pub async fn push_binary(&self, data: impl Into<Vec<u8>>) -> Result<(), SendError> {
         self.handle.push_binary(&*self.conn, data).await
+    }
+
+    /// Tells the client that the message being handled failed, since it has
+    /// no reply to carry the error: the client gets an error frame without
+    /// `id` with `error`'s code and message (a `push` of type `error`,
+    /// PROTOCOL.md §5). A fire-and-forget message or a binary frame that
+    /// cannot be acted on should get one rather than be dropped silently.
+    pub async fn send_error(&self, error: &HandlerError) -> Result<(), SendError> {
+        let data = crate::handler::error_push_data(error);
+        self.handle.push(&*self.conn, "error", data).await
     }
 
     /// Sends a frame unchanged to this connection (raw routes).

@@ -85,11 +85,12 @@ impl HandlerError {
         Self::new(codes::TIMEOUT, message)
     }
 
-    /// No handler for this message type (`unknown_type`).
+    /// No handler for this message type (`unknown_type`). The type is
+    /// quoted in backticks, as the router and the Python SDK quote it.
     pub fn unknown_type(msg_type: &str) -> Self {
         Self::new(
             codes::UNKNOWN_TYPE,
-            format!("this worker has no handler for message type {msg_type:?}"),
+            format!("this worker has no handler for message type `{msg_type}`"),
         )
     }
 }

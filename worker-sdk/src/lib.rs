@@ -60,8 +60,14 @@
 //!   request after its terminal are dropped.
 //! - At most `capacity` request handlers run at once. A request beyond that
 //!   (a router that ignores credits) is answered `overloaded`, retryable.
-//! - Unknown message types are answered `unknown_type`. A request that does
-//!   not decode but whose `cid` can be read is answered `bad_request`, so its
+//! - The types of the registered request and event handlers are announced
+//!   to the router in `hello` (`msg_types`), so its `/routes` shows what a
+//!   route accepts. A message the worker has no handler for is answered
+//!   `unknown_type`, naming the types it handles: a request with its terminal
+//!   error, a fire-and-forget message or a binary frame with an error frame
+//!   without `id` (a `push` of type `error`, PROTOCOL.md §10.1; handlers get
+//!   the same with [`EventContext::send_error`]). A request that does not
+//!   decode but whose `cid` can be read is answered `bad_request`, so its
 //!   credit comes back.
 //! - After a `cancel`, the request gets its one terminal message and then
 //!   nothing else: whatever its handler (or work it spawned) still sends for

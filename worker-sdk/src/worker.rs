@@ -253,7 +253,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// Handles fire-and-forget messages (no `id`) of `msg_type`.
+    /// Handles fire-and-forget messages (no `id`) of `msg_type`. A type is
+    /// 1 to 128 bytes ([`build`](Self::build) checks) and is announced to the
+    /// router, like the types of [`on_request`](Self::on_request).
     pub fn on_event<F, Fut>(mut self, msg_type: impl Into<String>, handler: F) -> Self
     where
         F: Fn(EventContext, Value) -> Fut + Send + Sync + 'static,
@@ -265,7 +267,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// Handles binary frames from clients.
+    /// Handles binary frames from clients. Without one, a binary frame is
+    /// answered `unknown_type` (an error frame without `id`).
     pub fn on_binary<F, Fut>(mut self, handler: F) -> Self
     where
         F: Fn(EventContext, Bytes) -> Fut + Send + Sync + 'static,
@@ -324,10 +327,15 @@ impl WorkerBuilder {
         c
     }
 
-    /// Validates the configuration and builds the worker.
+    /// Validates the configuration and the handlers' message types (each is
+    /// announced to the router), and builds the worker.
     pub fn build(self) -> Result<Worker, ConfigError> {
         let config = self.config();
-        config.validate()?;
+        let mut problems = config.validate().err().map_or(Vec::new(), |e| e.problems);
+        problems.extend(self.handlers.problems());
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
         Ok(Worker::assemble(config, self.handlers))
     }
 }

@@ -136,6 +136,11 @@ async fn registers_streams_replies_and_refuses_unknown_types() {
     assert_eq!(hello.worker_id, "test-worker");
     assert_eq!(hello.services, ["svc"]);
     assert_eq!(hello.capacity, 4);
+    // The handlers' types, announced (sorted) so the router knows what it routes.
+    assert_eq!(
+        hello.msg_types.as_deref(),
+        Some(&["fail", "ids", "panic", "stream", "typed"].map(String::from)[..])
+    );
     assert!(hello.sdk.starts_with("worker-sdk-rust/"), "{}", hello.sdk);
     // A router without a secret welcomes at once; the worker's secret stays home.
     assert!(!router.ever_received(b"s3cret"));
@@ -156,8 +161,17 @@ async fn registers_streams_replies_and_refuses_unknown_types() {
     assert_eq!(reply_data(&msg), (&json!({"n": 3}), true, None));
 
     router.request(&id, "r2", "no_such_type", json!(null)).await;
-    let msg = router.recv_for("r2").await;
-    assert_eq!(error_of(&msg), ("unknown_type", false));
+    match router.recv_for("r2").await {
+        FromWorker::Error(e) => assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            (
+                "unknown_type",
+                "this worker has no handler for requests of type `no_such_type`; \
+                 requests it handles: `fail`, `ids`, `panic`, `stream`, `typed`"
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
 
     router.request(&id, "r3", "fail", json!(null)).await;
     match router.recv_for("r3").await {
@@ -1121,4 +1135,72 @@ async fn nothing_is_sent_for_a_cancelled_request_after_its_terminal() {
     assert_eq!(cid_of(&msg), Some("e1"), "late message {msg:?}");
     handle.stop();
     joined(task).await.unwrap();
+}
+
+/// A fire-and-forget message nobody handles, and a binary frame on a worker
+/// without a binary handler, are answered (a `push` of type `error`, which
+/// the router turns into an error frame without `id`), not dropped.
+#[tokio::test]
+async fn messages_without_a_handler_are_answered_with_an_error_push() {
+    let mut router = FakeRouter::bind().await;
+    let (handle, task) =
+        start(builder(&router).on_request("ask", |_ctx, data| async move { Ok(data) }));
+    let (id, hello) = router.handshake(60_000, 3).await;
+    assert_eq!(hello.msg_types, Some(vec!["ask".to_owned()]));
+    let event = |msg_type: &str| {
+        ToWorker::Event(bridge_proto::Event {
+            conn: "conn-1".into(),
+            route: "/ws/test".into(),
+            service: "svc".into(),
+            msg_type: msg_type.into(),
+            data: Value::Null,
+        })
+    };
+    router.send(&id, event("ask")).await;
+    router
+        .send(
+            &id,
+            ToWorker::Binary(bridge_proto::Binary {
+                conn: "conn-1".into(),
+                route: "/ws/test".into(),
+                service: "svc".into(),
+                data: vec![1, 2, 3],
+            }),
+        )
+        .await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        match router.recv().await.1 {
+            FromWorker::Push(p) => {
+                assert_eq!((p.conn.as_str(), p.msg_type.as_str()), ("conn-1", "error"));
+                answers.push(p.data);
+            }
+            other => panic!("expected an error push, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        answers,
+        [
+            json!({"code": "unknown_type", "message":
+                "this worker has no handler for fire-and-forget messages of type `ask`; \
+                 fire-and-forget messages it handles: none; `ask` is handled as a request (send it with an `id`)"}),
+            json!({"code": "unknown_type", "message": "this worker has no handler for binary frames"}),
+        ],
+        "in the order the messages came"
+    );
+    handle.stop();
+    joined(task).await.expect("graceful stop is Ok");
+}
+
+#[test]
+fn handler_types_no_client_could_send_are_refused_at_build() {
+    let err = worker_sdk::Worker::builder()
+        .env(EnvDefaults::default())
+        .service("svc")
+        .on_request("", |_ctx, data| async move { Ok(data) })
+        .on_event("t".repeat(129), |_ev, _data| async {})
+        .build()
+        .unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert!(err.to_string().contains("1 to 128 bytes"), "{err}");
 }

@@ -380,6 +380,7 @@ pub fn catalogue() -> Vec<Vector> {
                 services: vec![s("vision"), s("vision-beta")],
                 capacity: 8,
                 sdk: s("worker-sdk-rust/0.1.0"),
+                msg_types: Some(vec![s("request_workspace_analysis"), s("überblick")]),
             }),
         ),
         from(
@@ -396,6 +397,7 @@ pub fn catalogue() -> Vec<Vector> {
                 services: vec![s("echo")],
                 capacity: 1,
                 sdk: s("worker-sdk-python/0.1.0"),
+                msg_types: None,
             }),
         ),
         from("heartbeat", F::Heartbeat),
@@ -694,6 +696,7 @@ pub fn invalid_catalogue() -> Vec<Invalid> {
                 services: vec![s("echo")],
                 capacity: 1,
                 sdk: s("sdk/1"),
+                msg_types: None,
             })),
         ),
         inv(

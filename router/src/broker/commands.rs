@@ -95,4 +95,6 @@ pub struct WorkerInfo {
     pub capacity: u32,
     pub draining: bool,
     pub sdk: String,
+    /// The client message types it announced (sorted); `None`: it did not say.
+    pub msg_types: Option<Vec<String>>,
 }

@@ -11,6 +11,7 @@ use bridge_proto::{self as proto, codes, ToWorker};
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::time::Instant;
+use tracing::info;
 
 use super::{Broker, Outbox, PeerId};
 use crate::{client::OutFrame, ids::Cid, ids::ConnId};
@@ -74,7 +75,10 @@ impl Broker {
         }
     }
 
-    /// A fire-and-forget message, for the home worker.
+    /// A fire-and-forget message, for the home worker. One of a type that
+    /// no live worker of the service handles (by what they announced) is
+    /// answered here, with an error frame naming what the route accepts:
+    /// it would only be dropped at the worker.
     pub(super) fn on_event(
         &mut self,
         conn: ConnId,
@@ -83,6 +87,25 @@ impl Broker {
         now: Instant,
         out: &mut dyn Outbox,
     ) {
+        if let Some(entry) = self.conns.get(&conn) {
+            let service = &entry.connect.service;
+            if self.workers.handles(service, &msg_type, now) == Some(false) {
+                let route = &entry.connect.route;
+                let allowed = self
+                    .registry
+                    .as_ref()
+                    .and_then(|r| r.current().get(route).cloned())
+                    .and_then(|r| r.allowed_types.clone());
+                let accepted = self
+                    .workers
+                    .types_of(service, now)
+                    .into_iter()
+                    .filter(|t| allowed.as_ref().is_none_or(|a| a.contains(*t)));
+                info!(session.id = %conn, route = %route, r#type = %msg_type, "fire-and-forget message of a type no worker handles: answered unknown_type");
+                let frame = OutFrame::unknown_type(None, route, &msg_type, accepted);
+                return self.deliver(&conn, frame);
+            }
+        }
         match self.home_of(&conn, now, out) {
             Some((peer, route, service)) => out.send(
                 &peer,
@@ -198,7 +221,88 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
-    use crate::ids::ConnId;
+    use crate::{broker::Command, ids::ConnId};
+    use bridge_proto::{codes, FromWorker, Push};
+    use serde_json::{json, Value};
+
+    fn event(f: &mut Fixture, conn: &ConnId, msg_type: &str) {
+        f.broker.on_command(
+            Command::Event {
+                conn: conn.clone(),
+                msg_type: msg_type.into(),
+                data: Value::Null,
+            },
+            &mut f.out,
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_no_announced_worker_handles_is_answered_by_the_router() {
+        let mut f = fixture();
+        let (a, b) = (peer("a"), peer("b"));
+        f.hello_typed(&a, &["note", "run"]);
+        f.hello_typed(&b, &["extra"]);
+        let (conn, _shared, mut rx) = f.connected_client();
+        for t in ["note", "extra"] {
+            event(&mut f, &conn, t);
+        }
+        assert_eq!(f.events().len(), 2, "handled types are forwarded");
+        assert!(frames(&mut rx).is_empty());
+
+        event(&mut f, &conn, "nope");
+        assert_eq!(f.events().len(), 2, "an unknown type is not forwarded");
+        let got = frames(&mut rx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].id.clone(), got[0].done), (None, Some(true)));
+        let e = got[0].error.clone().expect("an error frame");
+        assert_eq!(e.code, codes::UNKNOWN_TYPE);
+        assert_eq!(
+            e.message,
+            "/ws does not handle messages of type `nope`; it accepts `extra`, `note`, `run`"
+        );
+    }
+
+    #[tokio::test]
+    async fn events_are_forwarded_while_a_live_worker_did_not_announce_its_types() {
+        let mut f = fixture();
+        f.hello_typed(&peer("typed"), &["note"]);
+        f.hello(&peer("older"), 4); // a hello without msg_types
+        let (conn, _shared, mut rx) = f.connected_client();
+        event(&mut f, &conn, "anything");
+        assert_eq!(
+            f.events().len(),
+            1,
+            "nothing is assumed about the older worker"
+        );
+        assert!(frames(&mut rx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_workers_error_push_reaches_the_client_as_an_error_frame() {
+        let mut f = fixture();
+        let w = peer("w");
+        f.hello(&w, 1);
+        let (conn, _shared, mut rx) = f.connected_client();
+        let push = |msg_type: &str, data: Value| {
+            FromWorker::Push(Push {
+                conn: conn.0.clone(),
+                msg_type: msg_type.into(),
+                data,
+            })
+        };
+        let error = push(
+            "error",
+            json!({"code": "unknown_type", "message": "no binary handler"}),
+        );
+        f.broker.on_worker_message(w.clone(), 2, error, &mut f.out);
+        f.broker
+            .on_worker_message(w.clone(), 2, push("news", json!(1)), &mut f.out);
+        let got = frames(&mut rx);
+        assert_eq!(error_codes(&got), ["unknown_type"]);
+        assert_eq!(got[0].id, None);
+        assert_eq!(got[1].msg_type, "news");
+        assert_eq!(got[1].data, Some(json!(1)));
+    }
 
     #[tokio::test]
     async fn a_busy_home_worker_does_not_hold_up_other_affinity_requests() {

@@ -56,7 +56,7 @@ use bridge_proto::{self as proto, FromWorker, ToWorker};
 use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::time::DelayQueue;
-use tracing::debug;
+use tracing::{debug, info};
 
 pub use commands::{BreakerTicket, Command, RequestCmd, Snapshot, WorkerInfo};
 pub use requests::MAX_WAITING;
@@ -283,10 +283,12 @@ impl Broker {
             FromWorker::Reply(r) => self.on_reply(peer, r, now, out),
             FromWorker::Error(e) => self.on_error(peer, e, now, out),
             FromWorker::Push(p) => {
-                self.hub.send(
-                    &ConnId(p.conn),
-                    OutFrame::push(p.msg_type, None, p.data).into(),
-                );
+                let (frame, error) = OutFrame::from_worker_push(p.msg_type, p.data);
+                if let Some(code) = error {
+                    let worker = self.workers.get(&peer).map(|w| w.name.as_str());
+                    info!(session.id = %p.conn, worker, code, "a worker answered a message without request id with an error");
+                }
+                self.hub.send(&ConnId(p.conn), frame.into());
             }
             FromWorker::PushBinary(p) => {
                 self.hub

@@ -133,9 +133,38 @@ impl Fixture {
                 services: vec!["svc".into()],
                 capacity,
                 sdk: "test".into(),
+                msg_types: None,
             }),
             &mut self.out,
         );
+    }
+
+    /// A worker of `svc` that announces the message types it handles.
+    pub fn hello_typed(&mut self, p: &PeerId, msg_types: &[&str]) {
+        self.broker.on_worker_message(
+            p.clone(),
+            2,
+            FromWorker::Hello(Hello {
+                worker_id: String::from_utf8_lossy(p).into_owned(),
+                services: vec!["svc".into()],
+                capacity: 4,
+                sdk: "test".into(),
+                msg_types: Some(msg_types.iter().map(|t| t.to_string()).collect()),
+            }),
+            &mut self.out,
+        );
+    }
+
+    /// Every event sent, with its worker and type.
+    pub fn events(&self) -> Vec<(PeerId, String)> {
+        self.out
+            .0
+            .iter()
+            .filter_map(|(p, m)| match m {
+                ToWorker::Event(e) => Some((p.clone(), e.msg_type.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn client(&self) -> (ConnId, Arc<ConnShared>, mpsc::Receiver<Outbound>) {

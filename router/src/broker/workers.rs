@@ -11,7 +11,10 @@
 //! and the loss of a worker (its requests retried or failed, its
 //! connections homeless, its zombies' credits gone with it).
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
 
 use bridge_proto::{self as proto, codes, ToWorker};
 use tokio::time::Instant;
@@ -32,6 +35,9 @@ pub(super) struct Worker {
     pub(super) last_seen: Instant,
     pub(super) draining: bool,
     pub(super) sdk: String,
+    /// The client message types it announced it handles; `None`: it did
+    /// not say (an older worker), so nothing is assumed.
+    pub(super) msg_types: Option<BTreeSet<String>>,
     /// The protocol version of its `hello`: every message to it uses it.
     pub(super) version: u8,
 }
@@ -74,6 +80,7 @@ impl Workers {
         let Admitted {
             hello,
             services,
+            msg_types,
             version,
         } = admitted;
         if let Some(w) = self.by_peer.get_mut(peer) {
@@ -81,10 +88,11 @@ impl Workers {
             w.capacity = hello.capacity;
             w.last_seen = now;
             w.draining = false;
+            w.msg_types = msg_types;
             w.version = version;
             return;
         }
-        info!(worker = %hello.worker_id, services = ?services, capacity = hello.capacity, sdk = %hello.sdk, version, "worker registered");
+        info!(worker = %hello.worker_id, services = ?services, capacity = hello.capacity, msg_types = ?msg_types, sdk = %hello.sdk, version, "worker registered");
         self.by_peer.insert(
             peer.clone(),
             Worker {
@@ -95,6 +103,7 @@ impl Workers {
                 last_seen: now,
                 draining: false,
                 sdk: hello.sdk,
+                msg_types,
                 version,
             },
         );
@@ -130,6 +139,29 @@ impl Workers {
     /// Whether any live worker serves `service`.
     pub(super) fn serves(&self, service: &str, now: Instant) -> bool {
         self.live_of(service, now).next().is_some()
+    }
+
+    /// Whether a live worker of `service` handles `msg_type`: `None` when
+    /// that cannot be known (a live worker did not announce its types, or
+    /// none is live). Allocates nothing: it runs for every event.
+    pub(super) fn handles(&self, service: &str, msg_type: &str, now: Instant) -> Option<bool> {
+        let mut any = false;
+        for (_, w) in self.live_of(service, now) {
+            if w.msg_types.as_ref()?.contains(msg_type) {
+                return Some(true);
+            }
+            any = true;
+        }
+        any.then_some(false)
+    }
+
+    /// The message types the live workers of `service` announced, together.
+    pub(super) fn types_of<'a>(&'a self, service: &'a str, now: Instant) -> BTreeSet<&'a str> {
+        self.live_of(service, now)
+            .filter_map(|(_, w)| w.msg_types.as_ref())
+            .flatten()
+            .map(String::as_str)
+            .collect()
     }
 
     /// Least outstanding requests first; ties go to the worker with more
@@ -213,6 +245,7 @@ impl Workers {
                 capacity: w.capacity,
                 draining: w.draining,
                 sdk: w.sdk.clone(),
+                msg_types: w.msg_types.as_ref().map(|t| t.iter().cloned().collect()),
             })
             .collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -259,6 +292,8 @@ impl Broker {
                     .collect()
             })
             .unwrap_or_default();
+        let is_update = self.workers.contains(&peer);
+        let worker_name = admitted.hello.worker_id.clone();
         self.workers.register(&peer, admitted, now);
         // Services a re-hello no longer names may have lost their last worker.
         for service in &dropped {
@@ -277,6 +312,17 @@ impl Broker {
             for s in &services {
                 if registry.add_dynamic(s).is_err() {
                     self.metrics.bound_hit("dynamic_routes");
+                }
+            }
+            // A service no route uses is a typo or a missing route: the
+            // worker would wait for traffic that never comes. Said once, at
+            // registration (`/routes` keeps saying it).
+            if !is_update {
+                let table = registry.current();
+                for s in &services {
+                    if let Some(why) = table.unrouted(s) {
+                        warn!(worker = %worker_name, service = %s, "{why}");
+                    }
                 }
             }
         }
@@ -516,6 +562,7 @@ mod tests {
             services: services.iter().map(|s| s.to_string()).collect(),
             capacity,
             sdk: "test".into(),
+            msg_types: None,
         })
     }
 
@@ -632,6 +679,7 @@ mod tests {
                 services: vec!["svc".into()],
                 capacity: 0,
                 sdk: "test".into(),
+                msg_types: None,
             }),
             &mut f.out,
         );
@@ -705,6 +753,7 @@ mod tests {
                 services: vec!["svc".into()],
                 capacity: 1,
                 sdk: "v1".into(),
+                msg_types: None,
             }),
             &mut f.out,
         );
@@ -727,6 +776,7 @@ mod tests {
                 services: vec!["svc".into()],
                 capacity: 1,
                 sdk: "v1".into(),
+                msg_types: None,
             }),
             &mut f.out,
         );
@@ -746,6 +796,7 @@ mod tests {
                 services: vec![],
                 capacity: 0,
                 sdk: "test".into(),
+                msg_types: None,
             }),
             &mut f.out,
         );

@@ -145,7 +145,9 @@ async def human_response_event(ctx: EventContext, data: Any) -> None:
     try:
         questions.answer(ctx.connection_id, data)
     except HandlerError as e:
-        log.debug("HUMAN_RESPONSE event not delivered: %s", e.code)
+        # No reply to carry the error: the client gets an error frame without id.
+        log.info("HUMAN_RESPONSE event not delivered: %s", e.code)
+        await ctx.send_error(e)
 
 
 @worker.on_disconnect

@@ -99,7 +99,14 @@ def main():
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    hello = encode("hello", worker_id=args.id, services=args.services or ["echo"], capacity=8, sdk="raw-echo/0.2")
+    hello = encode(
+        "hello",
+        worker_id=args.id,
+        services=args.services or ["echo"],
+        capacity=8,
+        sdk="raw-echo/0.2",
+        msg_types=["echo", "sleep"],  # what it handles, shown in the router's /routes (§5)
+    )
     secret = os.environ.get("BRIDGE_SECRET", "").strip() or None  # never sent, never logged
     zctx, attempt, announced = zmq.Context(), 0, False
 
@@ -176,10 +183,18 @@ def main():
                         ms = data.get("ms", 0) if isinstance(data.get("ms", 0), int) else 0
                         sleeping[cid] = (received + ms / 1000, received + msg["timeout_ms"] / 1000, ms)
                     else:
-                        sock.send(error(cid, "unknown_type", f"no handler for {msg['msg_type']!r}"))
+                        message = f"this worker has no handler for requests of type `{msg['msg_type']}`"
+                        sock.send(error(cid, "unknown_type", message))
                 elif kind == "cancel" and sleeping.pop(msg["cid"], None) is not None:  # else: already answered
                     sock.send(error(msg["cid"], "cancelled", f"request cancelled ({msg['reason']})"))
-                # heartbeat, event, binary, raw, connect, disconnect: nothing owed
+                elif kind in ("event", "binary"):  # no handler here: tell the client (§5, push)
+                    what = (
+                        "binary frames" if kind == "binary" else f"fire-and-forget messages of type `{msg['msg_type']}`"
+                    )
+                    message = f"this worker has no handler for {what}"
+                    data = {"code": "unknown_type", "message": message}
+                    sock.send(encode("push", conn=msg["conn"], msg_type="error", data=data))
+                # heartbeat, raw, connect, disconnect: nothing owed
             now = time.monotonic()
             for cid, (wake, deadline, ms) in list(sleeping.items()):
                 if now >= deadline:

@@ -4,6 +4,7 @@ worker killed mid-request, and a pool mixing a Rust and a Python worker."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 import signal
@@ -11,7 +12,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import PYTHON_SDK, RUST_ECHO_BIN, Client, Harness, Proc, running
+from conftest import EXAMPLES, PYTHON_SDK, REPO, RUST_ECHO_BIN, Client, Harness, Proc, running
 
 from bridge_worker import Context, Worker
 
@@ -76,6 +77,10 @@ def test_automation_example(harness: Harness) -> None:
             assert final["type"] == "OUTPUT" and final["data"]["human_response"] is None
 
             assert is_error(await c.call("HUMAN_RESPONSE", {"response": "late"}), "bad_request")
+            # The same, fire-and-forget: an error frame without id rather than nothing.
+            await c.send({"type": "HUMAN_RESPONSE", "data": {"response": "late"}})
+            late = await c.next(lambda f: isinstance(f, dict) and f.get("type") == "error")
+            assert is_error(late, "bad_request") and "id" not in late, late
 
         worker.signal(signal.SIGTERM)
         assert await worker.wait_async(10) == 0
@@ -88,6 +93,10 @@ def test_readme_worker(harness: Harness) -> None:
     code = re.search(r"## A complete worker\n\n```python\n(.*?)```", readme, re.S)
     assert code is not None, "README lost its complete worker"
     assert len(code.group(1).strip().splitlines()) < 20
+    # The repository's README shows the same worker: both stay what this test runs.
+    top = re.search(r"\*\*Python\*\*.*?```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    assert top is not None and top.group(1) == code.group(1), "README.md's Python worker differs from the SDK README's"
+
     script = harness.tmp_path / "readme_worker.py"
     script.write_text(code.group(1), encoding="utf-8")
     router = harness.router()
@@ -106,6 +115,30 @@ def test_readme_worker(harness: Harness) -> None:
     asyncio.run(main())
     worker.signal(signal.SIGINT)
     assert worker.wait(10) == 0
+
+
+def readme_types(worker: str) -> list[str]:
+    """The message types the README's table of example workers lists for ``worker``."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for row in readme.splitlines():
+        cells = row.split("|")
+        if len(cells) == 6 and f"`{worker}`" in cells[2]:
+            return re.findall(r"`([^`]+)`", cells[3])
+    raise AssertionError(f"README's table of example workers has no row for {worker}")
+
+
+def test_readme_lists_what_the_python_example_workers_announce() -> None:
+    spec = importlib.util.spec_from_file_location("automation_example", EXAMPLES / "automation_worker.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)  # defines the worker; runs nothing (the __main__ guard)
+    finally:
+        del sys.modules[spec.name]
+    assert module.worker.msg_types == readme_types("automation_worker.py")
+    # raw_echo_worker.py's hello (checked on the wire by test_session) announces these.
+    assert readme_types("raw_echo_worker.py") == ["echo", "sleep"]
 
 
 def test_cli_secret_from_the_environment(harness: Harness) -> None:

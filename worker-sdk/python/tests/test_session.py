@@ -357,6 +357,73 @@ def test_nothing_is_sent_for_a_cancelled_request_after_its_terminal() -> None:
     run(test)
 
 
+# ----- message types: announced, and messages without a handler answered ----------------------
+
+
+def test_hello_announces_the_handler_types_and_unhandled_messages_are_answered() -> None:
+    async def test(router: FakeRouter) -> None:
+        worker = make_worker(router)
+
+        @worker.handler("ask")
+        async def ask(ctx: Context, data: Any) -> Any:
+            return data
+
+        @worker.event("note")
+        async def note(ctx: Any, data: Any) -> None:
+            return None
+
+        async with started(worker):
+            ident, hello = await router.handshake()
+            assert hello.msg_types == ["ask", "note"]
+            await router.send(
+                ident, wire.Event(conn="conn-1", route="/ws/test", service="svc", msg_type="ask", data=None)
+            )
+            await router.send(ident, wire.Binary(conn="conn-1", route="/ws/test", service="svc", data=b"\x01"))
+            await router.request(ident, "r1", "note")
+            answers = []
+            for _ in range(3):
+                _, msg = await router.recv()
+                answers.append(msg)
+            pushes = [m for m in answers if isinstance(m, wire.Push)]
+            # The client sees these as error frames without id (the router converts them).
+            assert pushes == [
+                wire.Push(
+                    conn="conn-1",
+                    msg_type="error",
+                    data={
+                        "code": "unknown_type",
+                        "message": "this worker has no handler for fire-and-forget messages of type `ask`; "
+                        "fire-and-forget messages it handles: `note`; "
+                        "`ask` is handled as a request (send it with an `id`)",
+                    },
+                ),
+                wire.Push(
+                    conn="conn-1",
+                    msg_type="error",
+                    data={"code": "unknown_type", "message": "this worker has no handler for binary frames"},
+                ),
+            ]
+            [refused] = [m for m in answers if isinstance(m, wire.ErrorReply)]
+            assert (refused.cid, refused.code, refused.message) == (
+                "r1",
+                "unknown_type",
+                "this worker has no handler for requests of type `note`; requests it handles: `ask`; "
+                "`note` is handled as a fire-and-forget message (send it without an `id`)",
+            )
+
+    run(test)
+
+
+def test_handler_types_no_client_could_send_are_refused() -> None:
+    worker = Worker(["svc"], secret=None)
+    with pytest.raises(ValueError, match="1 to 128 bytes"):
+        worker.handler("")
+    with pytest.raises(ValueError, match="1 to 128 bytes"):
+        worker.event("é" * 65)  # 130 bytes of UTF-8
+    worker.handler("t" * 128)(lambda ctx, data: data)
+    assert worker.msg_types == ["t" * 128]
+
+
 # ----- publisher --------------------------------------------------------------------------
 
 
@@ -370,6 +437,7 @@ def test_publisher_registers_with_no_services_proves_the_secret_and_publishes() 
         pub = make_publisher(router, secret=SECRET)
         _, (_, hello) = await asyncio.gather(pub.start(), router.handshake())
         assert (hello.worker_id, hello.services, hello.capacity) == ("py-pub", [], 0)
+        assert hello.msg_types is None, "a publisher session announces no message types"
         assert pub.status.state is State.REGISTERED
         await pub.publish("room:1", "message", {"n": 1})
         await pub.publish("room:2", "other", [1, 2])
@@ -516,7 +584,7 @@ def test_raw_echo_worker_speaks_version_2(harness: Harness) -> None:
             env={"BRIDGE_SECRET": SECRET, "PYTHONUNBUFFERED": "1"},
         )
         ident, hello = await router.handshake()  # checks the proof
-        assert (hello.worker_id, hello.services) == ("raw-1", ["svc"])
+        assert (hello.worker_id, hello.services, hello.msg_types) == ("raw-1", ["svc"], ["echo", "sleep"])
         await proc.wait_stdout_async(lambda line: '"registered"' in line, timeout=WAIT)
 
         await router.request(ident, "e1", "echo", {"text": "h\u00e9llo"})
@@ -535,6 +603,17 @@ def test_raw_echo_worker_speaks_version_2(harness: Harness) -> None:
         await router.cancel(ident, "s1")
         msg = await router.recv_for("s1")
         assert isinstance(msg, wire.ErrorReply) and msg.code == "cancelled", msg
+        # A fire-and-forget message it cannot handle is answered with an error push.
+        await router.send(ident, wire.Event(conn="c1", route="/r", service="svc", msg_type="echo", data=None))
+        _, msg = await next_other_than_hello(router)
+        assert msg == wire.Push(
+            conn="c1",
+            msg_type="error",
+            data={
+                "code": "unknown_type",
+                "message": "this worker has no handler for fire-and-forget messages of type `echo`",
+            },
+        )
 
         proc.signal(signal.SIGTERM)
         _, msg = await router.recv()

@@ -14,6 +14,7 @@ import pytest
 
 from bridge_worker import ConfigError, Frame, HandlerError, Partial, Reply, Worker, WorkerConfig, codes
 from bridge_worker.backoff import Backoff
+from bridge_worker.errors import no_binary_handler, no_event_handler, no_request_handler
 from bridge_worker.handlers import Style, run_request, style_of
 
 
@@ -94,6 +95,36 @@ def test_handler_registration_rules() -> None:
 )
 def test_handler_error_constructors(error: HandlerError, code: str, retryable: bool) -> None:
     assert (error.code, error.retryable) == (code, retryable)
+
+
+def test_unknown_type_messages_are_word_for_word_the_rust_sdk_s() -> None:
+    """The same texts as ``unknown_type_messages`` in ``worker-sdk/src/handler.rs``."""
+    requests, events = ["b", "a"], ["note", "a"]
+    cases = [
+        (
+            no_request_handler("x", requests, events),
+            "this worker has no handler for requests of type `x`; requests it handles: `a`, `b`",
+        ),
+        (
+            no_request_handler("note", requests, events),
+            "this worker has no handler for requests of type `note`; requests it handles: `a`, `b`; "
+            "`note` is handled as a fire-and-forget message (send it without an `id`)",
+        ),
+        (
+            no_event_handler("b", requests, events),
+            "this worker has no handler for fire-and-forget messages of type `b`; "
+            "fire-and-forget messages it handles: `a`, `note`; `b` is handled as a request (send it with an `id`)",
+        ),
+        (
+            no_event_handler("x", [], []),
+            "this worker has no handler for fire-and-forget messages of type `x`; "
+            "fire-and-forget messages it handles: none",
+        ),
+        (no_binary_handler(), "this worker has no handler for binary frames"),
+        (HandlerError.unknown_type("x"), "this worker has no handler for message type `x`"),
+    ]
+    for error, message in cases:
+        assert (error.code, error.message) == ("unknown_type", message)
 
 
 @pytest.mark.parametrize(

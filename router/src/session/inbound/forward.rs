@@ -82,15 +82,13 @@ impl Inbound {
     ) {
         if let Some(allowed) = &self.route.allowed_types {
             if !allowed.contains(&msg.msg_type) {
-                out.frames.push(OutFrame::error(
+                let mut accepted: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                accepted.sort_unstable();
+                out.frames.push(OutFrame::unknown_type(
                     msg.id,
-                    None,
-                    codes::UNKNOWN_TYPE,
-                    format!(
-                        "type `{}` is not accepted on {}",
-                        msg.msg_type, self.route.path
-                    ),
-                    None,
+                    &self.route.path,
+                    &msg.msg_type,
+                    accepted,
                 ));
                 return;
             }

@@ -166,6 +166,16 @@ fn requests_events_and_bad_frames() {
             code => assert_eq!(error_code(&only_frame(&actions)), code, "{input}"),
         }
     }
+    // The refusal names what the route accepts, fire-and-forget too (no id).
+    let refused = only_frame(&text(&mut f, r#"{"type":"other"}"#, &q));
+    assert_eq!(
+        (refused.get("id"), refused["error"]["message"].as_str()),
+        (
+            None,
+            Some("/ws does not handle messages of type `other`; it accepts `echo`, `note`")
+        ),
+        "{refused}"
+    );
     let third = only_frame(&text(&mut f, r#"{"type":"echo","id":"y"}"#, &q));
     assert_eq!(error_code(&third), "overloaded", "max_in_flight: {third}");
     assert_eq!(f.shared.inflight_count(), 2);

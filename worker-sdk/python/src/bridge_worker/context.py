@@ -13,6 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from . import protocol as wire
+from .errors import HandlerError
 from .handlers import Frame, Partial
 from .protocol import Json
 
@@ -247,3 +248,11 @@ class EventContext(_ConnectionOps):
     async def send_raw(self, frame: Frame) -> None:
         """Sends a frame unchanged to this connection (raw routes)."""
         await self._worker.send_raw(self.connection_id, frame)
+
+    async def send_error(self, error: HandlerError) -> None:
+        """Tells the client that the message being handled failed, since it has no
+        reply to carry the error: the client gets an error frame without ``id`` with
+        ``error``'s code and message (a ``push`` of type ``error``, PROTOCOL.md §5).
+        A fire-and-forget message or a binary frame that cannot be acted on should
+        get one rather than be dropped silently."""
+        await self._worker.push(self.connection_id, "error", {"code": error.code, "message": error.message})

@@ -6,6 +6,8 @@ longer sends (:class:`WorkerStopped`), a publisher without a router session
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from . import codes
 
 
@@ -74,8 +76,37 @@ class HandlerError(Exception):
 
     @classmethod
     def unknown_type(cls, msg_type: str) -> HandlerError:
-        """No handler for this message type."""
-        return cls(codes.UNKNOWN_TYPE, f"this worker has no handler for message type {msg_type!r}")
+        """No handler for this message type (quoted in backticks, as the router and the Rust SDK quote it)."""
+        return cls(codes.UNKNOWN_TYPE, f"this worker has no handler for message type `{msg_type}`")
+
+
+# The unknown_type answers of the worker, word for word those of the Rust SDK
+# (worker-sdk/src/handler.rs): a client gets the same text from either.
+
+
+def no_request_handler(msg_type: str, requests: Iterable[str], events: Iterable[str]) -> HandlerError:
+    """The ``unknown_type`` error for a request of ``msg_type`` without a request handler."""
+    hint = "is handled as a fire-and-forget message (send it without an `id`)" if msg_type in events else None
+    return _unknown(msg_type, "requests", requests, hint)
+
+
+def no_event_handler(msg_type: str, requests: Iterable[str], events: Iterable[str]) -> HandlerError:
+    """The ``unknown_type`` error for a fire-and-forget message of ``msg_type`` without an event handler."""
+    hint = "is handled as a request (send it with an `id`)" if msg_type in requests else None
+    return _unknown(msg_type, "fire-and-forget messages", events, hint)
+
+
+def no_binary_handler() -> HandlerError:
+    """The ``unknown_type`` error for a binary frame on a worker without a binary handler."""
+    return HandlerError(codes.UNKNOWN_TYPE, "this worker has no handler for binary frames")
+
+
+def _unknown(msg_type: str, what: str, handled: Iterable[str], hint: str | None) -> HandlerError:
+    listed = ", ".join(f"`{t}`" for t in sorted(set(handled))) or "none"
+    message = f"this worker has no handler for {what} of type `{msg_type}`; {what} it handles: {listed}"
+    if hint is not None:
+        message += f"; `{msg_type}` {hint}"
+    return HandlerError(codes.UNKNOWN_TYPE, message)
 
 
 class PayloadTooLarge(HandlerError):

@@ -258,6 +258,9 @@ class Hello(Message):
     services: list[str]
     capacity: int = _uint(32)
     sdk: str
+    msg_types: list[str] | None = None
+    """The client message types the worker has handlers for (requests and
+    fire-and-forget messages); ``None`` (not sent) when it cannot tell."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -52,7 +53,16 @@ from . import protocol as wire
 from .backoff import Backoff
 from .config import WorkerConfig
 from .context import Context, EventContext
-from .errors import HandlerError, PayloadTooLarge, SecretRequired, WorkerRejected, WorkerStopped
+from .errors import (
+    HandlerError,
+    PayloadTooLarge,
+    SecretRequired,
+    WorkerRejected,
+    WorkerStopped,
+    no_binary_handler,
+    no_event_handler,
+    no_request_handler,
+)
 from .handlers import Frame, Style, run_event, run_request, style_of
 from .outbox import Outbox, resolve_ack
 from .protocol import Json
@@ -75,6 +85,11 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 """Upper bound on a request's timeout, in seconds (a hostile ``timeout_ms`` stays harmless)."""
 
 H = TypeVar("H", bound=Callable[..., Any])
+
+MAX_MSG_TYPES = 256
+"""Most message types a ``hello`` may announce (PROTOCOL.md, ``hello``)."""
+MAX_MSG_TYPE_LEN = 128
+"""Longest message type a client may send, in bytes: a handler for a longer one could never be called."""
 
 
 class State(enum.Enum):
@@ -188,13 +203,31 @@ class Worker:
         :class:`Reply` is the final one), or a plain function or generator,
         which runs in the worker's thread pool. Raise :class:`HandlerError`
         to fail the request.
+
+        The worker announces the types of its handlers to the router in its
+        ``hello``: they show in the router's ``GET /routes``.
         """
+        self._check_type(msg_type)
         return self._register(self._requests, msg_type, allow_generators=True)
 
     def event(self, msg_type: str) -> Callable[[H], H]:
         """Registers the handler of fire-and-forget messages (no ``id``) of
         ``msg_type``: ``fn(ctx: EventContext, data)``."""
+        self._check_type(msg_type)
         return self._register(self._events, msg_type, allow_generators=False)
+
+    def _check_type(self, msg_type: str) -> None:
+        """Refuses a type no client could send, or one too many to announce."""
+        if not 1 <= len(msg_type.encode("utf-8")) <= MAX_MSG_TYPE_LEN:
+            raise ValueError(f"message type {msg_type!r}: a type is 1 to {MAX_MSG_TYPE_LEN} bytes")
+        if msg_type not in self.msg_types and len(self.msg_types) >= MAX_MSG_TYPES:
+            raise ValueError(f"a worker may announce at most {MAX_MSG_TYPES} message types")
+
+    @property
+    def msg_types(self) -> list[str]:
+        """The message types this worker has handlers for (requests and
+        fire-and-forget messages together, sorted): what its ``hello`` announces."""
+        return sorted(set(self._requests) | set(self._events))
 
     def on_connect(self, fn: H) -> H:
         """Registers ``fn(ctx: EventContext, info: protocol.Connect)``, called when a
@@ -488,6 +521,8 @@ class Worker:
                 services=list(self.config.services),
                 capacity=self.config.capacity,
                 sdk=SDK_NAME,
+                # What the router shows its routes accept; a publisher session has no types.
+                msg_types=None if self._publisher_session else self.msg_types,
             )
         )
         give_up = loop.time() + self.config.handshake_timeout
@@ -710,7 +745,7 @@ class Worker:
         handler = self._requests.get(req.msg_type)
         if handler is None:
             log.debug("request %s: no handler for its type", req.cid)
-            self._terminate(ctx, _error(req.cid, HandlerError.unknown_type(req.msg_type)))
+            self._terminate(ctx, _error(req.cid, no_request_handler(req.msg_type, self._requests, self._events)))
             return
         if self._stop.is_set():
             # Crossed our bye: retryable, so the router can send it elsewhere.
@@ -784,16 +819,25 @@ class Worker:
     ) -> None:
         """Queues the handler of a message that gets no answer behind the connection's earlier ones."""
         handler = self._events.get(msg_type) if msg_type is not None else self._kinds.get(kind)
-        if handler is None:
-            log.debug("no handler for %s on connection %s: dropped", msg_type or kind, conn)
+        job: Callable[[], Awaitable[None]]
+        if handler is not None:
+            known = self._conns.get(conn)
+            ectx = EventContext(self, conn, route, service, msg_type, known.claims if known else None)
+            executor = self._executor
+            assert executor is not None  # invariant: set by run() before any session
+            job = functools.partial(run_event, handler.fn, handler.style, (ectx, payload), executor)
+        elif msg_type is not None or kind == "binary":
+            # The client would never learn that its message went nowhere: answer it.
+            what = f"{kind} of type {msg_type}" if msg_type is not None else kind
+            log.info("no handler for %s on connection %s: answering unknown_type", what, conn)
+            if msg_type is not None:
+                error = no_event_handler(msg_type, self._requests, self._events)
+            else:
+                error = no_binary_handler()
+            job = functools.partial(self._answer_without_id, conn, error)
+        else:
+            log.debug("no handler for %s on connection %s: dropped", kind, conn)
             return
-        known = self._conns.get(conn)
-        ectx = EventContext(self, conn, route, service, msg_type, known.claims if known else None)
-        executor = self._executor
-        assert executor is not None  # invariant: set by run() before any session
-
-        def job() -> Awaitable[None]:
-            return run_event(handler.fn, handler.style, (ectx, payload), executor)
 
         queue = self._queues.get(conn)
         if queue is None:
@@ -803,6 +847,13 @@ class Worker:
             log.warning("event queue of connection %s full: %s dropped", conn, kind)
         else:
             queue.append(job)
+
+    async def _answer_without_id(self, conn: str, error: HandlerError) -> None:
+        """Tells the client that a message without request id failed: a ``push`` of
+        type ``error``, which the router turns into an error frame without ``id``
+        (PROTOCOL.md, ``push``). Runs in the connection's queue, in order."""
+        with contextlib.suppress(WorkerStopped):
+            await self.push(conn, "error", {"code": error.code, "message": error.message})
 
     async def _drain_queue(self, conn: str, queue: collections.deque[Callable[[], Awaitable[None]]]) -> None:
         try:
