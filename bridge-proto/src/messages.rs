@@ -225,6 +225,16 @@ pub struct Connect {
     /// Verified token claims, when the route uses auth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims: Option<Value>,
+    /// The client's verified TLS certificate (mutual TLS), when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A client certificate the router verified against its client CAs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCert {
+    /// The subject's distinguished name, RFC 4514 (e.g. `CN=alice,O=Example`).
+    pub subject: String,
 }
 
 /// Router → worker: a client connection closed.

@@ -132,9 +132,16 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
             // as absent (nil counts as absent for optional fields), so the
             // round trip is only exact for non-null claims.
             option::of(json_value().prop_filter("non-null claims", |v| !v.is_null())),
+            option::of(text().prop_map(|subject| ClientCert { subject })),
         )
             .prop_map(
-                |((conn, route, service, path), (params, query, headers), remote, claims)| {
+                |(
+                    (conn, route, service, path),
+                    (params, query, headers),
+                    remote,
+                    claims,
+                    client_cert,
+                )| {
                     ToWorker::Connect(Connect {
                         conn,
                         route,
@@ -145,6 +152,7 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
                         headers,
                         remote,
                         claims,
+                        client_cert,
                     })
                 }
             ),

@@ -308,6 +308,15 @@ pub struct RouteSpec {
     pub circuit_breaker: Option<BreakerSpec>,
     pub allowed_origins: Option<Vec<String>>,
     pub auth: Option<AuthSpec>,
+    /// `"required"`: only clients with a verified certificate (mutual TLS).
+    pub client_cert: Option<ClientCertSpec>,
+}
+
+/// What a route asks of clients' certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "\"required\"")]
+pub enum ClientCertSpec {
+    Required,
 }
 
 /// The numeric knobs `defaults` and routes share, for checking them the same way.
@@ -619,6 +628,7 @@ impl RouteSpec {
                 .allowed_origins
                 .or_else(|| defaults.allowed_origins.clone()),
             auth,
+            client_cert_required: self.client_cert == Some(ClientCertSpec::Required),
             dynamic: false,
         }
     }
@@ -761,6 +771,17 @@ mod tests {
     }
 
     #[test]
+    fn client_cert_is_required_or_left_out() {
+        let table = parse_routes(&one_route(r#", "clientCert": "required""#)).unwrap();
+        assert!(table.routes()[0].client_cert_required);
+        let table = parse_routes(&one_route("")).unwrap();
+        assert!(!table.routes()[0].client_cert_required);
+        let problems = problems_of(&one_route(r#", "clientCert": "sometimes""#));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].location, "routes[0].clientCert", "{problems:?}");
+    }
+
+    #[test]
     fn default_file_parses() {
         let table = parse_routes(DEFAULT_FILE).unwrap_or_else(|e| panic!("{e}"));
         let summary: Vec<(&str, &str, bool)> = table
@@ -887,6 +908,7 @@ mod tests {
             breaker: BreakerPolicy::DEFAULT,
             allowed_origins: None,
             auth: None,
+            client_cert_required: false,
             dynamic: false,
         };
         assert_eq!(**b, want);

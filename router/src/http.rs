@@ -391,6 +391,24 @@ async fn upgrade(
             json!({ "path": path, "origin": origin, "allowed_origins": route.allowed_origins }),
         );
     }
+    let client_cert = peer.client_cert.get().cloned();
+    if route.client_cert_required && client_cert.is_none() {
+        let why = match &app.tls {
+            Some(tls) if tls.verifies_clients() => "needs a client certificate (mutual TLS)",
+            Some(_) => {
+                "needs a client certificate, and the router has no TLS_CLIENT_CA to verify one"
+            }
+            None => "needs a client certificate over TLS, and the router does not serve TLS",
+        };
+        warn!(%remote, path, "refused: no client certificate");
+        app.metrics.refused("client_cert_required");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "client_cert_required",
+            &format!("{} {why}", route.path),
+            json!({ "path": path }),
+        );
+    }
     let query = parse_query(uri.query());
     let mut claims = None;
     if let Some(policy) = &route.auth {
@@ -455,6 +473,7 @@ async fn upgrade(
             .collect(),
         remote: remote.to_string(),
         claims,
+        client_cert: client_cert.map(|c| proto::ClientCert { subject: c.subject }),
     };
     let limit = route.max_message_bytes;
     let sessions = app.sessions.clone();

@@ -67,6 +67,9 @@ pub struct Route {
     pub allowed_origins: Option<Vec<String>>,
     /// Token checks; `None` = no tokens looked at.
     pub auth: Option<AuthPolicy>,
+    /// Only clients that presented a verified certificate (mutual TLS,
+    /// `TLS_CLIENT_CA`) may connect.
+    pub client_cert_required: bool,
     /// Registered by a worker (dynamic routing), not listed in the routes file.
     pub dynamic: bool,
 }
@@ -123,6 +126,7 @@ impl RouteDefaults {
             breaker: self.breaker,
             allowed_origins: self.allowed_origins.clone(),
             auth: self.auth.clone(),
+            client_cert_required: false,
             dynamic: false,
         }
     }

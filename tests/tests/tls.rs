@@ -428,3 +428,88 @@ async fn wss_via(
     }
     Ok(ws)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_that_require_a_client_certificate_admit_only_verified_ones() {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    run(LIMIT, async {
+        let pki = TestPki::new("mtls");
+        let server = pki.issue("server", "router");
+        let alice = pki.issue("alice", "alice");
+        let rogue_ca = TestPki::new("mtls-rogue");
+        let mallory = rogue_ca.issue("mallory", "mallory");
+        let routes = json!({"routes": [
+            {"path": "/ws/echo", "service": "echo"},
+            {"path": "/ws/secure", "service": "echo", "clientCert": "required"},
+        ]});
+        let cfg = RouterConfig::new(&routes.to_string())
+            .arg("--tls-cert")
+            .arg(server.cert.to_str().unwrap())
+            .arg("--tls-key")
+            .arg(server.key.to_str().unwrap())
+            .arg("--tls-client-ca")
+            .arg(pki.ca_cert.to_str().unwrap());
+        let router = RouterProc::start_with(cfg).await;
+        let _worker = router.worker("echo_worker", &["echo"], &[]).await;
+        let url = |path: &str| format!("wss://localhost:{}{path}", router.http.port());
+
+        // No certificate: the open route admits, the secure one refuses.
+        let tls = tls_connect(router.http, pki.client_config(None))
+            .await
+            .unwrap();
+        match tokio_tungstenite::client_async(url("/ws/secure"), tls).await {
+            Err(WsError::Http(resp)) => {
+                assert_eq!(resp.status(), 403);
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                assert!(body.contains("client_cert_required"), "{body}");
+            }
+            other => panic!("expected 403 client_cert_required, got {other:?}"),
+        }
+        let tls = tls_connect(router.http, pki.client_config(None))
+            .await
+            .unwrap();
+        let (mut open, _) = tokio_tungstenite::client_async(url("/ws/echo"), tls)
+            .await
+            .expect("the open route admits clients without a certificate");
+        assert_eq!(next_json(&mut open).await["type"], "welcome");
+
+        // A certificate from the client CA: admitted, and the worker sees
+        // its subject in `connect`.
+        let tls = tls_connect(router.http, pki.client_config(Some(&alice)))
+            .await
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(url("/ws/secure"), tls)
+            .await
+            .expect("a verified client certificate is admitted");
+        assert_eq!(next_json(&mut ws).await["type"], "welcome");
+        let seen = next_json(&mut ws).await;
+        assert_eq!(seen["type"], "client_cert", "{seen}");
+        let subject = seen["data"]["subject"].as_str().unwrap_or_default();
+        assert!(subject.contains("CN=alice"), "{subject}");
+
+        // A certificate from another CA (the client trusts the router's CA,
+        // so only the router's verdict on the client counts) fails the TLS
+        // handshake.
+        let refused = async {
+            let tls = tls_connect(router.http, pki.client_config(Some(&mallory)))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut ws, _) = tokio_tungstenite::client_async(url("/ws/echo"), tls)
+                .await
+                .map_err(|e| e.to_string())?;
+            // TLS 1.3 reports the client's rejection after the handshake:
+            // the first read fails.
+            match ws.next().await {
+                Some(Ok(m)) => Ok(format!("{m:?}")),
+                other => Err(format!("{other:?}")),
+            }
+        }
+        .await;
+        assert!(
+            refused.is_err(),
+            "an unknown CA's certificate was served: {refused:?}"
+        );
+    })
+    .await;
+}

@@ -48,6 +48,15 @@ fn main() -> ExitCode {
                 .on_request("claims", |ctx, _data| async move {
                     Ok(json!({ "claims": ctx.claims(), "attempt": ctx.attempt() }))
                 })
+                // Mutual TLS: a client that presented a certificate is told
+                // what the worker saw of it.
+                .on_connect(|ev, connect| async move {
+                    if let Some(cert) = connect.client_cert {
+                        let _ = ev
+                            .push("client_cert", json!({ "subject": cert.subject }))
+                            .await;
+                    }
+                })
                 .on_binary(|ev, data| async move {
                     let _ = ev.push_binary(data).await;
                 })

@@ -525,6 +525,7 @@ async fn connection_events_are_ordered_and_handles_reach_the_router() {
                 headers: Default::default(),
                 remote: "127.0.0.1:1".into(),
                 claims: Some(json!({"sub": "alice"})),
+                client_cert: None,
             }),
         )
         .await;

@@ -339,6 +339,9 @@ pub fn catalogue() -> Vec<Vector> {
                     "roles": ["admin", "user"],
                     "sub": "user-123"
                 })),
+                client_cert: Some(ClientCert {
+                    subject: s("CN=alice,O=Example Corp"),
+                }),
             }),
         ),
         to(
@@ -353,6 +356,7 @@ pub fn catalogue() -> Vec<Vector> {
                 headers: BTreeMap::new(),
                 remote: s("[::1]:40000"),
                 claims: None,
+                client_cert: None,
             }),
         ),
         to(

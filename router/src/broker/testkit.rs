@@ -188,6 +188,7 @@ impl Fixture {
                 headers: Default::default(),
                 remote: "127.0.0.1:1".into(),
                 claims: None,
+                client_cert: None,
             })),
             &mut self.out,
         );

@@ -203,6 +203,7 @@ pub(crate) fn start(runtimes: &Runtimes, route: Arc<Route>) -> SessionStart {
             headers: BTreeMap::new(),
             remote: "127.0.0.1:1".into(),
             claims: None,
+            client_cert: None,
         },
         conn,
         route,

@@ -220,6 +220,8 @@ class Connect(Message):
     headers: dict[str, str]
     remote: str
     claims: Json | None = None
+    #: The client's verified TLS certificate (mutual TLS): ``{"subject": "CN=…"}``.
+    client_cert: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
