@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (BENCHMARKS.md): the router with the Rust echo worker
 # against a plain tokio-tungstenite echo server (the no-router baseline),
-# measured in the same run by the same load generator (tests/src/bin/loadgen.rs).
+# measured in the same run by the same load generator (tests/src/bin/loadgen/);
+# for latency under load also the router with the Python SDK's echo handler
+# and a FastAPI/uvicorn endpoint doing the same JSON echo.
 #
 # Usage: scripts/bench.sh [--no-build] [--perf] [--help]
 #
@@ -13,25 +15,43 @@
 #   baseline     baseline_echo, loadgen --protocol raw
 #   router-json  router + echo_worker, route /ws (client protocol, `echo` requests)
 #   router-raw   router + echo_worker, raw route /raw (frames echoed unchanged)
+#   router-py    router + the Python SDK's automation_worker (its `echo`
+#                handler), route /ws/automation
+#   fastapi      bench/fastapi_echo/app.py under uvicorn (uvloop, one process),
+#                route /ws answering like the router's JSON echo
+# The Python targets run from a virtualenv (BENCH_VENV, default
+# <target>/bench-venv) created on first use with bench/fastapi_echo/requirements.txt
+# and worker-sdk/python installed; `pip freeze` goes to $BENCH_OUT.
 # Scenarios (each run starts fresh processes):
 #   rt-1         closed loop, 1 connection, 1 request in flight: msgs/s, p50, p99
 #   rt-100       closed loop, 100 connections, 1 request in flight each: msgs/s
 #   idle         RSS of the server at 0, 10 000 and 19 000 idle connections
+#   open-1k      open loop, 1 000 connections at RATE_1K msgs/s in all: p50, p99
+#   open-10k     open loop, 10 000 connections at RATE_10K msgs/s: p50, p99
+#   open-check   the load generator's own check, baseline only: closed loop
+#                at 1 connection, then open loop at 100, 1 000 and 10 000
+#                connections at low rates; each open run must have 0 errors,
+#                nothing in flight at the end, end within 0.5 s of its
+#                window, and a p50 within CHECK_TOLERANCE_US (500) of the
+#                closed loop's (BENCHMARKS.md, "The check: open loop against
+#                the closed loop"); prints PASS or FAIL per run, exits 1 on
+#                a FAIL
 #
 # Environment: RUNS (5), DURATION_S (5), WARMUP_S (1), SIZE (64 bytes of data),
 #   DEPTH_100 (1: requests in flight per connection in rt-100),
-#   IDLE_STAGES (10000,19000), SCENARIOS ("rt-1 rt-100 idle"),
-#   TARGETS ("baseline router-json router-raw"), BENCH_OUT (a new directory
-#   under ${CARGO_TARGET_DIR:-<repo>/target}/bench), QUIET_MAX_CORES (0.3) and
-#   QUIET_WAIT_S (120): before each load run, wait up to QUIET_WAIT_S for the
-#   machine's other processes to use at most QUIET_MAX_CORES.
+#   IDLE_STAGES (10000,19000), RATE_1K (2000), RATE_10K (2000),
+#   SCENARIOS ("rt-1 rt-100 idle"), TARGETS ("baseline router-json router-raw"),
+#   BENCH_OUT (a new directory under ${CARGO_TARGET_DIR:-<repo>/target}/bench),
+#   QUIET_MAX_CORES (0.3) and QUIET_WAIT_S (120): before each load run, wait
+#   up to QUIET_WAIT_S for the machine's other processes to use at most
+#   QUIET_MAX_CORES.
 #   ROUTER_THREADS, WORKER_THREADS: tokio worker threads of the router and the
 #   echo worker (TOKIO_WORKER_THREADS for that process only; unset: one per core).
 #
 # Output: a table on stdout; every loadgen summary line in $BENCH_OUT/results.jsonl,
 # process logs beside it. Router settings: ENABLE_RATE_LIMIT=false, routes with
 # maxConnections 20000 and maxInFlight 10000 (generated in $BENCH_OUT), default
-# log level (info); the worker announces capacity 1024.
+# log level (info); the workers announce capacity 1024.
 
 set -euo pipefail
 
@@ -58,10 +78,17 @@ warmup=${WARMUP_S:-1}
 size=${SIZE:-64}
 depth_100=${DEPTH_100:-1}
 idle_stages=${IDLE_STAGES:-10000,19000}
+rate_1k=${RATE_1K:-2000}
+rate_10k=${RATE_10K:-2000}
+check_tolerance_us=${CHECK_TOLERANCE_US:-500}
 scenarios=${SCENARIOS:-rt-1 rt-100 idle}
 targets=${TARGETS:-baseline router-json router-raw}
 # Whole seconds, for bounds on each loadgen run (the values may be fractional).
 load_bound=$((${warmup%.*} + ${duration%.*} + 60))
+# Open loop with thousands of connections: connecting takes longer (Python
+# servers accept a few thousand handshakes per second).
+open_bound=$((load_bound + 120))
+venv=${BENCH_VENV:-$target_dir/bench-venv}
 out=${BENCH_OUT:-$target_dir/bench/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 results=$out/results.jsonl
@@ -77,6 +104,9 @@ top_stage=${idle_stages##*,}
 if [[ $fd_limit != unlimited ]] && ((top_stage + 200 > fd_limit)); then
     die "IDLE_STAGES up to $top_stage needs more than the descriptor limit $fd_limit"
 fi
+if [[ $fd_limit != unlimited && " $scenarios " == *" open-"* ]] && ((10000 + 200 > fd_limit)); then
+    die "the open-loop scenarios hold 10 000 connections: more than the descriptor limit $fd_limit"
+fi
 
 if ((build)); then
     say "cargo build --release (router, worker-sdk examples, loadgen, baseline_echo)"
@@ -86,13 +116,28 @@ for b in router examples/echo_worker loadgen baseline_echo; do
     [[ -x $bin/$b ]] || die "missing $bin/$b (build without --no-build)"
 done
 
+# The Python targets' virtualenv: FastAPI/uvicorn pinned, the worker SDK from
+# this tree; installed once, checked by importing on later runs.
+if [[ " $targets " == *" fastapi "* || " $targets " == *" router-py "* ]]; then
+    if ! "$venv/bin/python" -c 'import fastapi, uvicorn, uvloop, bridge_worker' 2>/dev/null; then
+        say "installing FastAPI/uvicorn and the Python SDK into $venv"
+        { [[ -x $venv/bin/python ]] || python3 -m venv "$venv"; } || die "python3 -m venv failed"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -r bench/fastapi_echo/requirements.txt -e worker-sdk/python >&2 ||
+            die "pip install into $venv failed"
+    fi
+    { "$venv/bin/python" --version; "$venv/bin/python" -m pip freeze --disable-pip-version-check; } \
+        >"$out/python-packages.txt" 2>&1
+fi
+
 cat >"$out/routes.json" <<'EOF'
 {
-  "description": "Benchmark routes: JSON echo on /ws and a raw echo route, both served by echo_worker (service echo).",
+  "description": "Benchmark routes: JSON echo on /ws and a raw echo route, both served by echo_worker (service echo); JSON echo on /ws/automation served by the Python automation_worker.",
   "defaults": { "maxConnections": 20000, "maxInFlight": 10000 },
   "routes": [
     { "path": "/ws", "service": "echo" },
-    { "path": "/raw", "service": "echo", "raw": true }
+    { "path": "/raw", "service": "echo", "raw": true },
+    { "path": "/ws/automation", "service": "automation" }
   ]
 }
 EOF
@@ -142,7 +187,17 @@ start_target() {
             server_pid=${pids[-1]}
             watch=(--watch "server=$server_pid")
             ;;
-        router-json | router-raw)
+        fastapi)
+            "$venv/bin/python" bench/fastapi_echo/app.py >"$out/$tag.fastapi.out" 2>"$out/$tag.fastapi.err" &
+            pids+=($!)
+            server_pid=$!
+            line=$(wait_line "$out/$tag.fastapi.out" '"event":"listening"' fastapi "$server_pid")
+            http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
+            url=ws://$http/ws
+            protocol=json
+            watch=(--watch "server=$server_pid")
+            ;;
+        router-json | router-raw | router-py)
             env ${ROUTER_THREADS:+TOKIO_WORKER_THREADS=$ROUTER_THREADS} \
                 ENABLE_RATE_LIMIT=false "$bin/router" --port 0 --routes "$out/routes.json" \
                 --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
@@ -152,13 +207,23 @@ start_target() {
             line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
             http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
             bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
-            env ${WORKER_THREADS:+TOKIO_WORKER_THREADS=$WORKER_THREADS} \
-                "$bin/examples/echo_worker" --bridge-endpoint "$bridge" --service echo --capacity 1024 \
-                >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
+            if [[ $target == router-py ]]; then
+                "$venv/bin/python" worker-sdk/python/examples/automation_worker.py \
+                    --bridge-endpoint "$bridge" --capacity 1024 --log-level WARNING \
+                    >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
+            else
+                env ${WORKER_THREADS:+TOKIO_WORKER_THREADS=$WORKER_THREADS} \
+                    "$bin/examples/echo_worker" --bridge-endpoint "$bridge" --service echo --capacity 1024 \
+                    >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
+            fi
             pids+=($!)
             worker_pid=$!
-            wait_line "$out/$tag.worker.out" '"event":"registered"' echo_worker "$worker_pid" >/dev/null
-            if [[ $target == router-json ]]; then url=ws://$http/ws; protocol=json; else url=ws://$http/raw; protocol=raw; fi
+            wait_line "$out/$tag.worker.out" '"event":"registered"' "$target worker" "$worker_pid" >/dev/null
+            case $target in
+                router-json) url=ws://$http/ws; protocol=json ;;
+                router-raw) url=ws://$http/raw; protocol=raw ;;
+                router-py) url=ws://$http/ws/automation; protocol=json ;;
+            esac
             watch=(--watch "server=$server_pid" --watch "worker=$worker_pid")
             ;;
         *) die "unknown target $target" ;;
@@ -173,7 +238,12 @@ loadgen() {
     if ! line=$(timeout "$bound" "$bin/loadgen" --url "$url" --protocol "$protocol" "${watch[@]}" \
         --label "$scenario/$target/$run" "$@" 2>>"$out/loadgen.err"); then
         tail -5 "$out/loadgen.err" >&2
-        die "loadgen failed: $scenario $target run $run (summary: ${line:-none})"
+        # An open-loop run that saw errors (a target that cannot keep up
+        # with the rate, say) is a result: it goes into the table.
+        if [[ $scenario != open-* || $line != '{'* ]]; then
+            die "loadgen failed: $scenario $target run $run (summary: ${line:-none})"
+        fi
+        say "loadgen reported errors: $scenario $target run $run (kept in the results)"
     fi
     printf '{"scenario":"%s","target":"%s","run":%d,"result":%s}\n' "$scenario" "$target" "$run" "$line" >>"$results"
 }
@@ -207,8 +277,20 @@ wait_quiet() {
     done
 }
 
+# Open loop at `connections` and `rate` (msgs/s in all) with the run's
+# warmup and duration.
+open_load() {
+    local scenario=$1 target=$2 run=$3 connections=$4 rate=$5
+    loadgen "$scenario" "$target" "$run" "$open_bound" --mode open --connections "$connections" \
+        --rate "$rate" --size "$size" --duration "$duration" --warmup "$warmup" \
+        --sources 32 --timeout 10 --grace 2
+}
+
 run_scenario() {
     local scenario=$1 target=$2 run=$3 tag="$1.$2.$3"
+    if [[ $scenario == open-check && $target != baseline ]]; then
+        return 0
+    fi
     [[ $scenario == idle ]] || wait_quiet
     start_target "$target" "$tag"
     case "$scenario" in
@@ -218,6 +300,15 @@ run_scenario() {
             --size "$size" --duration "$duration" --warmup "$warmup" --timeout 5 ;;
         idle) loadgen "$scenario" "$target" "$run" 300 --mode idle --stages "$idle_stages" --settle 2 \
             --sources 32 --timeout 20 ;;
+        open-1k) open_load "$scenario" "$target" "$run" 1000 "$rate_1k" ;;
+        open-10k) open_load "$scenario" "$target" "$run" 10000 "$rate_10k" ;;
+        open-check)
+            loadgen "$scenario" "$target" "$run" "$load_bound" --mode closed --connections 1 --depth 1 \
+                --size "$size" --duration "$duration" --warmup "$warmup" --timeout 5
+            open_load "$scenario" "$target" "$run" 100 1000
+            open_load "$scenario" "$target" "$run" 1000 2000
+            open_load "$scenario" "$target" "$run" 10000 5000
+            ;;
         *) die "unknown scenario $scenario" ;;
     esac
     stop_all
@@ -262,7 +353,8 @@ fi
 # ---------------------------------------------------------------------------
 # Table: median and range over runs, ratio of medians against the baseline
 # ---------------------------------------------------------------------------
-python3 - "$results" <<'EOF'
+status=0
+python3 - "$results" "$check_tolerance_us" <<'EOF' || status=$?
 import json, statistics, sys
 from collections import defaultdict
 
@@ -270,6 +362,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 vals = defaultdict(list)  # (metric, target) -> values
 cpu = defaultdict(list)   # (scenario, target, proc) -> cores
 metrics = []
+checks = []               # (run, summary) of the open-check scenario
 
 def add(metric, target, v):
     if v is None:
@@ -296,6 +389,24 @@ for r in rows:
         if cores.get("machine") is not None:
             ours = sum(c for p, c in cores.items() if p != "machine" and c is not None)
             cpu[(s, t, "other")].append(max(0.0, cores["machine"] - ours))
+    elif s in ("open-1k", "open-10k"):
+        tag = "%s %dx@%g/s" % (s, res["connections"], res["target_rate"])
+        add("%s p50 us" % tag, t, res["latency_us"]["p50"] if res["latency_us"] else None)
+        add("%s p99 us" % tag, t, res["latency_us"]["p99"] if res["latency_us"] else None)
+        add("%s service p50 us" % tag, t, res["service_latency_us"]["p50"] if res["service_latency_us"] else None)
+        add("%s send lag p99 us" % tag, t, res["send_lag_us"]["p99"] if res["send_lag_us"] else None)
+        add("%s replies/s" % tag, t, res["throughput_msgs_per_s"])
+        add("%s errors" % tag, t, res["errors"])
+        add("%s in flight at end" % tag, t, res["in_flight_at_end"])
+        cores = res["cpu_cores"]
+        for proc, c in cores.items():
+            if c is not None:
+                cpu[(s, t, proc)].append(c)
+        if cores.get("machine") is not None:
+            ours = sum(c for p, c in cores.items() if p != "machine" and c is not None)
+            cpu[(s, t, "other")].append(max(0.0, cores["machine"] - ours))
+    elif s == "open-check":
+        checks.append((r["run"], res))
     elif s == "idle":
         for st in res["stages"]:
             rss = st["rss_kib"].get("server")
@@ -332,5 +443,48 @@ print()
 print("CPU during the measured window (median over runs, in cores; the machine has %d):" % __import__("os").cpu_count())
 for (s, t, p), v in sorted(cpu.items()):
     print("  %-7s %-12s %-8s %.2f" % (s, t, p, statistics.median(v)))
+
+# The load generator's own check (BENCHMARKS.md, "The check: open loop
+# against the closed loop").
+failed = False
+if checks:
+    tolerance = float(sys.argv[2])
+    print()
+    print("open-check against baseline_echo: open-loop p50 within %g us of the closed loop's," % tolerance)
+    print("0 errors, nothing in flight, ended within 0.5 s of the window")
+    by_run = defaultdict(list)
+    for run, res in checks:
+        by_run[run].append(res)
+    for run, results in sorted(by_run.items()):
+        closed = [r for r in results if r["mode"] == "closed"]
+        if not closed or not closed[0]["latency_us"]:
+            print("  run %d: FAIL (no closed-loop reference)" % run)
+            failed = True
+            continue
+        ref = closed[0]["latency_us"]["p50"]
+        print("  run %d: closed loop, 1 connection: p50 %.1f us" % (run, ref))
+        for r in results:
+            if r["mode"] != "open":
+                continue
+            lat = r["latency_us"] or {}
+            p50 = lat.get("p50")
+            late = r["run_s"] - r["warmup_s"] - r["duration_s"]
+            problems = []
+            if not r["ok"] or r["errors"]:
+                problems.append("%d errors (%s)" % (r["errors"], r["first_error"]))
+            if r["in_flight_at_end"]:
+                problems.append("%d in flight at the end" % r["in_flight_at_end"])
+            if late > 0.5:
+                problems.append("ended %.2f s after its window" % late)
+            if p50 is None or abs(p50 - ref) > tolerance:
+                problems.append("p50 %s us is not within %g us of %.1f" % (p50, tolerance, ref))
+            failed = failed or bool(problems)
+            print("    %5d connections @ %5g/s: p50 %7.1f us, p99 %8.1f us, send lag p50 %5.1f us, "
+                  "%d errors, %d in flight, ended %.3f s after the window: %s" % (
+                      r["connections"], r["target_rate"], p50 or float("nan"), lat.get("p99", float("nan")),
+                      (r["send_lag_us"] or {}).get("p50", float("nan")), r["errors"],
+                      r["in_flight_at_end"], late, "FAIL: " + "; ".join(problems) if problems else "PASS"))
+sys.exit(1 if failed else 0)
 EOF
 say "done: $out"
+exit "$status"

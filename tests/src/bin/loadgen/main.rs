@@ -8,10 +8,16 @@
 //! # Modes
 //! - `closed`: N connections, each keeping D requests in flight; a reply
 //!   releases the next request. Measures round-trip throughput and latency.
-//! - `open`: the same connections send at a fixed total rate whatever the
-//!   replies do; latency is taken from each message's *intended* send time,
-//!   so a stalled server shows up as latency instead of being hidden by a
-//!   slower sender (coordinated omission).
+//! - `open`: the connections send at a fixed total rate (`--rate`) on one
+//!   schedule, whatever the replies do. Latency counts from each message's
+//!   slot in the schedule, so a stalled server shows up as latency instead of
+//!   being hidden by a slower sender (coordinated omission). The slots are
+//!   released by a pacer thread that wakes within microseconds; what lag is
+//!   left is reported apart (`send_lag_us`), and `service_latency_us` counts
+//!   from the write. The run ends as soon as every reply is in, at the latest
+//!   `--grace` after the window: replies still outstanding then are reported
+//!   as `in_flight_at_end`, not as errors; a reply missing for `--timeout` is
+//!   an error. See [`schedule`] and [`open_loop`].
 //! - `idle`: opens C connections (in stages, e.g. `--stages 10000,19000`),
 //!   holds them, and samples the RSS of watched processes at each stage:
 //!   bytes per idle connection.
@@ -30,14 +36,26 @@
 //!
 //! `--watch NAME=PID` (repeatable) adds each process's CPU use during the
 //! measured window (in cores: 1.0 = one core busy) and its RSS to the
-//! summary; the load generator itself is always reported as `loadgen`, and
-//! the whole machine's busy time as `machine` (more than the sum of the
-//! others means something else was running, e.g. a build).
+//! summary ([`procstat`]).
+//!
+//! # Layout
+//! - this file: the command line, connecting, the closed loop, idle mode,
+//!   and the run that ties them together into the summary;
+//! - [`requests`]: the request frames and how replies are matched to them;
+//! - [`schedule`]: the open loop's schedule and its pacer;
+//! - [`open_loop`]: one open-loop connection (its bookkeeping and driver);
+//! - [`stats`]: the measured window, per-connection outcomes, percentiles;
+//! - [`procstat`]: CPU and memory of watched processes.
 
-use std::collections::{HashMap, VecDeque};
+mod open_loop;
+mod procstat;
+mod requests;
+mod schedule;
+mod stats;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -50,6 +68,12 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+use crate::open_loop::Plan;
+use crate::procstat::{cpu_json, parse_watch, Watch, Watched};
+use crate::requests::{request_text, Matched, Pending, Stamp};
+use crate::schedule::{pace_on_thread, pace_with_timer, Gate, Pacer, PacerKind, Schedule};
+use crate::stats::{percentiles, round3, Clock, ConnStats};
 
 type Ws = WebSocketStream<TcpStream>;
 type WsTx = SplitSink<Ws, Message>;
@@ -117,29 +141,20 @@ struct Args {
     /// run fails instead of hanging.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Open mode: after the window, wait at most this long for the replies
+    /// still outstanding, in seconds; those that have not come by then are
+    /// reported as `in_flight_at_end`, not as errors.
+    #[arg(long, default_value_t = 2.0)]
+    grace: f64,
+    /// Open mode: what wakes the sender for each slot of the schedule.
+    #[arg(long, value_enum, default_value = "thread")]
+    pacer: PacerKind,
     /// Process to report CPU and RSS of, as NAME=PID (repeatable).
     #[arg(long = "watch", value_parser = parse_watch)]
     watch: Vec<Watched>,
     /// Free-form label copied into the summary.
     #[arg(long, default_value = "")]
     label: String,
-}
-
-#[derive(Debug, Clone)]
-struct Watched {
-    name: String,
-    pid: u32,
-}
-
-fn parse_watch(s: &str) -> Result<Watched, String> {
-    let (name, pid) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected NAME=PID, got {s:?}"))?;
-    let pid = pid.parse().map_err(|e| format!("bad pid in {s:?}: {e}"))?;
-    Ok(Watched {
-        name: name.to_owned(),
-        pid,
-    })
 }
 
 fn main() -> ExitCode {
@@ -172,6 +187,12 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let target = Target::parse(&args.url)?;
     if args.connections == 0 || args.depth == 0 {
         bail!("--connections and --depth must be at least 1");
+    }
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    if !(args.grace.is_finite() && args.grace >= 0.0) {
+        bail!("--grace must be a number of seconds, at least 0");
     }
     match args.mode {
         Mode::Closed | Mode::Open => load(&args, &target).await,
@@ -269,144 +290,6 @@ async fn open_many(
     (ok, errors)
 }
 
-/// The measured window, shared by every connection task.
-#[derive(Debug)]
-struct Clock {
-    start: Instant,
-    from: Instant,
-    to: Instant,
-}
-
-impl Clock {
-    fn measuring(&self, t: Instant) -> bool {
-        t >= self.from && t < self.to
-    }
-}
-
-/// Messages are `{"type":"echo","id":N,"data":"xxx…"}` in both protocols, so
-/// the router and the baseline move the same bytes.
-fn request_text(id: u64, data: &str) -> String {
-    format!(r#"{{"type":"echo","id":{id},"data":"{data}"}}"#)
-}
-
-/// What one connection saw.
-#[derive(Debug, Default)]
-struct ConnStats {
-    /// Round trips completed inside the measured window, in nanoseconds
-    /// (open loop: from the intended send time).
-    latencies: Vec<u64>,
-    /// Open loop only: the same round trips from the actual write.
-    service: Vec<u64>,
-    sent: u64,
-    errors: u64,
-    first_error: Option<String>,
-}
-
-impl ConnStats {
-    fn error(&mut self, what: impl Into<String>) {
-        self.errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(what.into());
-        }
-    }
-}
-
-/// When a request was meant to go out (open loop: its slot in the
-/// schedule) and when it was actually written; equal in closed loop.
-#[derive(Debug, Clone, Copy)]
-struct Stamp {
-    intended: Instant,
-    sent: Instant,
-}
-
-impl Stamp {
-    fn at(t: Instant) -> Self {
-        Self {
-            intended: t,
-            sent: t,
-        }
-    }
-}
-
-/// Requests sent and not yet answered: in order for raw echo, by id for
-/// JSON (a worker may answer out of order).
-#[derive(Debug)]
-enum Pending {
-    Fifo(VecDeque<(Stamp, usize)>),
-    ById(HashMap<u64, Stamp>),
-}
-
-/// The outcome of matching one received frame.
-enum Matched {
-    /// A request completed: when it was (meant to be) sent, and whether it failed.
-    Done(Stamp, Option<String>),
-    /// Not a terminal frame (a partial reply or a push): nothing to do.
-    Ignore,
-    /// Something that should never arrive.
-    Unexpected(String),
-}
-
-impl Pending {
-    fn new(protocol: Protocol) -> Self {
-        match protocol {
-            Protocol::Raw => Pending::Fifo(VecDeque::new()),
-            Protocol::Json => Pending::ById(HashMap::new()),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Pending::Fifo(q) => q.len(),
-            Pending::ById(m) => m.len(),
-        }
-    }
-
-    fn push(&mut self, id: u64, at: Stamp, len: usize) {
-        match self {
-            Pending::Fifo(q) => q.push_back((at, len)),
-            Pending::ById(m) => {
-                m.insert(id, at);
-            }
-        }
-    }
-
-    fn complete(&mut self, msg: Message) -> Matched {
-        match (self, msg) {
-            (Pending::Fifo(q), Message::Text(t)) => match q.pop_front() {
-                Some((at, len)) if len == t.len() => Matched::Done(at, None),
-                Some((at, len)) => Matched::Done(
-                    at,
-                    Some(format!("echo of {len} bytes came back as {}", t.len())),
-                ),
-                None => Matched::Unexpected("a frame with nothing in flight".into()),
-            },
-            (Pending::ById(m), Message::Text(t)) => {
-                let v: Value = match serde_json::from_str(t.as_str()) {
-                    Ok(v) => v,
-                    Err(e) => return Matched::Unexpected(format!("reply is not JSON: {e}")),
-                };
-                let Some(id) = v["id"].as_u64() else {
-                    return Matched::Unexpected(format!(
-                        "frame without a numeric id: type {}",
-                        v["type"]
-                    ));
-                };
-                if v["done"] != true {
-                    return Matched::Ignore;
-                }
-                let Some(at) = m.remove(&id) else {
-                    return Matched::Unexpected(format!("reply to unknown id {id}"));
-                };
-                let failed = (v["type"] == "error").then(|| format!("error reply: {}", v["error"]));
-                Matched::Done(at, failed)
-            }
-            (_, Message::Ping(_) | Message::Pong(_)) => Matched::Ignore,
-            (_, Message::Close(f)) => Matched::Unexpected(format!("server closed: {f:?}")),
-            (_, other) => Matched::Unexpected(format!("unexpected frame: {other:?}")),
-        }
-    }
-}
-
 async fn send_request(tx: &mut WsTx, id: u64, data: &str) -> anyhow::Result<usize> {
     let text = request_text(id, data);
     let len = text.len();
@@ -416,7 +299,7 @@ async fn send_request(tx: &mut WsTx, id: u64, data: &str) -> anyhow::Result<usiz
 
 /// Closed loop on one connection: keeps `depth` requests in flight until
 /// the window ends, then waits for the stragglers and closes.
-async fn closed_conn(ws: Ws, args: Arc<Args>, clock: Arc<Clock>, data: Arc<str>) -> ConnStats {
+async fn closed_conn(ws: Ws, args: Arc<Args>, clock: Clock, data: Arc<str>) -> ConnStats {
     let (mut tx, mut rx) = ws.split();
     let mut stats = ConnStats::default();
     let mut pending = Pending::new(args.protocol);
@@ -436,7 +319,7 @@ async fn closed_conn(ws: Ws, args: Arc<Args>, clock: Arc<Clock>, data: Arc<str>)
         next_id += 1;
         stats.sent += 1;
     }
-    while pending.len() > 0 {
+    while !pending.is_empty() {
         let msg = match tokio::time::timeout(wait, rx.next()).await {
             Err(_) => {
                 stats.error(format!("no reply within {} s", args.timeout));
@@ -486,108 +369,6 @@ async fn closed_conn(ws: Ws, args: Arc<Args>, clock: Arc<Clock>, data: Arc<str>)
     stats
 }
 
-/// Open loop on one connection: sends at `rate` per second on a fixed
-/// schedule; a separate reader matches replies.
-async fn open_conn(
-    ws: Ws,
-    args: Arc<Args>,
-    clock: Arc<Clock>,
-    data: Arc<str>,
-    rate: f64,
-    offset: Duration,
-) -> ConnStats {
-    let (mut tx, mut rx) = ws.split();
-    let pending = Arc::new(Mutex::new(Pending::new(args.protocol)));
-    let wait = secs(args.timeout);
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let writer = {
-        let pending = pending.clone();
-        let clock = clock.clone();
-        async move {
-            let mut sent = 0u64;
-            let mut due = clock.start + offset;
-            while due < clock.to {
-                tokio::time::sleep_until(due).await;
-                let text = request_text(sent, &data);
-                let len = text.len();
-                // Recorded before sending so the reader always finds it.
-                lock(&pending).push(
-                    sent,
-                    Stamp {
-                        intended: due,
-                        sent: Instant::now(),
-                    },
-                    len,
-                );
-                if let Err(e) = tx.send(Message::Text(text.into())).await {
-                    return (sent, tx, Some(format!("send failed: {e}")));
-                }
-                sent += 1;
-                due += interval;
-            }
-            (sent, tx, None)
-        }
-    };
-    let reader = {
-        let pending = pending.clone();
-        let clock = clock.clone();
-        async move {
-            let mut stats = ConnStats::default();
-            loop {
-                let now = Instant::now();
-                if now >= clock.to && lock(&pending).len() == 0 {
-                    return stats;
-                }
-                // Past the window the writer is done: wait only for what is pending.
-                let msg = match tokio::time::timeout(wait, rx.next()).await {
-                    Err(_) => {
-                        stats.error(format!("no reply within {} s", args.timeout));
-                        return stats;
-                    }
-                    Ok(None) => {
-                        stats.error("connection closed by the server");
-                        return stats;
-                    }
-                    Ok(Some(Err(e))) => {
-                        stats.error(format!("read failed: {e}"));
-                        return stats;
-                    }
-                    Ok(Some(Ok(m))) => m,
-                };
-                let now = Instant::now();
-                let matched = lock(&pending).complete(msg);
-                match matched {
-                    Matched::Ignore => {}
-                    Matched::Unexpected(why) => {
-                        stats.error(why);
-                        return stats;
-                    }
-                    Matched::Done(_, Some(why)) => stats.error(why),
-                    Matched::Done(at, None) => {
-                        if clock.measuring(now) {
-                            stats.latencies.push((now - at.intended).as_nanos() as u64);
-                            stats.service.push((now - at.sent).as_nanos() as u64);
-                        }
-                    }
-                }
-            }
-        }
-    };
-    let ((sent, mut tx, send_error), mut stats) = tokio::join!(writer, reader);
-    stats.sent = sent;
-    if let Some(e) = send_error {
-        stats.error(e);
-    }
-    let _ = tx.send(Message::Close(None)).await;
-    stats
-}
-
-/// Locks a mutex, recovering the data if a panicking task poisoned it: each
-/// critical section is one queue operation that cannot leave it half-updated.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Closed or open loop: connect everything, run warmup + window, summarise.
 async fn load(args: &Args, target: &Target) -> anyhow::Result<Value> {
     let opened_at = Instant::now();
@@ -601,27 +382,52 @@ async fn load(args: &Args, target: &Target) -> anyhow::Result<Value> {
     }
     let connect_s = opened_at.elapsed().as_secs_f64();
     let start = Instant::now();
-    let clock = Arc::new(Clock {
-        start,
+    let clock = Clock {
         from: start + secs(args.warmup),
         to: start + secs(args.warmup + args.duration),
-    });
-    let shared = Arc::new(args.clone());
+    };
     let data: Arc<str> = "x".repeat(args.size).into();
     let n = conns.len();
-    let mut tasks = Vec::with_capacity(n);
-    for (i, ws) in conns.into_iter().enumerate() {
-        let (args, clock, data) = (shared.clone(), clock.clone(), data.clone());
-        tasks.push(match args.mode {
-            Mode::Open => {
-                let rate = args.rate / n as f64;
-                // Stagger connections across one interval so they do not all send at once.
-                let offset = Duration::from_secs_f64(i as f64 / n as f64 / rate);
-                tokio::spawn(open_conn(ws, args, clock, data, rate, offset))
+    let mut pacer_thread = None;
+    let tasks: Vec<_> = if args.mode == Mode::Open {
+        let schedule =
+            Arc::new(Schedule::new(start, args.rate, n, clock.to).map_err(|e| anyhow!(e))?);
+        let gates: Arc<[Gate]> = (0..n).map(|_| Gate::default()).collect();
+        let pacer = Pacer::new(schedule.clone(), gates.clone());
+        match args.pacer {
+            PacerKind::Thread => {
+                pacer_thread =
+                    Some(pace_on_thread(pacer).context("cannot start the pacer thread")?);
             }
-            _ => tokio::spawn(closed_conn(ws, args, clock, data)),
-        });
-    }
+            PacerKind::Timer => {
+                tokio::spawn(pace_with_timer(pacer));
+            }
+        }
+        conns
+            .into_iter()
+            .enumerate()
+            .map(|(conn, ws)| {
+                let (tx, rx) = ws.split();
+                let plan = Plan {
+                    conn,
+                    schedule: schedule.clone(),
+                    gates: gates.clone(),
+                    clock,
+                    grace: secs(args.grace),
+                    reply_timeout: secs(args.timeout),
+                    protocol: args.protocol,
+                    data: data.clone(),
+                };
+                tokio::spawn(open_loop::run_connection(tx, rx, plan))
+            })
+            .collect()
+    } else {
+        let shared = Arc::new(args.clone());
+        conns
+            .into_iter()
+            .map(|ws| tokio::spawn(closed_conn(ws, shared.clone(), clock, data.clone())))
+            .collect()
+    };
 
     let watch = Watch::new(&args.watch);
     tokio::time::sleep_until(clock.from).await;
@@ -634,24 +440,31 @@ async fn load(args: &Args, target: &Target) -> anyhow::Result<Value> {
     let mut failed_tasks = 0;
     for t in tasks {
         match t.await {
-            Ok(s) => {
-                all.latencies.extend(s.latencies);
-                all.service.extend(s.service);
-                all.sent += s.sent;
-                all.errors += s.errors;
-                if all.first_error.is_none() {
-                    all.first_error = s.first_error;
-                }
-            }
+            Ok(s) => all.merge(s),
             Err(_) => failed_tasks += 1,
         }
+    }
+    // From the start of the load until the last connection ended: at most
+    // warmup + duration + grace in open mode (plus closing).
+    let run_s = start.elapsed().as_secs_f64();
+    if let Some(thread) = pacer_thread {
+        // It ended with the schedule's last slot, before the window did.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     if let Some(e) = &all.first_error {
         eprintln!("loadgen: {} errors; first: {e}", all.errors);
     }
+    if all.in_flight_at_end > 0 {
+        eprintln!(
+            "loadgen: {} requests still in flight {} s after the window",
+            all.in_flight_at_end, args.grace
+        );
+    }
     let completed = all.latencies.len();
     let window = args.duration;
+    let open = args.mode == Mode::Open;
     let ok = all.errors == 0 && failed_tasks == 0 && completed > 0;
+    let when_open = |v: Value| if open { v } else { Value::Null };
     Ok(json!({
         "ok": ok,
         "label": args.label,
@@ -659,23 +472,30 @@ async fn load(args: &Args, target: &Target) -> anyhow::Result<Value> {
         "protocol": protocol_name(args.protocol),
         "url": args.url,
         "connections": n,
-        "depth": if args.mode == Mode::Closed { json!(args.depth) } else { Value::Null },
-        "target_rate": if args.mode == Mode::Open { json!(args.rate) } else { Value::Null },
+        "depth": if open { Value::Null } else { json!(args.depth) },
+        "target_rate": when_open(json!(args.rate)),
+        "pacer": when_open(json!(pacer_name(args.pacer))),
         "size": args.size,
         "warmup_s": args.warmup,
         "duration_s": window,
+        "grace_s": when_open(json!(args.grace)),
         "connect_s": round3(connect_s),
+        "run_s": round3(run_s),
+        "scheduled": when_open(json!(all.scheduled)),
         "sent": all.sent,
         "completed": completed,
         "errors": all.errors,
         "first_error": all.first_error,
+        "in_flight_at_end": when_open(json!(all.in_flight_at_end)),
         "throughput_msgs_per_s": round3(completed as f64 / window),
+        // Closed loop: from the write. Open loop: from the message's slot in
+        // the schedule (coordinated omission corrected).
         "latency_us": percentiles(&mut all.latencies),
-        // Open loop: `latency_us` counts from each message's slot in the
-        // schedule, so it includes the sender's lag (tokio timers tick every
-        // millisecond, so up to ~1 ms even on an idle server); this one
-        // counts from the write.
+        // Open loop: the same round trips from the write, and how late the
+        // writes started after their slots (the tool's own lag, plus writes
+        // the server did not take at once).
         "service_latency_us": percentiles(&mut all.service),
+        "send_lag_us": percentiles(&mut all.lag),
         "cpu_cores": cpu_json(&before, &after, window),
         "rss_kib": rss,
     }))
@@ -696,31 +516,11 @@ fn protocol_name(p: Protocol) -> &'static str {
     }
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// p50/p90/p99/p99.9/max/mean in microseconds (nearest rank on the sorted samples).
-fn percentiles(samples: &mut [u64]) -> Value {
-    if samples.is_empty() {
-        return Value::Null;
+fn pacer_name(p: PacerKind) -> &'static str {
+    match p {
+        PacerKind::Thread => "thread",
+        PacerKind::Timer => "timer",
     }
-    samples.sort_unstable();
-    let n = samples.len();
-    let at = |p: f64| {
-        let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
-        round3(samples[rank - 1] as f64 / 1000.0)
-    };
-    let mean = samples.iter().map(|&s| s as f64).sum::<f64>() / n as f64 / 1000.0;
-    json!({
-        "p50": at(0.50),
-        "p90": at(0.90),
-        "p99": at(0.99),
-        "p999": at(0.999),
-        "max": round3(samples[n - 1] as f64 / 1000.0),
-        "mean": round3(mean),
-        "samples": n,
-    })
 }
 
 /// Idle connections: open them stage by stage, sample RSS after each.
@@ -834,153 +634,37 @@ async fn hold(
     let _ = tx.send(Message::Close(None)).await;
 }
 
-/// Processes whose CPU and memory the summary reports.
-struct Watch {
-    procs: Vec<(String, String)>,
-    ticks_per_s: f64,
-}
-
-impl Watch {
-    fn new(watched: &[Watched]) -> Self {
-        let mut procs = vec![("loadgen".to_owned(), "self".to_owned())];
-        procs.extend(watched.iter().map(|w| (w.name.clone(), w.pid.to_string())));
-        Self {
-            procs,
-            ticks_per_s: clock_ticks_per_second(),
-        }
-    }
-
-    /// CPU seconds used so far by each process (user + system).
-    fn cpu(&self) -> Vec<(String, Option<f64>)> {
-        self.procs
-            .iter()
-            .map(|(name, pid)| (name.clone(), cpu_ticks(pid).map(|t| t / self.ticks_per_s)))
-            .chain(std::iter::once(("machine".to_owned(), self.machine_cpu())))
-            .collect()
-    }
-
-    /// CPU seconds used by the whole machine, every process included, so
-    /// a run disturbed by something else (a build) shows in the summary.
-    fn machine_cpu(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let line = stat.lines().next()?.strip_prefix("cpu ")?;
-        let ticks: Vec<f64> = line
-            .split_whitespace()
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-        let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
-        Some(busy / self.ticks_per_s)
-    }
-
-    fn rss(&self) -> Value {
-        let mut out = serde_json::Map::new();
-        for (name, pid) in &self.procs {
-            out.insert(name.clone(), json!(rss_kib(pid)));
-        }
-        Value::Object(out)
-    }
-}
-
-fn cpu_json(
-    before: &[(String, Option<f64>)],
-    after: &[(String, Option<f64>)],
-    window: f64,
-) -> Value {
-    let mut out = serde_json::Map::new();
-    for ((name, b), (_, a)) in before.iter().zip(after) {
-        let v = match (b, a) {
-            (Some(b), Some(a)) if window > 0.0 => json!(round3((a - b) / window)),
-            _ => Value::Null,
-        };
-        out.insert(name.clone(), v);
-    }
-    Value::Object(out)
-}
-
-/// utime + stime from /proc/PID/stat, in clock ticks.
-fn cpu_ticks(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; fields after it are plain.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): utime is field 14, stime field 15.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// VmRSS from /proc/PID/status, in KiB.
-fn rss_kib(pid: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// The kernel's clock tick (AT_CLKTCK from the auxiliary vector; 100 on
-/// every Linux build in practice, which is the fallback).
-fn clock_ticks_per_second() -> f64 {
-    const AT_CLKTCK: u64 = 17;
-    let Ok(auxv) = std::fs::read("/proc/self/auxv") else {
-        return 100.0;
-    };
-    auxv.chunks_exact(16)
-        .find_map(|pair| {
-            let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
-            let value = u64::from_ne_bytes(pair[8..].try_into().ok()?);
-            (key == AT_CLKTCK && value > 0).then_some(value as f64)
-        })
-        .unwrap_or(100.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_use_nearest_rank() {
-        let mut s: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
-        let p = percentiles(&mut s);
-        assert_eq!(p["p50"], 500.0);
-        assert_eq!(p["p99"], 990.0);
-        assert_eq!(p["p999"], 999.0);
-        assert_eq!(p["max"], 1000.0);
-        assert_eq!(percentiles(&mut []), Value::Null);
-    }
-
-    #[test]
-    fn targets_and_watches_parse() {
+    fn targets_parse() {
         let t = Target::parse("ws://127.0.0.1:8001/ws").unwrap();
         assert_eq!(t.addr.port(), 8001);
         assert!(Target::parse("http://127.0.0.1:1/").is_err());
         assert!(Target::parse("ws://localhost:1/").is_err());
-        let w = parse_watch("router=42").unwrap();
-        assert_eq!((w.name.as_str(), w.pid), ("router", 42));
-        assert!(parse_watch("router").is_err());
     }
 
     #[test]
-    fn own_process_is_readable() {
-        assert!(cpu_ticks("self").is_some());
-        assert!(rss_kib("self").unwrap() > 0);
-    }
-
-    #[test]
-    fn json_replies_match_by_id_and_errors_count() {
-        let mut p = Pending::new(Protocol::Json);
-        let t = Instant::now();
-        p.push(1, Stamp::at(t), 0);
-        p.push(2, Stamp::at(t), 0);
-        let partial = Message::Text(r#"{"type":"echo","id":2,"done":false}"#.into());
-        assert!(matches!(p.complete(partial), Matched::Ignore));
-        let err = Message::Text(r#"{"type":"error","id":2,"done":true,"error":{}}"#.into());
-        assert!(matches!(p.complete(err), Matched::Done(_, Some(_))));
-        let ok = Message::Text(r#"{"type":"echo","id":1,"done":true}"#.into());
-        assert!(matches!(p.complete(ok), Matched::Done(_, None)));
-        let stray = Message::Text(r#"{"type":"echo","id":1,"done":true}"#.into());
-        assert!(matches!(p.complete(stray), Matched::Unexpected(_)));
+    fn open_mode_flags_parse() {
+        let args = Args::try_parse_from([
+            "loadgen",
+            "--mode",
+            "open",
+            "--url",
+            "ws://127.0.0.1:1/",
+            "--grace",
+            "0.5",
+            "--pacer",
+            "timer",
+        ])
+        .unwrap();
+        assert_eq!(
+            (args.mode, args.grace, args.pacer),
+            (Mode::Open, 0.5, PacerKind::Timer)
+        );
+        let defaults = Args::try_parse_from(["loadgen", "--url", "ws://127.0.0.1:1/"]).unwrap();
+        assert_eq!((defaults.grace, defaults.pacer), (2.0, PacerKind::Thread));
     }
 }
