@@ -29,9 +29,13 @@ pub const UNAUTHORIZED: &str = "unauthorized";
 pub const CANCELLED: &str = "cancelled";
 /// A bug or resource failure inside the router.
 pub const INTERNAL: &str = "internal";
+/// A `resume` could not be served; `error.reason` says why (`unknown_session`,
+/// `expired`, `bad_token`, `gap`, `attached`, `overflow`). The connection goes
+/// on as the fresh session of its `welcome`.
+pub const RESUME_FAILED: &str = "resume_failed";
 
 /// Every code the router itself uses (others come from workers).
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     BAD_REQUEST,
     UNKNOWN_TYPE,
     PAYLOAD_TOO_LARGE,
@@ -44,6 +48,7 @@ pub const ALL: [&str; 12] = [
     UNAUTHORIZED,
     CANCELLED,
     INTERNAL,
+    RESUME_FAILED,
 ];
 
 /// Whether `code` is a well-formed error code: 1 to 64 characters of

@@ -90,6 +90,10 @@ pub struct ErrorBody {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// Which case of the code it is, where a code has several
+    /// (`resume_failed`: `unknown_session`, `expired`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One JSON frame to a client.
@@ -165,9 +169,19 @@ impl OutFrame {
                 code: code.to_owned(),
                 message: message.into(),
                 retry_after_ms,
+                reason: None,
             }),
             ..Self::new("error")
         }
+    }
+
+    /// `resume_failed` with its `reason` (README, "Resume").
+    pub fn resume_failed(id: Option<Value>, reason: &str, message: &str) -> Self {
+        let mut frame = Self::error(id, None, codes::RESUME_FAILED, message, None);
+        if let Some(e) = &mut frame.error {
+            e.reason = Some(reason.to_owned());
+        }
+        frame
     }
 
     /// The `unknown_type` error for a message of `msg_type` on `route`,

@@ -41,7 +41,15 @@ use jsonwebtoken::DecodingKey;
 
 mod schema;
 
-use crate::policy::{auth::AuthPolicy, breaker::BreakerPolicy, ratelimit::RateLimitPolicy};
+use crate::{
+    policy::{auth::AuthPolicy, breaker::BreakerPolicy, ratelimit::RateLimitPolicy},
+    routes::ResumePolicy,
+};
+
+/// Ranges of the `resume` fields.
+const RESUME_TTL_MS: std::ops::RangeInclusive<u64> = 0..=3_600_000;
+const RESUME_MAX_FRAMES: std::ops::RangeInclusive<u64> = 1..=65_536;
+const RESUME_MAX_BYTES: std::ops::RangeInclusive<u64> = 1024..=67_108_864;
 use crate::routes::{Pattern, Route, RouteDefaults, RouteTable};
 
 /// The only routes file version this router understands.
@@ -49,7 +57,7 @@ pub const ROUTES_FILE_VERSION: u64 = 1;
 
 /// Message types the router answers itself; a route cannot list them in `allowedTypes`
 /// (they are never forwarded, so listing them would only mislead).
-pub const ROUTER_HANDLED_TYPES: [&str; 4] = crate::session::RouterType::NAMES;
+pub const ROUTER_HANDLED_TYPES: [&str; 6] = crate::session::RouterType::NAMES;
 
 pub const REQUEST_TIMEOUT_MS: RangeInclusive<u64> = 1..=600_000;
 pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 16..=67_108_864;
@@ -229,6 +237,21 @@ pub struct DefaultsSpec {
     pub circuit_breaker: Option<BreakerSpec>,
     pub allowed_origins: Option<Vec<String>>,
     pub auth: Option<AuthSpec>,
+    pub resume: Option<ResumeSpec>,
+}
+
+/// `resume`: each unset field takes the `defaults` value, then the built-in
+/// ([`ResumePolicy::DEFAULT`]). `ttlMs: 0` turns resume off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a `resume` object"
+)]
+pub struct ResumeSpec {
+    pub ttl_ms: Option<u64>,
+    pub max_frames: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 /// `rateLimit`: each unset field takes the `defaults` value, then the built-in
@@ -308,6 +331,7 @@ pub struct RouteSpec {
     pub circuit_breaker: Option<BreakerSpec>,
     pub allowed_origins: Option<Vec<String>>,
     pub auth: Option<AuthSpec>,
+    pub resume: Option<ResumeSpec>,
     /// `"required"`: only clients with a verified certificate (mutual TLS).
     pub client_cert: Option<ClientCertSpec>,
 }
@@ -413,6 +437,7 @@ impl RoutesFile {
             .check("defaults", &mut problems);
             check_policies(
                 "defaults",
+                defaults.resume.as_ref(),
                 defaults.circuit_breaker.as_ref(),
                 defaults.allowed_origins.as_deref(),
                 defaults.auth.as_ref(),
@@ -513,6 +538,7 @@ impl RoutesFile {
                 .map_or(builtin.retries, |r| u32::try_from(r).unwrap_or(u32::MAX)),
             rate_limit: merge_rate_limit(&builtin.rate_limit, spec.rate_limit.as_ref()),
             breaker: merge_breaker(&builtin.breaker, spec.circuit_breaker.as_ref()),
+            resume: merge_resume(&builtin.resume, spec.resume.as_ref()),
             allowed_origins: spec.allowed_origins.clone(),
             auth: spec
                 .auth
@@ -586,6 +612,7 @@ impl RouteSpec {
         .check(at, problems);
         check_policies(
             at,
+            self.resume.as_ref(),
             self.circuit_breaker.as_ref(),
             self.allowed_origins.as_deref(),
             self.auth.as_ref(),
@@ -624,6 +651,7 @@ impl RouteSpec {
                 .map_or(defaults.retries, |r| u32::try_from(r).unwrap_or(u32::MAX)),
             rate_limit: merge_rate_limit(&defaults.rate_limit, self.rate_limit.as_ref()),
             breaker: merge_breaker(&defaults.breaker, self.circuit_breaker.as_ref()),
+            resume: merge_resume(&defaults.resume, self.resume.as_ref()),
             allowed_origins: self
                 .allowed_origins
                 .or_else(|| defaults.allowed_origins.clone()),
@@ -652,6 +680,16 @@ fn merge_rate_limit(base: &RateLimitPolicy, spec: Option<&RateLimitSpec>) -> Rat
     }
 }
 
+fn merge_resume(base: &ResumePolicy, spec: Option<&ResumeSpec>) -> ResumePolicy {
+    let Some(s) = spec else { return *base };
+    // Range-checked before resolving.
+    ResumePolicy {
+        ttl: s.ttl_ms.map_or(base.ttl, Duration::from_millis),
+        max_frames: s.max_frames.map_or(base.max_frames, to_usize),
+        max_bytes: s.max_bytes.map_or(base.max_bytes, to_usize),
+    }
+}
+
 fn merge_breaker(base: &BreakerPolicy, spec: Option<&BreakerSpec>) -> BreakerPolicy {
     let Some(s) = spec else { return *base };
     BreakerPolicy {
@@ -663,11 +701,37 @@ fn merge_breaker(base: &BreakerPolicy, spec: Option<&BreakerSpec>) -> BreakerPol
 /// Checks of the policy objects that need no I/O.
 fn check_policies(
     at: &str,
+    resume: Option<&ResumeSpec>,
     breaker: Option<&BreakerSpec>,
     origins: Option<&[String]>,
     auth: Option<&AuthSpec>,
     problems: &mut Vec<Problem>,
 ) {
+    if let Some(r) = resume {
+        let checks = [
+            (
+                "ttlMs",
+                r.ttl_ms,
+                RESUME_TTL_MS,
+                " milliseconds (0 turns resume off)",
+            ),
+            ("maxFrames", r.max_frames, RESUME_MAX_FRAMES, ""),
+            ("maxBytes", r.max_bytes, RESUME_MAX_BYTES, " bytes"),
+        ];
+        for (field, value, range, unit) in checks {
+            match value {
+                Some(v) if !range.contains(&v) => problems.push(Problem::new(
+                    format!("{at}.resume.{field}"),
+                    format!(
+                        "must be between {} and {}{unit}, got {v}",
+                        range.start(),
+                        range.end()
+                    ),
+                )),
+                _ => {}
+            }
+        }
+    }
     if let Some(b) = breaker {
         if b.failure_threshold == Some(0) {
             problems.push(Problem::new(
@@ -906,6 +970,7 @@ mod tests {
             retries: 2,
             rate_limit: RateLimitPolicy::DEFAULT,
             breaker: BreakerPolicy::DEFAULT,
+            resume: ResumePolicy::DEFAULT,
             allowed_origins: None,
             auth: None,
             client_cert_required: false,

@@ -180,6 +180,8 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .collect();
     app.metrics.set_workers(&rows);
     app.metrics.set_capacity(app.capacity_figures());
+    let (parked, parked_bytes) = app.parked_figures();
+    app.metrics.set_resume_parked(parked, parked_bytes);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -237,6 +239,12 @@ async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "draining": app.draining.is_cancelled(),
         "capacity": capacity_stats(&app),
         "tls": app.tls.as_ref().map(|t| t.status()),
+        "resume": {
+            "parked": app.parked_figures().0,
+            "parkedBytes": app.parked_figures().1,
+            "reservedBytes": app.lot.stats().reserved_bytes,
+            "budgetBytes": app.settings.resume_max_bytes,
+        },
     }))
 }
 

@@ -66,8 +66,11 @@ pub struct ConnShared {
     /// ([`Outbound::cost`] of each).
     queued_bytes: AtomicUsize,
     /// The byte bound of the queue. One item is always taken when nothing
-    /// is queued, whatever its size.
-    max_bytes: usize,
+    /// is queued, whatever its size. Lowered while the session is parked
+    /// (its resume bounds), restored when it is resumed.
+    max_bytes: AtomicUsize,
+    /// The frame bound of the queue, lowered like `max_bytes`.
+    max_frames: AtomicUsize,
 }
 
 impl ConnShared {
@@ -88,7 +91,8 @@ impl ConnShared {
             dropped: AtomicU64::new(0),
             over_bytes: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
-            max_bytes,
+            max_bytes: AtomicUsize::new(max_bytes),
+            max_frames: AtomicUsize::new(OUTBOUND_QUEUE),
         });
         (shared, rx)
     }
@@ -111,8 +115,18 @@ impl ConnShared {
             }
             _ => None,
         };
+        let max_frames = self.max_frames.load(Ordering::Relaxed);
+        if max_frames < OUTBOUND_QUEUE && OUTBOUND_QUEUE - self.tx.capacity() >= max_frames {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.kill_with(
+                1008,
+                "more frames than the session's resume bounds keep",
+                false,
+            );
+            return false;
+        }
         let before = self.queued_bytes.fetch_add(cost, Ordering::AcqRel);
-        if before > 0 && before.saturating_add(cost) > self.max_bytes {
+        if before > 0 && before.saturating_add(cost) > self.max_bytes.load(Ordering::Relaxed) {
             self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.over_bytes.store(true, Ordering::Relaxed);
@@ -140,6 +154,24 @@ impl ConnShared {
                 false
             }
         }
+    }
+
+    /// Sets the queue's bounds: lower ones while the session is parked (so
+    /// replies to a client that is away cannot pile up past its resume
+    /// bounds), the usual ones again on resume.
+    pub fn set_bounds(&self, max_frames: usize, max_bytes: usize) {
+        self.max_frames
+            .store(max_frames.clamp(1, OUTBOUND_QUEUE), Ordering::Relaxed);
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    /// The client ids of the requests in flight, as the client sent them.
+    pub fn inflight_ids(&self) -> Vec<serde_json::Value> {
+        lock(&self.requests)
+            .by_key
+            .keys()
+            .filter_map(|k| serde_json::from_str(k).ok())
+            .collect()
     }
 
     /// The session writer took `out` off the queue.

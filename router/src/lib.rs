@@ -10,6 +10,8 @@
 //!   resolved route table with path matching.
 //! - [`http`]: the HTTP side: health, readiness, discovery, upgrades, refusals.
 //! - [`session`]: one WebSocket session, from welcome to close.
+//! - [`resume`]: what lets a session outlive its socket: the frames it may
+//!   send again, and the lot where dropped sessions wait for their client.
 //! - [`client`]: the client protocol's JSON frames (the public API).
 //! - [`hub`]: live connections, their bounded outbound queues, topics.
 //! - [`broker`]: worker registry, load balancing, credits, deadlines: the
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod reload;
+pub mod resume;
 pub mod routes;
 pub mod server;
 pub mod session;

@@ -149,6 +149,12 @@ pub struct Metrics {
     capacity: CapacityGauges,
     tls_reloads: Family<L1, Counter>,
     tls_handshake_failures: Counter,
+    resume_parked_sessions: Gauge,
+    resume_parked_bytes: Gauge,
+    resume_parked_total: Counter,
+    resumes: Counter,
+    resume_failures: Family<L1, Counter>,
+    resume_ended: Family<L1, Counter>,
     types: DashMap<String, DashSet<String>>,
     routes: DashMap<String, Arc<RouteCounters>>,
     config: Mutex<Option<ConfigStatus>>,
@@ -197,6 +203,12 @@ impl Metrics {
             capacity: CapacityGauges::default(),
             tls_reloads: Family::default(),
             tls_handshake_failures: Counter::default(),
+            resume_parked_sessions: Gauge::default(),
+            resume_parked_bytes: Gauge::default(),
+            resume_parked_total: Counter::default(),
+            resumes: Counter::default(),
+            resume_failures: Family::default(),
+            resume_ended: Family::default(),
             types: DashMap::new(),
             routes: DashMap::new(),
             config: Mutex::new(None),
@@ -359,7 +371,61 @@ impl Metrics {
             "TLS handshakes that failed (bad client certificate, not TLS, deadline)",
             m.tls_handshake_failures.clone(),
         );
+        registry.register(
+            "resume_parked_sessions",
+            "Sessions whose connection dropped, waiting for their client to resume them",
+            m.resume_parked_sessions.clone(),
+        );
+        registry.register(
+            "resume_parked_bytes",
+            "Bytes parked sessions hold (frames kept for a replay, replies queued while away)",
+            m.resume_parked_bytes.clone(),
+        );
+        registry.register(
+            "resume_parked",
+            "Sessions parked when their connection dropped",
+            m.resume_parked_total.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Sessions resumed by a new connection",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "resume_failures",
+            "Resumes refused, by reason",
+            m.resume_failures.clone(),
+        );
+        registry.register(
+            "resume_ended",
+            "Parked sessions that ended without a resume, by reason (expired, overflow, shutdown, route_removed)",
+            m.resume_ended.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn resume_parked(&self) {
+        self.resume_parked_total.inc();
+    }
+
+    pub fn resumed(&self) {
+        self.resumes.inc();
+    }
+
+    pub fn resume_failed(&self, reason: &'static str) {
+        self.resume_failures
+            .get_or_create(&l1("reason", reason))
+            .inc();
+    }
+
+    pub fn resume_ended(&self, reason: &'static str) {
+        self.resume_ended.get_or_create(&l1("reason", reason)).inc();
+    }
+
+    /// Refreshes the parked-session gauges (at scrape time).
+    pub fn set_resume_parked(&self, sessions: usize, bytes: usize) {
+        self.resume_parked_sessions.set(sessions as i64);
+        self.resume_parked_bytes.set(bytes as i64);
     }
 
     pub fn tls_reload(&self, ok: bool) {

@@ -63,6 +63,8 @@ pub struct Route {
     pub retries: u32,
     pub rate_limit: RateLimitPolicy,
     pub breaker: BreakerPolicy,
+    /// Session resume: how long a dropped session waits, what it keeps.
+    pub resume: ResumePolicy,
     /// Browser origins allowed to connect; `None` = any.
     pub allowed_origins: Option<Vec<String>>,
     /// Token checks; `None` = no tokens looked at.
@@ -72,6 +74,28 @@ pub struct Route {
     pub client_cert_required: bool,
     /// Registered by a worker (dynamic routing), not listed in the routes file.
     pub dynamic: bool,
+}
+
+/// Session resume on a route (README, "Resume"): a dropped session waits
+/// `ttl` for its client (0: resume is off), keeping at most `max_frames`
+/// frames and `max_bytes` bytes for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumePolicy {
+    pub ttl: Duration,
+    pub max_frames: usize,
+    pub max_bytes: usize,
+}
+
+impl ResumePolicy {
+    pub const DEFAULT: ResumePolicy = ResumePolicy {
+        ttl: Duration::from_secs(30),
+        max_frames: 512,
+        max_bytes: 512 * 1024,
+    };
+
+    pub fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
 }
 
 /// Policy values a route gets for every knob the routes file leaves unset.
@@ -85,6 +109,8 @@ pub struct RouteDefaults {
     pub retries: u32,
     pub rate_limit: RateLimitPolicy,
     pub breaker: BreakerPolicy,
+    /// Session resume: how long a dropped session waits, what it keeps.
+    pub resume: ResumePolicy,
     pub allowed_origins: Option<Vec<String>>,
     pub auth: Option<AuthPolicy>,
 }
@@ -100,6 +126,7 @@ impl RouteDefaults {
         retries: 0,
         rate_limit: RateLimitPolicy::DEFAULT,
         breaker: BreakerPolicy::DEFAULT,
+        resume: ResumePolicy::DEFAULT,
         allowed_origins: None,
         auth: None,
     };
@@ -124,6 +151,7 @@ impl RouteDefaults {
             retries: self.retries,
             rate_limit: self.rate_limit,
             breaker: self.breaker,
+            resume: self.resume,
             allowed_origins: self.allowed_origins.clone(),
             auth: self.auth.clone(),
             client_cert_required: false,

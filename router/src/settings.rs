@@ -71,6 +71,11 @@ pub struct Settings {
     /// message before it frees the request's credit anyway, in milliseconds.
     #[arg(long, env = "CANCEL_GRACE_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub cancel_grace_ms: u64,
+    /// Bytes that sessions parked for a resume may hold in all; each
+    /// reserves its route's `resume.maxBytes` when it parks, and one that
+    /// does not fit ends instead (a later resume gets `overflow`).
+    #[arg(long, env = "RESUME_MAX_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(0..=1_099_511_627_776))]
+    pub resume_max_bytes: u64,
     /// Routes that workers may register with ENABLE_DYNAMIC_ROUTING.
     #[arg(long, env = "MAX_DYNAMIC_ROUTES", default_value_t = 256)]
     pub max_dynamic_routes: usize,

@@ -16,6 +16,7 @@ use crate::{
     policy::runtime::Runtimes,
     registry::RouteRegistry,
     routes::RouteTable,
+    session::Lot,
     settings::Settings,
     tls::Tls,
 };
@@ -44,6 +45,8 @@ pub struct AppState {
     pub at_capacity_log: LogThrottle,
     /// TLS on the client port, when configured.
     pub tls: Option<Arc<Tls>>,
+    /// Sessions whose connection dropped, waiting for a resume.
+    pub(crate) lot: Arc<Lot<BridgeHandle>>,
     ready: AtomicBool,
 }
 
@@ -65,6 +68,8 @@ impl AppState {
         metrics: Arc<Metrics>,
         edge: ClientEdge,
     ) -> Self {
+        let settings_resume_budget =
+            usize::try_from(settings.resume_max_bytes).unwrap_or(usize::MAX);
         Self {
             settings,
             registry,
@@ -80,6 +85,7 @@ impl AppState {
             descriptor_limit: edge.descriptor_limit,
             at_capacity_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             tls: edge.tls,
+            lot: Arc::new(Lot::new(settings_resume_budget)),
             ready: AtomicBool::new(false),
         }
     }
@@ -89,6 +95,16 @@ impl AppState {
         self.ready.load(Ordering::Acquire)
             && !self.draining.is_cancelled()
             && !self.capacity.is_full()
+    }
+
+    /// Parked sessions and the bytes they hold.
+    pub fn parked_figures(&self) -> (usize, usize) {
+        let (mut n, mut bytes) = (0, 0);
+        self.lot.for_each_parked(|s| {
+            n += 1;
+            bytes += s.held_bytes();
+        });
+        (n, bytes)
     }
 
     /// The capacity figures for `/metrics` and `/stats`.

@@ -137,6 +137,22 @@ impl WsClient {
     }
 
     /// Sends a close frame (normal closure) and waits briefly for the close handshake.
+    /// The `welcome` frame the connection started with.
+    pub fn welcome(&self) -> &Value {
+        self.welcome.as_ref().unwrap_or(&Value::Null)
+    }
+
+    /// The highest `seq` received so far.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Drops the TCP connection without a close frame (a lost network, as
+    /// the server sees it).
+    pub fn drop_connection(self) {
+        drop(self.ws);
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -73,11 +73,12 @@ pub(super) fn read(mut value: Value) -> (Option<RoutesFile>, Vec<Problem>) {
 
 /// The objects of the schema, where serde would also take a list (a struct
 /// can be read from its fields in order): `["/ws"]` is not a route.
-const OBJECTS: [(&str, &str); 4] = [
+const OBJECTS: [(&str, &str); 5] = [
     ("defaults", "a `defaults` object"),
     ("rateLimit", "a `rateLimit` object"),
     ("circuitBreaker", "a `circuitBreaker` object"),
     ("auth", "an `auth` object"),
+    ("resume", "a `resume` object"),
 ];
 
 /// Takes out (and reports) the fields of `object` that should be objects

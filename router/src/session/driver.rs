@@ -10,24 +10,25 @@ use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::Message;
 use futures_util::{SinkExt, StreamExt};
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, Instrument};
+
+use serde_json::{json, Value};
 
 use super::{
     guard::Attachment,
-    inbound::{Actions, Inbound, InboundConfig},
+    inbound::{Actions, Inbound, InboundConfig, ResumeRequest},
+    parking::{self, SessionState},
     writer::{Gone, Writer, CLOSE_HANDSHAKE},
     Bridge, Ending, Env, SessionStart, Socket,
 };
 use crate::{
     broker::Command,
-    client::Outbound,
+    client::{OutFrame, Outbound},
     hub::{ConnShared, Kill},
     registry::RouteRegistry,
-    routes::RouteTable,
+    resume::{Refusal, Token},
+    routes::{Route, RouteTable},
 };
 
 /// How long a socket closed for bad input stays open after its close frame.
@@ -47,7 +48,7 @@ where
             start.route.path.clone(),
             env.max_outbound_bytes,
         );
-        let mut attachment = Attachment::new(
+        let attachment = Attachment::new(
             &env,
             shared.clone(),
             (start.slot, start.permit),
@@ -70,24 +71,39 @@ where
         // Rare or one-off awaits are boxed: their state would otherwise make
         // every idle session's future as large as the largest of them.
         Box::pin(env.bridge.send(Command::Connect(Box::new(start.connect)))).await;
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             shared.clone(),
             env.metrics.clone(),
             inbound.route().path.clone(),
             env.client_ping * 3,
         );
-        let session = Session {
+        let route = inbound.route();
+        let token = resumable(route).then(|| {
+            writer.keep_for_resume(route.resume.max_frames, route.resume.max_bytes);
+            env.lot.register(&shared.id.0, &route.path)
+        });
+        let mut session = Session {
             env: &env,
-            shared,
-            inbound,
-            writer,
+            state: SessionState {
+                attachment,
+                shared,
+                inbound,
+                writer,
+                outbound,
+            },
             routes,
+            token,
         };
-        let ending = session.serve(socket, outbound).await;
-        attachment.ended(ending);
+        let outcome = session.serve(socket).await;
+        session.finish(outcome);
     }
     .instrument(span)
     .await
+}
+
+/// Whether sessions of `route` may be resumed (raw routes have no `seq`).
+fn resumable(route: &Route) -> bool {
+    route.resume.enabled() && !route.raw
 }
 
 /// Subscribes `inbound` to the route table. The route it holds is the
@@ -103,30 +119,41 @@ fn follow_routes(
     routes
 }
 
-struct Session<'a, B> {
+/// How the socket's part ended.
+enum Outcome {
+    /// The session is over (a close either way, a policy, shutdown).
+    Ended(Ending),
+    /// The connection was lost under the session (no close frame, a failed
+    /// write, unanswered pings): it may be parked for a resume.
+    Lost(Ending),
+}
+
+struct Session<'a, B: Bridge> {
     env: &'a Env<B>,
-    shared: Arc<ConnShared>,
-    inbound: Inbound,
-    writer: Writer,
+    /// What outlives the socket (and is swapped for a resumed session's).
+    state: SessionState<B>,
     routes: watch::Receiver<Arc<RouteTable>>,
+    /// The session's resume token, when it may be resumed.
+    token: Option<Token>,
 }
 
 impl<B: Bridge> Session<'_, B> {
-    async fn serve<S: Socket>(
-        mut self,
-        mut socket: S,
-        mut outbound: mpsc::Receiver<Outbound>,
-    ) -> Ending {
+    async fn serve<S: Socket>(&mut self, mut socket: S) -> Outcome {
+        let resume = self
+            .token
+            .as_ref()
+            .map(|t| (t.as_str(), self.state.inbound.route().resume.ttl));
         let welcome = Outbound::from(
-            self.inbound
-                .welcome(self.env.client_ping.as_millis() as u64),
+            self.state
+                .inbound
+                .welcome(self.env.client_ping.as_millis() as u64, resume),
         );
-        if !self.inbound.route().raw
-            && Box::pin(self.writer.write(&mut socket, welcome))
+        if !self.state.inbound.route().raw
+            && Box::pin(self.state.writer.write(&mut socket, welcome))
                 .await
                 .is_err()
         {
-            return Ending::new(1006, "closed during welcome");
+            return Outcome::Lost(Ending::new(1006, "closed during welcome"));
         }
         let ping_every = self.env.client_ping;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
@@ -137,55 +164,60 @@ impl<B: Bridge> Session<'_, B> {
             // While closing, close once no request is in flight (or the
             // time is up), after writing what is queued: the terminal frame
             // of the last request may still be there.
-            if let Some(close) = self.inbound.close_due(Instant::now()) {
-                Box::pin(self.writer.flush_queue(&mut socket, &mut outbound)).await;
-                return Box::pin(self.writer.close(&mut socket, close.code, close.reason)).await;
+            if let Some(close) = self.state.inbound.close_due(Instant::now()) {
+                let st = &mut self.state;
+                Box::pin(st.writer.flush_queue(&mut socket, &mut st.outbound)).await;
+                return Outcome::Ended(
+                    Box::pin(st.writer.close(&mut socket, close.code, close.reason)).await,
+                );
             }
-            let closing_at = self.inbound.closing_deadline();
+            let closing_at = self.state.inbound.closing_deadline();
+            let kill = self.state.shared.kill.clone();
             tokio::select! {
                 biased;
-                _ = self.shared.kill.cancelled() => {
-                    let kill = self.shared.kill_reason().unwrap_or(Kill { code: 1011, reason: "closed".into(), flush: false });
+                _ = kill.cancelled() => {
+                    let st = &mut self.state;
+                    let kill = st.shared.kill_reason().unwrap_or(Kill { code: 1011, reason: "closed".into(), flush: false });
                     if kill.flush {
-                        Box::pin(self.writer.flush_queue(&mut socket, &mut outbound)).await;
+                        Box::pin(st.writer.flush_queue(&mut socket, &mut st.outbound)).await;
                     }
-                    return Box::pin(self.writer.close(&mut socket, kill.code, &kill.reason)).await;
+                    return Outcome::Ended(Box::pin(st.writer.close(&mut socket, kill.code, &kill.reason)).await);
                 }
-                _ = draining.cancelled(), if !self.inbound.is_closing() => {
-                    self.inbound.start_closing(1001, "server shutting down", Instant::now());
+                _ = draining.cancelled(), if !self.state.inbound.is_closing() => {
+                    self.state.inbound.start_closing(1001, "server shutting down", Instant::now());
                 }
                 _ = tokio::time::sleep_until(closing_at.unwrap_or_else(Instant::now)), if closing_at.is_some() => {}
                 Ok(()) = self.routes.changed() => {
                     let table = self.routes.borrow_and_update().clone();
-                    self.inbound.on_routes(&table, Instant::now());
+                    self.state.inbound.on_routes(&table, Instant::now());
                 }
                 // Ping and reads before writes: a worker that keeps the outbound
                 // queue busy must not starve the client's frames (a `cancel`) or
                 // the keep-alive; reads are bounded by the rate limits.
                 _ = ping.tick() => {
                     if last_heard.elapsed() > ping_every * 3 {
-                        return Box::pin(self.writer.close(&mut socket, 1001, "no answer to pings")).await;
+                        return Outcome::Lost(Box::pin(self.state.writer.close(&mut socket, 1001, "no answer to pings")).await);
                     }
-                    if Box::pin(self.writer.ping(&mut socket)).await.is_err() {
+                    if Box::pin(self.state.writer.ping(&mut socket)).await.is_err() {
                         return self.gone();
                     }
                 }
                 incoming = socket.next() => {
                     last_heard = Instant::now();
                     let actions = match incoming {
-                        None => return Ending::new(1006, "connection dropped"),
+                        None => return Outcome::Lost(Ending::new(1006, "connection dropped")),
                         Some(Err(e)) => {
                             let (code, reason) = classify(e);
                             if code == 1006 {
-                                return Ending::new(code, reason);
+                                return Outcome::Lost(Ending::new(code, reason));
                             }
-                            let ending = Box::pin(self.writer.close(&mut socket, code, &reason)).await;
+                            let ending = Box::pin(self.state.writer.close(&mut socket, code, &reason)).await;
                             // The rest of the bad message may still sit unread
                             // in the socket, and closing a socket with unread
                             // data sends a TCP reset, which can destroy the
                             // close frame before the client reads it. Linger.
                             tokio::time::sleep(ERROR_CLOSE_LINGER).await;
-                            return ending;
+                            return Outcome::Ended(ending);
                         }
                         Some(Ok(Message::Close(frame))) => {
                             let (code, reason) = frame
@@ -194,20 +226,21 @@ impl<B: Bridge> Session<'_, B> {
                             debug!(code, "client closed");
                             // The library queued our close reply: flush it out.
                             let _ = tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush()).await;
-                            return Ending::new(code, reason);
+                            return Outcome::Ended(Ending::new(code, reason));
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Text(text))) => {
-                            self.inbound.on_text(text.as_str(), Instant::now(), &self.env.bridge)
+                            self.state.inbound.on_text(text.as_str(), Instant::now(), &self.env.bridge)
                         }
-                        Some(Ok(Message::Binary(data))) => self.inbound.on_binary(data, &self.env.bridge),
+                        Some(Ok(Message::Binary(data))) => self.state.inbound.on_binary(data, &self.env.bridge),
                     };
-                    if let Some(ending) = self.apply(actions, &mut socket, &mut outbound).await {
-                        return ending;
+                    if let Some(outcome) = self.apply(actions, &mut socket).await {
+                        return outcome;
                     }
                 }
-                Some(out) = outbound.recv() => {
-                    if let Err(Gone) = Box::pin(self.writer.write_batch(&mut socket, out, &mut outbound)).await {
+                Some(out) = self.state.outbound.recv() => {
+                    let st = &mut self.state;
+                    if let Err(Gone) = Box::pin(st.writer.write_batch(&mut socket, out, &mut st.outbound)).await {
                         return self.gone();
                     }
                 }
@@ -215,29 +248,128 @@ impl<B: Bridge> Session<'_, B> {
         }
     }
 
-    /// Carries out what the state machine asked for: queues its frames
-    /// (through the queue, so `seq` and ordering stay with the writer), and
-    /// closes after writing what is queued if it asked for a close.
-    async fn apply<S: Socket>(
-        &mut self,
-        actions: Actions,
-        socket: &mut S,
-        outbound: &mut mpsc::Receiver<Outbound>,
-    ) -> Option<Ending> {
+    /// Carries out what the state machine asked for: an ack, a resume, its
+    /// frames (queued, so `seq` and ordering stay with the writer), and a
+    /// close after writing what is queued if it asked for one.
+    async fn apply<S: Socket>(&mut self, actions: Actions, socket: &mut S) -> Option<Outcome> {
+        if let Some(seq) = actions.ack {
+            self.state.writer.ack(seq);
+        }
+        if let Some(req) = actions.resume {
+            if let Err(Gone) = Box::pin(self.resume(req, socket)).await {
+                return Some(self.gone());
+            }
+        }
         for frame in actions.frames {
-            self.shared.send(frame.into());
+            self.state.shared.send(frame.into());
         }
         let close = actions.close?;
-        Box::pin(self.writer.flush_queue(socket, outbound)).await;
-        Some(Box::pin(self.writer.close(socket, close.code, close.reason)).await)
+        let st = &mut self.state;
+        Box::pin(st.writer.flush_queue(socket, &mut st.outbound)).await;
+        Some(Outcome::Ended(
+            Box::pin(st.writer.close(socket, close.code, close.reason)).await,
+        ))
+    }
+
+    /// A `resume`: claims the parked session, makes this connection that
+    /// session (its requests, topics and `seq`), and writes `resumed` and
+    /// the frames the client has not seen. A refusal is an error frame of
+    /// the fresh session, which goes on.
+    async fn resume<S: Socket>(&mut self, req: ResumeRequest, socket: &mut S) -> Result<(), Gone> {
+        let route = self.state.inbound.route().path.clone();
+        let refuse = |this: &mut Self, why: Refusal| {
+            info!(reason = why.as_str(), "resume refused");
+            this.env.metrics.resume_failed(why.as_str());
+            this.state
+                .shared
+                .send(OutFrame::resume_failed(req.id.clone(), why.as_str(), why.message()).into());
+            Ok(())
+        };
+        if self.token.is_none() {
+            // Resume is off on this route: nothing of it was ever kept.
+            return refuse(self, Refusal::UnknownSession);
+        }
+        let (mut parked, token) =
+            match self
+                .env
+                .lot
+                .claim(&req.session_id, &req.resume_token, &route)
+            {
+                Ok(claimed) => claimed,
+                Err(why) => return refuse(self, why),
+            };
+        let replay = match parked.writer.replay_after(req.last_seq) {
+            Ok(frames) => frames,
+            Err(gap) => {
+                // The only client that could continue it cannot: end it.
+                debug!(
+                    oldest = gap.oldest,
+                    last_seq = req.last_seq,
+                    "resume from before the kept frames"
+                );
+                self.env.lot.retire(&req.session_id, Refusal::Gap);
+                parked.end(Ending::new(1001, "resumed from before its kept frames"));
+                return refuse(self, Refusal::Gap);
+            }
+        };
+        // This connection becomes the parked session; its fresh session ends.
+        std::mem::swap(&mut self.state, &mut parked);
+        let fresh = parked;
+        self.env.lot.forget(&fresh.shared.id.0);
+        fresh.end(Ending::new(1000, "replaced by the session it resumed"));
+        self.token = Some(token);
+        let st = &mut self.state;
+        st.shared
+            .set_bounds(crate::hub::OUTBOUND_QUEUE, self.env.max_outbound_bytes);
+        let in_flight = st.shared.inflight_ids();
+        st.inbound.absorb = in_flight.iter().map(Value::to_string).collect();
+        let table = self.routes.borrow_and_update().clone();
+        st.inbound.on_routes(&table, Instant::now());
+        info!(session.resumed = %st.shared.id, replayed = replay.len(), in_flight = in_flight.len(), "session resumed");
+        self.env.metrics.resumed();
+        let resumed = json!({
+            "type": "resumed",
+            "id": req.id,
+            "done": true,
+            "data": {
+                "session_id": st.shared.id.0,
+                // Invariant: set just above.
+                "resume_token": self.token.as_ref().map(Token::as_str),
+                "replayed": replay.len(),
+                "in_flight": in_flight,
+            },
+        });
+        Box::pin(st.writer.write_unsequenced(socket, resumed.to_string())).await?;
+        Box::pin(st.writer.write_messages(socket, replay)).await
     }
 
     /// The peer stopped reading (or the socket failed): the session ends
-    /// without a close handshake, with the kill reason if there is one.
-    fn gone(&self) -> Ending {
-        match self.shared.kill_reason() {
-            Some(k) => Ending::new(k.code, k.reason),
-            None => Ending::new(1006, "write failed or timed out"),
+    /// without a close handshake, with the kill reason if there is one, or
+    /// is lost (and may be parked).
+    fn gone(&self) -> Outcome {
+        match self.state.shared.kill_reason() {
+            Some(k) => Outcome::Ended(Ending::new(k.code, k.reason)),
+            None => Outcome::Lost(Ending::new(1006, "write failed or timed out")),
+        }
+    }
+
+    /// After the socket: a lost session on a resumable route is parked;
+    /// anything else ends.
+    fn finish(self, outcome: Outcome) {
+        let policy = self.state.inbound.route().resume;
+        let parkable = self.token.is_some()
+            && resumable(self.state.inbound.route())
+            && !self.env.draining.is_cancelled()
+            && !self.state.shared.kill.is_cancelled()
+            && !self.state.inbound.is_closing();
+        match outcome {
+            Outcome::Lost(_) if parkable => parking::park(self.env, self.state, policy),
+            Outcome::Lost(ending) | Outcome::Ended(ending) => {
+                if self.token.is_some() {
+                    self.env.lot.forget(&self.state.shared.id.0);
+                }
+                self.state.end(ending);
+            }
         }
     }
 }
@@ -273,12 +405,12 @@ mod tests {
 
     use super::*;
     use crate::{
-        client::OutFrame,
         ids::{Cid, ConnId},
         policy::runtime::Runtimes,
         routes::Route,
         session::testkit::{self, TestClient, TestSocket},
     };
+    use tokio::sync::mpsc;
 
     fn table(routes: &[&Route]) -> RouteTable {
         RouteTable::new(routes.iter().map(|r| (*r).clone()).collect())

@@ -45,23 +45,29 @@ pub enum RouterType {
     Subscribe,
     Unsubscribe,
     Cancel,
+    Resume,
+    Ack,
 }
 
 impl RouterType {
-    pub const ALL: [RouterType; 4] = [
+    pub const ALL: [RouterType; 6] = [
         RouterType::Ping,
         RouterType::Subscribe,
         RouterType::Unsubscribe,
         RouterType::Cancel,
+        RouterType::Resume,
+        RouterType::Ack,
     ];
 
     /// Their `type` names, in the order of [`RouterType::ALL`] (what the
     /// routes file refuses in `allowedTypes`).
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 6] = [
         Self::Ping.as_str(),
         Self::Subscribe.as_str(),
         Self::Unsubscribe.as_str(),
         Self::Cancel.as_str(),
+        Self::Resume.as_str(),
+        Self::Ack.as_str(),
     ];
 
     /// The `type` of the client frame.
@@ -71,6 +77,8 @@ impl RouterType {
             RouterType::Subscribe => "subscribe",
             RouterType::Unsubscribe => "unsubscribe",
             RouterType::Cancel => "cancel",
+            RouterType::Resume => "resume",
+            RouterType::Ack => "ack",
         }
     }
 
@@ -87,6 +95,19 @@ pub(crate) struct Actions {
     pub frames: Vec<OutFrame>,
     /// Close the connection, after writing what is queued.
     pub close: Option<Close>,
+    /// The client acknowledged every frame up to this `seq`.
+    pub ack: Option<u64>,
+    /// The client asks to resume a dropped session (its first frame).
+    pub resume: Option<ResumeRequest>,
+}
+
+/// A `resume` frame, read.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ResumeRequest {
+    pub id: Option<Value>,
+    pub session_id: String,
+    pub resume_token: String,
+    pub last_seq: u64,
 }
 
 /// A close the state machine asks for.
@@ -138,6 +159,12 @@ pub(crate) struct Inbound {
     /// Verified token claims, forwarded with every request.
     claims: Option<Value>,
     config: InboundConfig,
+    /// No client frame has been handled yet (`resume` must be the first).
+    first_frame: bool,
+    /// Ids of requests that were in flight when the session was resumed: a
+    /// client that sends one again (it could not know it had arrived) is
+    /// absorbed while the original runs, not refused or dispatched twice.
+    pub(crate) absorb: std::collections::HashSet<String>,
 }
 
 impl Inbound {
@@ -170,6 +197,8 @@ impl Inbound {
             closing: None,
             claims: connect.claims.clone(),
             config,
+            first_frame: true,
+            absorb: std::collections::HashSet::new(),
         }
     }
 
@@ -177,22 +206,24 @@ impl Inbound {
         &self.route
     }
 
-    /// The first frame of a non-raw session.
-    pub fn welcome(&self, heartbeat_ms: u64) -> OutFrame {
-        OutFrame::push(
-            "welcome",
-            None,
-            json!({
-                "session_id": self.shared.id.0,
-                "route": self.route.path,
-                "path": self.path,
-                "heartbeat_ms": heartbeat_ms,
-                "limits": {
-                    "max_message_bytes": self.route.max_message_bytes,
-                    "max_in_flight": self.route.max_in_flight,
-                },
-            }),
-        )
+    /// The first frame of a non-raw session; `resume` is its token and TTL
+    /// when the session may be resumed.
+    pub fn welcome(&self, heartbeat_ms: u64, resume: Option<(&str, Duration)>) -> OutFrame {
+        let mut data = json!({
+            "session_id": self.shared.id.0,
+            "route": self.route.path,
+            "path": self.path,
+            "heartbeat_ms": heartbeat_ms,
+            "limits": {
+                "max_message_bytes": self.route.max_message_bytes,
+                "max_in_flight": self.route.max_in_flight,
+            },
+            "resume_ttl_ms": resume.map_or(0, |(_, ttl)| ttl.as_millis() as u64),
+        });
+        if let Some((token, _)) = resume {
+            data["resume_token"] = json!(token);
+        }
+        OutFrame::push("welcome", None, data)
     }
 
     // ----- closing ------------------------------------------------------------------
@@ -366,7 +397,13 @@ impl Inbound {
         }
     }
 
-    fn on_message(&self, text: &str, now: Instant, bridge: &dyn CommandQueue, out: &mut Actions) {
+    fn on_message(
+        &mut self,
+        text: &str,
+        now: Instant,
+        bridge: &dyn CommandQueue,
+        out: &mut Actions,
+    ) {
         let msg = match client::parse(text) {
             Ok(m) => {
                 self.metrics.message_in(&self.route.path, &m.msg_type);
@@ -385,7 +422,19 @@ impl Inbound {
                 return;
             }
         };
+        let first = std::mem::replace(&mut self.first_frame, false);
         match RouterType::parse(&msg.msg_type) {
+            Some(RouterType::Resume) => self.on_resume(msg, first, out),
+            Some(RouterType::Ack) => match msg.data.get("seq").and_then(Value::as_u64) {
+                Some(seq) => out.ack = Some(seq),
+                None => out.frames.push(OutFrame::error(
+                    msg.id,
+                    None,
+                    codes::BAD_REQUEST,
+                    "ack needs data.seq, the highest seq received",
+                    None,
+                )),
+            },
             Some(RouterType::Ping) => out.frames.push(OutFrame::reply(
                 "pong",
                 msg.id,
@@ -402,6 +451,40 @@ impl Inbound {
                 None => self.forward(msg, text.len(), now, bridge, out),
             },
         }
+    }
+
+    /// `resume`: read it for the driver, which claims the session; only as
+    /// the connection's first frame, and only where resume is on.
+    fn on_resume(&self, msg: ClientMessage, first: bool, out: &mut Actions) {
+        let refuse = |out: &mut Actions, message: &str| {
+            out.frames.push(OutFrame::error(
+                msg.id.clone(),
+                None,
+                codes::BAD_REQUEST,
+                message,
+                None,
+            ));
+        };
+        if !first {
+            return refuse(out, "resume must be the first frame of a connection");
+        }
+        let field = |k: &str| msg.data.get(k);
+        let (Some(session_id), Some(resume_token), Some(last_seq)) = (
+            field("session_id").and_then(Value::as_str),
+            field("resume_token").and_then(Value::as_str),
+            field("last_seq").and_then(Value::as_u64),
+        ) else {
+            return refuse(
+                out,
+                "resume needs data.session_id and data.resume_token (strings) and data.last_seq (an integer)",
+            );
+        };
+        out.resume = Some(ResumeRequest {
+            id: msg.id.clone(),
+            session_id: session_id.to_owned(),
+            resume_token: resume_token.to_owned(),
+            last_seq,
+        });
     }
 
     fn on_topic(&self, kind: RouterType, msg: ClientMessage, out: &mut Actions) {

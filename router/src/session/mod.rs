@@ -41,7 +41,10 @@ use crate::{
 mod driver;
 mod guard;
 mod inbound;
+mod parking;
 mod writer;
+
+pub(crate) use parking::Lot;
 
 #[cfg(test)]
 mod testkit;
@@ -119,7 +122,7 @@ impl Ending {
 
 /// What a session uses of the router: the parts of [`AppState`] it touches,
 /// so tests can build one without a bridge socket.
-pub(crate) struct Env<B> {
+pub(crate) struct Env<B: Bridge> {
     pub hub: Arc<Hub>,
     pub registry: Arc<RouteRegistry>,
     pub metrics: Arc<Metrics>,
@@ -133,6 +136,8 @@ pub(crate) struct Env<B> {
     pub drain_timeout: Duration,
     pub max_outbound_bytes: usize,
     pub rate_limits: bool,
+    /// Where dropped sessions wait for a resume.
+    pub lot: Arc<Lot<B>>,
 }
 
 impl Env<BridgeHandle> {
@@ -148,6 +153,7 @@ impl Env<BridgeHandle> {
             drain_timeout: app.settings.drain_timeout(),
             max_outbound_bytes: app.settings.max_outbound_bytes as usize,
             rate_limits: app.settings.enable_rate_limit,
+            lot: app.lot.clone(),
         }
     }
 }

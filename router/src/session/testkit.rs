@@ -181,6 +181,7 @@ pub(crate) fn env(
         drain_timeout: Duration::from_secs(10),
         max_outbound_bytes: 1 << 20,
         rate_limits: true,
+        lot: Arc::new(crate::resume::ParkingLot::new(64 << 20)),
     };
     (env, rx)
 }

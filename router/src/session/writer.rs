@@ -3,18 +3,25 @@
 //! It stamps `seq` in send order (so the order clients see is the order of
 //! the numbers), encodes outbound items into WebSocket messages, writes what
 //! is queued in batches with one flush each, and runs the close handshake.
+//! On routes with resume, it keeps what it sent ([`ReplayBuffer`]) until
+//! the client acknowledges it, to send it again after a resume.
 //! Every write gives up on a peer that stops reading, so a client that never
 //! reads costs a bounded wait, not a stuck task.
 
 use std::{sync::Arc, time::Duration};
 
-use axum::extract::ws::{CloseFrame, Message};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{Ending, Socket};
-use crate::{client::Outbound, hub::ConnShared, metrics::Metrics};
+use crate::{
+    client::Outbound,
+    hub::ConnShared,
+    metrics::Metrics,
+    resume::{Gap, ReplayBuffer},
+};
 
 /// Most frames written with one flush.
 const WRITE_BATCH: usize = 64;
@@ -36,6 +43,8 @@ pub(crate) struct Writer {
     route: String,
     /// How long one write may wait on a peer that does not read.
     patience: Duration,
+    /// Sent JSON frames kept for a resume (`None`: resume is off).
+    replay: Option<ReplayBuffer>,
 }
 
 impl Writer {
@@ -51,7 +60,61 @@ impl Writer {
             metrics,
             route,
             patience,
+            replay: None,
         }
+    }
+
+    /// Keeps sent frames for a resume, within these bounds.
+    pub fn keep_for_resume(&mut self, max_frames: usize, max_bytes: usize) {
+        self.replay = Some(ReplayBuffer::new(max_frames, max_bytes));
+    }
+
+    /// The client has every frame up to `seq` (its `ack`).
+    pub fn ack(&mut self, seq: u64) {
+        if let Some(r) = &mut self.replay {
+            r.ack(seq);
+        }
+    }
+
+    /// Bytes of the frames kept for a resume.
+    pub fn kept_bytes(&self) -> usize {
+        self.replay.as_ref().map_or(0, ReplayBuffer::bytes)
+    }
+
+    /// The frames after `last_seq` again, with their `seq`, or the gap.
+    pub fn replay_after(&self, last_seq: u64) -> Result<Vec<Message>, Gap> {
+        match &self.replay {
+            None => Ok(Vec::new()),
+            Some(r) => Ok(r
+                .after(last_seq)?
+                .map(|(_, text)| Message::Text(text.clone()))
+                .collect()),
+        }
+    }
+
+    /// Writes a frame of the connection rather than the session (`resumed`):
+    /// no `seq`, not kept.
+    pub async fn write_unsequenced<S>(&mut self, socket: &mut S, text: String) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        self.send_or_give_up(socket, vec![Message::Text(text.into())])
+            .await
+    }
+
+    /// Writes `msgs` as they are (replayed frames).
+    pub async fn write_messages<S>(
+        &mut self,
+        socket: &mut S,
+        msgs: Vec<Message>,
+    ) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.send_or_give_up(socket, msgs).await
     }
 
     /// The WebSocket message for an outbound item; JSON frames take the
@@ -67,9 +130,14 @@ impl Writer {
                     &frame.msg_type,
                     frame.error.as_ref().map(|e| e.code.as_str()),
                 );
-                let text = frame.to_json(self.seq);
+                let seq = self.seq;
+                let text: Utf8Bytes = frame.to_json(seq).into();
                 self.seq += 1;
-                Message::Text(text.into())
+                // The welcome (seq 0) is a frame of the connection: not kept.
+                if let (Some(r), true) = (&mut self.replay, seq > 0) {
+                    r.push(seq, text.clone());
+                }
+                Message::Text(text)
             }
             Outbound::Binary(b) => {
                 metrics.message_out(route, "binary", None);

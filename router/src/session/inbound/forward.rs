@@ -115,6 +115,15 @@ impl Inbound {
             }
             return;
         };
+        // After a resume, a request the client sent again because it could
+        // not know the first one had arrived: the original's frames answer it.
+        if !self.absorb.is_empty() {
+            let key = id.to_string();
+            if self.absorb.contains(&key) && self.shared.cid_of(&key).is_some() {
+                debug!(id = %key, "request re-sent after a resume: absorbed, the original runs on");
+                return;
+            }
+        }
         if self.shared.inflight_count() >= self.route.max_in_flight {
             out.frames.push(OutFrame::error(
                 Some(id),

@@ -81,7 +81,17 @@ fn text(f: &mut Fixture, frame: &str, q: &Recorder) -> Actions {
 #[test]
 fn router_types_are_the_documented_ones_and_the_routes_file_refuses_them() {
     let names = RouterType::ALL.map(RouterType::as_str);
-    assert_eq!(names, ["ping", "subscribe", "unsubscribe", "cancel"]);
+    assert_eq!(
+        names,
+        [
+            "ping",
+            "subscribe",
+            "unsubscribe",
+            "cancel",
+            "resume",
+            "ack"
+        ]
+    );
     assert_eq!(names, RouterType::NAMES);
     // The routes file refuses exactly these in `allowedTypes`.
     assert_eq!(names, crate::config::ROUTER_HANDLED_TYPES);
