@@ -1,9 +1,10 @@
 //! Session resume (README, "Resume"), end to end: a connection dropped in
 //! the middle of streamed replies is resumed from a new one with every
 //! frame exactly once, in order, with the original `seq`; a re-sent request
-//! that is still in flight is absorbed; each failure says why
-//! (`unknown_session`, `bad_token`, `attached`, `expired`, `gap`,
-//! `overflow`) and leaves the new connection working as a fresh session.
+//! that is still in flight is absorbed; a session still live on another
+//! connection is taken over; each failure says why (`unknown_session`,
+//! `bad_token`, `expired`, `gap`, `overflow`) and leaves the new connection
+//! working as a fresh session.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -190,13 +191,19 @@ async fn resume_failures_say_why_and_the_connection_goes_on_fresh() {
         );
         c.request_ok("echo", "e", json!(1)).await;
 
-        // attached: the session is live on another connection.
-        let live = router.client("/ws/echo").await;
+        // The session is live on another connection (which its owner has
+        // likely lost without the router noticing yet): that connection
+        // yields with 1001, and the resume takes the session over.
+        let mut live = router.client("/ws/echo").await;
+        let t = ticket(&live);
+        live.request_ok("echo", "before", json!(1)).await;
         let mut c = router.client("/ws/echo").await;
-        assert_eq!(
-            failure_reason(&resume(&mut c, &ticket(&live), 0).await),
-            "attached"
-        );
+        let r = resume(&mut c, &t, live.last_seq().unwrap()).await;
+        assert_eq!(r["type"], "resumed", "{r}");
+        let closed = live.wait_closed(T).await;
+        assert_eq!(closed.map(|(code, _)| code), Some(1001));
+        c.request_ok("echo", "after", json!(2)).await;
+        c.close().await;
 
         // bad_token.
         let a = router.client("/ws/echo").await;
@@ -274,14 +281,7 @@ async fn resume_failures_say_why_and_the_connection_goes_on_fresh() {
         assert!(a.welcome()["data"].get("resume_token").is_none());
 
         let metrics = http_get(router.http, "/metrics").await.unwrap().body;
-        for reason in [
-            "unknown_session",
-            "attached",
-            "bad_token",
-            "expired",
-            "gap",
-            "overflow",
-        ] {
+        for reason in ["unknown_session", "bad_token", "expired", "gap", "overflow"] {
             assert!(
                 metrics.contains(&format!(
                     "router_resume_failures_total{{reason=\"{reason}\"}}"

@@ -122,6 +122,9 @@ struct Parked<T> {
 struct Live {
     token: Token,
     route: String,
+    /// Fired when a client proves it owns the session from another
+    /// connection: this one yields (it is likely dead without knowing it).
+    takeover: CancellationToken,
 }
 
 struct Lot<T> {
@@ -130,6 +133,13 @@ struct Lot<T> {
     ended: HashMap<String, Refusal>,
     ended_order: VecDeque<(Instant, String)>,
     reserved: usize,
+}
+
+/// A claimed session: its state, its new token, and its new takeover signal.
+pub struct Claimed<T> {
+    pub value: T,
+    pub token: Token,
+    pub takeover: CancellationToken,
 }
 
 /// What a parked session's waiting task needs.
@@ -144,6 +154,8 @@ pub struct Ticket {
 pub struct ParkingLot<T> {
     inner: Mutex<Lot<T>>,
     budget: usize,
+    /// Woken whenever a session parks (a claimant waiting for a takeover).
+    parked: tokio::sync::Notify,
 }
 
 /// The lot's figures, for metrics and `/stats`.
@@ -166,6 +178,7 @@ impl<T> ParkingLot<T> {
                 reserved: 0,
             }),
             budget,
+            parked: tokio::sync::Notify::new(),
         }
     }
 
@@ -174,17 +187,20 @@ impl<T> ParkingLot<T> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new live session that may be resumed later; returns its token.
-    pub fn register(&self, id: &str, route: &str) -> Token {
+    /// A new live session that may be resumed later: its token, and what
+    /// fires when its owner resumes it from another connection.
+    pub fn register(&self, id: &str, route: &str) -> (Token, CancellationToken) {
         let token = Token::new();
+        let takeover = CancellationToken::new();
         self.lock().live.insert(
             id.to_owned(),
             Live {
                 token: token.clone(),
                 route: route.to_owned(),
+                takeover: takeover.clone(),
             },
         );
-        token
+        (token, takeover)
     }
 
     /// A live session ended for good (a close, a policy, shutdown): it can
@@ -206,6 +222,7 @@ impl<T> ParkingLot<T> {
             return Err(value);
         }
         lot.reserved += reserve;
+        self.parked.notify_waiters();
         let ticket = Ticket {
             claimed: CancellationToken::new(),
             deadline: Instant::now() + ttl,
@@ -226,17 +243,18 @@ impl<T> ParkingLot<T> {
     /// A client presents `id` and `token` on `route`: the parked session
     /// and its new token, or why not. The session is live again under the
     /// new token.
-    pub fn claim(&self, id: &str, token: &str, route: &str) -> Result<(T, Token), Refusal> {
+    pub fn claim(&self, id: &str, token: &str, route: &str) -> Result<Claimed<T>, Refusal> {
         let mut lot = self.lock();
         if let Some(live) = lot.live.get(id) {
             if live.route != route {
                 return Err(Refusal::UnknownSession);
             }
-            return Err(if live.token.matches(token) {
-                Refusal::Attached
-            } else {
-                Refusal::BadToken
-            });
+            if !live.token.matches(token) {
+                return Err(Refusal::BadToken);
+            }
+            // Its owner is here: the other connection yields.
+            live.takeover.cancel();
+            return Err(Refusal::Attached);
         }
         match lot.parked.get(id) {
             Some(p) if p.route != route => return Err(Refusal::UnknownSession),
@@ -255,14 +273,47 @@ impl<T> ParkingLot<T> {
         lot.reserved -= p.reserved;
         p.claimed.cancel();
         let token = Token::new();
+        let takeover = CancellationToken::new();
         lot.live.insert(
             id.to_owned(),
             Live {
                 token: token.clone(),
                 route: p.route,
+                takeover: takeover.clone(),
             },
         );
-        Ok((p.value, token))
+        Ok(Claimed {
+            value: p.value,
+            token,
+            takeover,
+        })
+    }
+
+    /// [`ParkingLot::claim`], but a session live on another connection
+    /// (which its owner has likely lost without the router noticing yet)
+    /// is asked to yield, and claimed once it has parked, within `wait`.
+    pub async fn claim_or_take_over(
+        &self,
+        id: &str,
+        token: &str,
+        route: &str,
+        wait: Duration,
+    ) -> Result<Claimed<T>, Refusal> {
+        let until = Instant::now() + wait;
+        loop {
+            // Listening before asking, so a park in between is not missed.
+            let parked = self.parked.notified();
+            tokio::pin!(parked);
+            parked.as_mut().enable();
+            match self.claim(id, token, route) {
+                Err(Refusal::Attached) if Instant::now() < until => {
+                    if tokio::time::timeout_at(until, parked).await.is_err() {
+                        return Err(Refusal::Attached);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A session claimed (so live again) that cannot go on after all (its
@@ -344,10 +395,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_parked_session_is_claimed_once_with_its_token_then_live_under_a_new_one() {
         let lot = ParkingLot::new(1000);
-        let token = lot.register("s1", "/ws");
+        let (token, takeover) = lot.register("s1", "/ws");
         assert_eq!(
             lot.claim("s1", token.as_str(), "/ws").err(),
             Some(Refusal::Attached)
+        );
+        assert!(
+            takeover.is_cancelled(),
+            "the live connection is asked to yield"
         );
         assert_eq!(
             lot.claim("s1", "nope", "/ws").err(),
@@ -371,7 +426,11 @@ mod tests {
             Some(Refusal::UnknownSession),
             "a session resumes only on its own route"
         );
-        let (value, new_token) = lot.claim("s1", token.as_str(), "/ws").unwrap();
+        let Claimed {
+            value,
+            token: new_token,
+            ..
+        } = lot.claim("s1", token.as_str(), "/ws").ok().unwrap();
         assert_eq!(value, "state");
         assert!(ticket.claimed.is_cancelled(), "the waiting task is told");
         assert_eq!(
@@ -400,9 +459,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ended_sessions_say_why_and_the_budget_bounds_what_parks() {
         let lot = ParkingLot::new(250);
-        let t1 = lot.register("s1", "/ws");
-        let t2 = lot.register("s2", "/ws");
-        let t3 = lot.register("s3", "/ws");
+        let (t1, _) = lot.register("s1", "/ws");
+        let (t2, _) = lot.register("s2", "/ws");
+        let (t3, _) = lot.register("s3", "/ws");
         lot.park("s1", 1, 100, TTL).unwrap();
         lot.park("s2", 2, 100, TTL).unwrap();
         assert_eq!(
@@ -438,10 +497,35 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_of_a_live_session_waits_for_it_to_yield_and_park() {
+        let lot = std::sync::Arc::new(ParkingLot::new(1000));
+        let (token, takeover) = lot.register("s1", "/ws");
+        let yielding = {
+            let lot = lot.clone();
+            tokio::spawn(async move {
+                takeover.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                lot.park("s1", 7, 10, TTL).unwrap();
+            })
+        };
+        let claimed = lot
+            .claim_or_take_over("s1", token.as_str(), "/ws", Duration::from_secs(2))
+            .await;
+        assert_eq!(claimed.ok().map(|c| c.value), Some(7));
+        yielding.await.unwrap();
+        // A session that does not yield in time stays attached.
+        let (token, _ignored) = lot.register("s2", "/ws");
+        let r = lot
+            .claim_or_take_over("s2", token.as_str(), "/ws", Duration::from_secs(2))
+            .await;
+        assert_eq!(r.err(), Some(Refusal::Attached));
+    }
+
     #[test]
     fn a_forgotten_session_cannot_park_or_be_claimed() {
         let lot: ParkingLot<u8> = ParkingLot::new(1000);
-        let t = lot.register("s1", "/ws");
+        let (t, _) = lot.register("s1", "/ws");
         lot.forget("s1");
         assert_eq!(lot.park("s1", 1, 1, TTL).err(), Some(1));
         assert_eq!(

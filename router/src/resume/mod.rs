@@ -12,5 +12,5 @@
 pub mod lot;
 pub mod replay;
 
-pub use lot::{LotStats, ParkingLot, Refusal, Ticket, Token};
+pub use lot::{Claimed, LotStats, ParkingLot, Refusal, Ticket, Token};
 pub use replay::{Gap, ReplayBuffer};

@@ -11,6 +11,7 @@ use std::{sync::Arc, time::Duration};
 use axum::extract::ws::Message;
 use futures_util::{SinkExt, StreamExt};
 use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
 use serde_json::{json, Value};
@@ -27,9 +28,12 @@ use crate::{
     client::{OutFrame, Outbound},
     hub::{ConnShared, Kill},
     registry::RouteRegistry,
-    resume::{Refusal, Token},
+    resume::{Claimed, Refusal, Token},
     routes::{Route, RouteTable},
 };
+
+/// How long a resume waits for the session's other connection to yield.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a socket closed for bad input stays open after its close frame.
 const ERROR_CLOSE_LINGER: Duration = Duration::from_millis(300);
@@ -78,10 +82,13 @@ where
             env.client_ping * 3,
         );
         let route = inbound.route();
-        let token = resumable(route).then(|| {
+        let (token, takeover) = if resumable(route) {
             writer.keep_for_resume(route.resume.max_frames, route.resume.max_bytes);
-            env.lot.register(&shared.id.0, &route.path)
-        });
+            let (token, takeover) = env.lot.register(&shared.id.0, &route.path);
+            (Some(token), takeover)
+        } else {
+            (None, CancellationToken::new())
+        };
         let mut session = Session {
             env: &env,
             state: SessionState {
@@ -93,6 +100,7 @@ where
             },
             routes,
             token,
+            takeover,
         };
         let outcome = session.serve(socket).await;
         session.finish(outcome);
@@ -135,6 +143,9 @@ struct Session<'a, B: Bridge> {
     routes: watch::Receiver<Arc<RouteTable>>,
     /// The session's resume token, when it may be resumed.
     token: Option<Token>,
+    /// Fired when the session's owner resumes it from another connection:
+    /// this socket yields (the session parks and is claimed there).
+    takeover: CancellationToken,
 }
 
 impl<B: Bridge> Session<'_, B> {
@@ -173,8 +184,14 @@ impl<B: Bridge> Session<'_, B> {
             }
             let closing_at = self.state.inbound.closing_deadline();
             let kill = self.state.shared.kill.clone();
+            let takeover = self.takeover.clone();
             tokio::select! {
                 biased;
+                _ = takeover.cancelled() => {
+                    info!("the session's owner resumed it on another connection: yielding");
+                    let ending = Box::pin(self.state.writer.close_now(&mut socket, 1001, "session resumed on another connection")).await;
+                    return Outcome::Lost(ending);
+                }
                 _ = kill.cancelled() => {
                     let st = &mut self.state;
                     let kill = st.shared.kill_reason().unwrap_or(Kill { code: 1011, reason: "closed".into(), flush: false });
@@ -289,15 +306,20 @@ impl<B: Bridge> Session<'_, B> {
             // Resume is off on this route: nothing of it was ever kept.
             return refuse(self, Refusal::UnknownSession);
         }
-        let (mut parked, token) =
-            match self
-                .env
-                .lot
-                .claim(&req.session_id, &req.resume_token, &route)
-            {
-                Ok(claimed) => claimed,
-                Err(why) => return refuse(self, why),
-            };
+        let claim = self.env.lot.claim_or_take_over(
+            &req.session_id,
+            &req.resume_token,
+            &route,
+            TAKEOVER_WAIT,
+        );
+        let Claimed {
+            value: mut parked,
+            token,
+            takeover,
+        } = match Box::pin(claim).await {
+            Ok(claimed) => claimed,
+            Err(why) => return refuse(self, why),
+        };
         let replay = match parked.writer.replay_after(req.last_seq) {
             Ok(frames) => frames,
             Err(gap) => {
@@ -318,6 +340,7 @@ impl<B: Bridge> Session<'_, B> {
         self.env.lot.forget(&fresh.shared.id.0);
         fresh.end(Ending::new(1000, "replaced by the session it resumed"));
         self.token = Some(token);
+        self.takeover = takeover;
         let st = &mut self.state;
         st.shared
             .set_bounds(crate::hub::OUTBOUND_QUEUE, self.env.max_outbound_bytes);

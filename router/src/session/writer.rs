@@ -30,6 +30,9 @@ const WRITE_BATCH: usize = 64;
 /// socket is dropped.
 pub(crate) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
+/// How long [`Writer::close_now`] may take to hand its close frame over.
+const CLOSE_NOW: Duration = Duration::from_millis(100);
+
 /// The socket failed while writing: the peer is gone.
 #[derive(Debug)]
 pub(crate) struct Gone;
@@ -239,6 +242,23 @@ impl Writer {
             _ = self.shared.kill.cancelled() => Err(Gone),
             _ = tokio::time::sleep(self.patience) => Err(Gone),
         }
+    }
+
+    /// Sends a close frame without waiting for the peer's (which may be
+    /// gone): for a socket that yields its session to another connection,
+    /// where every moment spent here is the other connection's wait.
+    pub async fn close_now<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        code: u16,
+        reason: &str,
+    ) -> Ending {
+        let frame = CloseFrame {
+            code,
+            reason: close_reason(reason).to_owned().into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_NOW, socket.send(Message::Close(Some(frame)))).await;
+        Ending::new(code, reason)
     }
 
     /// Sends a close frame and waits (briefly) for the peer's, as RFC 6455
