@@ -309,7 +309,12 @@ async fn upgrade(
 ) -> Response {
     // The client, as trusted proxies report it (never a header from anyone
     // else): what per-IP limits, logs and workers see.
-    let remote = forwarded::client_addr(peer.addr, &headers, &app.settings.trusted_proxies);
+    let remote = forwarded::client_addr(
+        peer.addr,
+        &headers,
+        &app.settings.trusted_proxies,
+        app.settings.trusted_proxy_header,
+    );
     let path = uri.path();
     let table = app.route_table();
     let Some(found) = table.find(path) else {

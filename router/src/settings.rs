@@ -111,6 +111,11 @@ pub struct Settings {
     /// headers are ignored and the TCP peer is the client.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header the trusted proxies write: `x-forwarded-for` or
+    /// `forwarded` (RFC 7239). Only that one is read; the other could come
+    /// from the client through the proxy.
+    #[arg(long, env = "TRUSTED_PROXY_HEADER", value_enum, default_value_t)]
+    pub trusted_proxy_header: crate::policy::forwarded::ProxyHeader,
     /// Most WebSocket sessions at once, all routes together; above it an
     /// upgrade is answered `503 at_capacity` and `/ready` turns 503 until
     /// the count is back at 95 %. Default: the descriptor limit (raised

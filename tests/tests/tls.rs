@@ -419,6 +419,10 @@ async fn wss_via(
         .unwrap();
     req.headers_mut()
         .insert("x-forwarded-for", forged.parse().unwrap());
+    // haproxy passes a client's `Forwarded` through untouched: the router
+    // must not read it (it trusts only the header its proxies write).
+    req.headers_mut()
+        .insert("forwarded", format!("for={forged}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
         .await
         .map_err(|e| format!("WebSocket: {e}"))?;

@@ -7,8 +7,12 @@
 //! skipped, and the first one that is not is the client. A hop that is not
 //! an address (`unknown`, an obfuscated name, garbage) ends the walk: what
 //! lies to its left was written by nobody the router trusts, so the last
-//! trusted hop is taken as the client. `Forwarded` (RFC 7239) wins over
-//! `X-Forwarded-For` when both are present.
+//! trusted hop is taken as the client.
+//!
+//! Only one header is read, the one the proxies write
+//! (`TRUSTED_PROXY_HEADER`: `X-Forwarded-For` by default, or `Forwarded`,
+//! RFC 7239): a proxy passes the other one through from the client
+//! untouched, so reading both would let a client write its own address.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -44,8 +48,28 @@ impl std::fmt::Display for ClientAddr {
     }
 }
 
+/// Which header trusted proxies write (`TRUSTED_PROXY_HEADER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For` (haproxy `option forwardfor`, nginx
+    /// `$proxy_add_x_forwarded_for`).
+    #[default]
+    #[value(name = "x-forwarded-for")]
+    XForwardedFor,
+    /// `Forwarded`, RFC 7239.
+    #[value(name = "forwarded")]
+    Forwarded,
+}
+
 /// The client of a request from `peer` with `headers`.
-pub fn client_addr(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> ClientAddr {
+pub fn client_addr(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ProxyHeader,
+) -> ClientAddr {
+    // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let direct = ClientAddr {
         ip: peer.ip(),
         peer,
@@ -54,7 +78,10 @@ pub fn client_addr(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> 
     if trusted.is_empty() || !is_trusted(&peer.ip()) {
         return direct;
     }
-    let hops = forwarded_for(headers).or_else(|| x_forwarded_for(headers));
+    let hops = match header {
+        ProxyHeader::XForwardedFor => x_forwarded_for(headers),
+        ProxyHeader::Forwarded => forwarded_for(headers),
+    };
     let Some(hops) = hops else { return direct };
     let mut client = peer.ip();
     for hop in hops.iter().rev() {
@@ -108,15 +135,16 @@ fn forwarded_for(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
 
 /// An address, possibly with a port (`192.0.2.1:80`, `[2001:db8::1]:80`).
 fn parse_hop(s: &str) -> Option<IpAddr> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Some(addr.ip());
-    }
-    s.strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .and_then(|r| r.parse().ok())
+    let ip = if let Ok(ip) = s.parse::<IpAddr>() {
+        Some(ip)
+    } else if let Ok(addr) = s.parse::<SocketAddr>() {
+        Some(addr.ip())
+    } else {
+        s.strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .and_then(|r| r.parse::<IpAddr>().ok())
+    };
+    ip.map(|ip| ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -136,7 +164,23 @@ mod tests {
     }
 
     fn client(peer: &str, h: &[(&'static str, &'static str)], trusted: &[&str]) -> String {
-        client_addr(peer.parse().unwrap(), &headers(h), &nets(trusted)).to_string()
+        client_addr(
+            peer.parse().unwrap(),
+            &headers(h),
+            &nets(trusted),
+            ProxyHeader::XForwardedFor,
+        )
+        .to_string()
+    }
+
+    fn client_fwd(peer: &str, h: &[(&'static str, &'static str)], trusted: &[&str]) -> String {
+        client_addr(
+            peer.parse().unwrap(),
+            &headers(h),
+            &nets(trusted),
+            ProxyHeader::Forwarded,
+        )
+        .to_string()
     }
 
     #[test]
@@ -179,21 +223,51 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_wins_and_is_parsed_with_ports_and_brackets() {
-        let trusted = ["10.0.0.0/8", "::1/128"];
+    fn only_the_configured_header_is_read() {
+        let trusted = ["10.0.0.0/8"];
+        // The proxy writes X-Forwarded-For and passes the client's forged
+        // Forwarded through: it must not count.
         let h = [
-            ("x-forwarded-for", "198.51.100.1"),
-            (
-                "forwarded",
-                "for=192.0.2.60;proto=https;by=10.0.0.1, For=\"[2001:db8:cafe::17]:4711\"",
-            ),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "203.0.113.9"),
         ];
-        assert_eq!(client("10.0.0.1:443", &h, &trusted), "2001:db8:cafe::17");
-        let h = [("forwarded", "for=192.0.2.60:8080")];
-        assert_eq!(client("[::1]:443", &h, &trusted), "192.0.2.60");
-        let h = [("forwarded", "for=_hidden, for=10.0.0.5")];
-        assert_eq!(client("10.0.0.1:443", &h, &trusted), "10.0.0.5");
-        let h = [("forwarded", "proto=https")];
+        assert_eq!(client("10.0.0.1:443", &h, &trusted), "203.0.113.9");
+        let h = [("forwarded", "for=6.6.6.6")];
         assert_eq!(client("10.0.0.1:443", &h, &trusted), "10.0.0.1:443");
+        // And the other way round.
+        let h = [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=203.0.113.9"),
+        ];
+        assert_eq!(client_fwd("10.0.0.1:443", &h, &trusted), "203.0.113.9");
+    }
+
+    #[test]
+    fn ipv4_mapped_peers_and_hops_match_ipv4_blocks() {
+        let trusted = ["127.0.0.0/8"];
+        let h = [("x-forwarded-for", "::ffff:203.0.113.9")];
+        assert_eq!(
+            client("[::ffff:127.0.0.1]:443", &h, &trusted),
+            "203.0.113.9"
+        );
+    }
+
+    #[test]
+    fn forwarded_is_parsed_with_ports_and_brackets() {
+        let trusted = ["10.0.0.0/8", "::1/128"];
+        let h = [(
+            "forwarded",
+            "for=192.0.2.60;proto=https;by=10.0.0.1, For=\"[2001:db8:cafe::17]:4711\"",
+        )];
+        assert_eq!(
+            client_fwd("10.0.0.1:443", &h, &trusted),
+            "2001:db8:cafe::17"
+        );
+        let h = [("forwarded", "for=192.0.2.60:8080")];
+        assert_eq!(client_fwd("[::1]:443", &h, &trusted), "192.0.2.60");
+        let h = [("forwarded", "for=_hidden, for=10.0.0.5")];
+        assert_eq!(client_fwd("10.0.0.1:443", &h, &trusted), "10.0.0.5");
+        let h = [("forwarded", "proto=https")];
+        assert_eq!(client_fwd("10.0.0.1:443", &h, &trusted), "10.0.0.1:443");
     }
 }
