@@ -181,7 +181,8 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     app.metrics.set_workers(&rows);
     app.metrics.set_capacity(app.capacity_figures());
     let (parked, parked_bytes) = app.parked_figures();
-    app.metrics.set_resume_parked(parked, parked_bytes);
+    app.metrics
+        .set_resume_parked(parked, parked_bytes, app.kept.used());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -220,6 +221,7 @@ async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
             }),
         );
     }
+    let (parked, parked_bytes) = app.parked_figures();
     Json(json!({
         "connections": app.hub.len(),
         "totalMessages": total_in + total_out,
@@ -240,9 +242,10 @@ async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "capacity": capacity_stats(&app),
         "tls": app.tls.as_ref().map(|t| t.status()),
         "resume": {
-            "parked": app.parked_figures().0,
-            "parkedBytes": app.parked_figures().1,
+            "parked": parked,
+            "parkedBytes": parked_bytes,
             "reservedBytes": app.lot.stats().reserved_bytes,
+            "keptBytes": app.kept.used(),
             "budgetBytes": app.settings.resume_max_bytes,
         },
     }))

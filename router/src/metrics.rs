@@ -151,6 +151,7 @@ pub struct Metrics {
     tls_handshake_failures: Counter,
     resume_parked_sessions: Gauge,
     resume_parked_bytes: Gauge,
+    resume_kept_bytes: Gauge,
     resume_parked_total: Counter,
     resumes: Counter,
     resume_failures: Family<L1, Counter>,
@@ -205,6 +206,7 @@ impl Metrics {
             tls_handshake_failures: Counter::default(),
             resume_parked_sessions: Gauge::default(),
             resume_parked_bytes: Gauge::default(),
+            resume_kept_bytes: Gauge::default(),
             resume_parked_total: Counter::default(),
             resumes: Counter::default(),
             resume_failures: Family::default(),
@@ -382,6 +384,11 @@ impl Metrics {
             m.resume_parked_bytes.clone(),
         );
         registry.register(
+            "resume_kept_bytes",
+            "Bytes of sent frames live and parked sessions keep for a resume (bounded by RESUME_MAX_BYTES)",
+            m.resume_kept_bytes.clone(),
+        );
+        registry.register(
             "resume_parked",
             "Sessions parked when their connection dropped",
             m.resume_parked_total.clone(),
@@ -423,9 +430,10 @@ impl Metrics {
     }
 
     /// Refreshes the parked-session gauges (at scrape time).
-    pub fn set_resume_parked(&self, sessions: usize, bytes: usize) {
+    pub fn set_resume_parked(&self, sessions: usize, bytes: usize, kept: usize) {
         self.resume_parked_sessions.set(sessions as i64);
         self.resume_parked_bytes.set(bytes as i64);
+        self.resume_kept_bytes.set(kept as i64);
     }
 
     pub fn tls_reload(&self, ok: bool) {

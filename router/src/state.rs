@@ -47,6 +47,8 @@ pub struct AppState {
     pub tls: Option<Arc<Tls>>,
     /// Sessions whose connection dropped, waiting for a resume.
     pub(crate) lot: Arc<Lot<BridgeHandle>>,
+    /// Bytes live sessions keep for resumes, all together.
+    pub kept: Arc<crate::resume::KeptBudget>,
     ready: AtomicBool,
 }
 
@@ -86,6 +88,7 @@ impl AppState {
             at_capacity_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             tls: edge.tls,
             lot: Arc::new(Lot::new(settings_resume_budget)),
+            kept: crate::resume::KeptBudget::new(settings_resume_budget),
             ready: AtomicBool::new(false),
         }
     }

@@ -13,4 +13,4 @@ pub mod lot;
 pub mod replay;
 
 pub use lot::{Claimed, LotStats, ParkingLot, Refusal, Ticket, Token};
-pub use replay::{Gap, ReplayBuffer};
+pub use replay::{Gap, KeptBudget, ReplayBuffer};

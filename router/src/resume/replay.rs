@@ -6,10 +6,55 @@
 //! again, with their original `seq`. A resume from before the oldest kept
 //! frame cannot be served without a gap, and says so. Plain data: no
 //! runtime, no socket.
+//!
+//! Every session's buffer also draws on one process-wide [`KeptBudget`]:
+//! clients that never acknowledge would otherwise keep their route's whole
+//! bound each. When the budget is spent, a buffer pushes out its own oldest
+//! frames, and a frame it still cannot keep is not kept (a resume from
+//! before it is a gap).
 
-use std::collections::VecDeque;
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use axum::extract::ws::Utf8Bytes;
+
+/// Bytes all live sessions together may keep for resumes.
+#[derive(Debug)]
+pub struct KeptBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl KeptBudget {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Bytes kept now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
 
 /// Sent frames kept for a resume, bounded in count and bytes.
 #[derive(Debug)]
@@ -18,6 +63,7 @@ pub struct ReplayBuffer {
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
+    budget: Arc<KeptBudget>,
     /// Every frame up to this `seq` has left the buffer (acknowledged or
     /// pushed out): a resume from before it has a gap.
     dropped_through: u64,
@@ -36,12 +82,13 @@ impl ReplayBuffer {
     /// A buffer of at most `max_frames` frames and `max_bytes` bytes (one
     /// frame is kept whatever its size, so the newest can always be
     /// replayed).
-    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+    pub fn new(max_frames: usize, max_bytes: usize, budget: Arc<KeptBudget>) -> Self {
         Self {
             frames: VecDeque::new(),
             bytes: 0,
             max_frames: max_frames.max(1),
             max_bytes,
+            budget,
             dropped_through: 0,
             last_seq: 0,
         }
@@ -49,9 +96,17 @@ impl ReplayBuffer {
 
     /// Keeps the frame sent with `seq` (in increasing order).
     pub fn push(&mut self, seq: u64, text: Utf8Bytes) {
+        self.last_seq = seq;
+        while !self.budget.try_take(text.len()) {
+            if self.frames.is_empty() {
+                // Not even this one frame fits the process-wide budget.
+                self.dropped_through = seq;
+                return;
+            }
+            self.drop_oldest();
+        }
         self.bytes += text.len();
         self.frames.push_back((seq, text));
-        self.last_seq = seq;
         while self.frames.len() > self.max_frames
             || (self.bytes > self.max_bytes && self.frames.len() > 1)
         {
@@ -98,8 +153,15 @@ impl ReplayBuffer {
     fn drop_oldest(&mut self) {
         if let Some((seq, text)) = self.frames.pop_front() {
             self.bytes -= text.len();
+            self.budget.give_back(text.len());
             self.dropped_through = seq;
         }
+    }
+}
+
+impl Drop for ReplayBuffer {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
     }
 }
 
@@ -117,7 +179,7 @@ mod tests {
 
     #[test]
     fn replays_what_follows_last_seq_in_order() {
-        let mut b = ReplayBuffer::new(100, 1 << 20);
+        let mut b = ReplayBuffer::new(100, 1 << 20, KeptBudget::new(usize::MAX));
         for n in 1..=5 {
             b.push(n, frame(n));
         }
@@ -130,7 +192,7 @@ mod tests {
 
     #[test]
     fn acks_free_frames_and_a_resume_from_before_them_is_a_gap() {
-        let mut b = ReplayBuffer::new(100, 1 << 20);
+        let mut b = ReplayBuffer::new(100, 1 << 20, KeptBudget::new(usize::MAX));
         for n in 1..=5 {
             b.push(n, frame(n));
         }
@@ -143,19 +205,45 @@ mod tests {
     }
 
     #[test]
+    fn the_process_wide_budget_is_shared_and_given_back() {
+        let budget = KeptBudget::new(30);
+        let mut a = ReplayBuffer::new(100, 1 << 20, budget.clone());
+        let mut b = ReplayBuffer::new(100, 1 << 20, budget.clone());
+        for n in 1..=3 {
+            a.push(n, frame(n));
+        }
+        assert_eq!(budget.used(), 27);
+        // b pushes nothing of a's out: it has nothing of its own to drop,
+        // so its frame is not kept and a resume from before it is a gap.
+        b.push(1, frame(1));
+        assert_eq!((b.len(), budget.used()), (0, 27));
+        assert_eq!(seqs(&b, 0), Err(Gap { oldest: 1 }));
+        // a makes room from its own oldest.
+        a.push(4, frame(4));
+        assert_eq!((a.len(), budget.used()), (3, 27));
+        assert_eq!(seqs(&a, 1), Ok(vec![2, 3, 4]));
+        a.ack(4);
+        assert_eq!(budget.used(), 0);
+        b.push(2, frame(2));
+        assert_eq!(budget.used(), 9);
+        drop(b);
+        assert_eq!(budget.used(), 0, "a dropped buffer gives its bytes back");
+    }
+
+    #[test]
     fn bounds_push_out_the_oldest() {
-        let mut b = ReplayBuffer::new(3, 1 << 20);
+        let mut b = ReplayBuffer::new(3, 1 << 20, KeptBudget::new(usize::MAX));
         for n in 1..=5 {
             b.push(n, frame(n));
         }
         assert_eq!(seqs(&b, 2), Ok(vec![3, 4, 5]));
         assert_eq!(seqs(&b, 1), Err(Gap { oldest: 2 }));
-        let mut b = ReplayBuffer::new(100, 20);
+        let mut b = ReplayBuffer::new(100, 20, KeptBudget::new(usize::MAX));
         for n in 1..=5 {
             b.push(n, frame(n));
         }
         assert_eq!((b.len(), b.bytes()), (2, 18), "two 9-byte frames fit in 20");
-        let mut b = ReplayBuffer::new(100, 4);
+        let mut b = ReplayBuffer::new(100, 4, KeptBudget::new(usize::MAX));
         b.push(1, frame(1));
         assert_eq!(b.len(), 1, "the newest frame is kept whatever its size");
     }

@@ -83,7 +83,11 @@ where
         );
         let route = inbound.route();
         let (token, takeover) = if resumable(route) {
-            writer.keep_for_resume(route.resume.max_frames, route.resume.max_bytes);
+            writer.keep_for_resume(
+                route.resume.max_frames,
+                route.resume.max_bytes,
+                env.kept.clone(),
+            );
             let (token, takeover) = env.lot.register(&shared.id.0, &route.path);
             (Some(token), takeover)
         } else {

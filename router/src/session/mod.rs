@@ -138,6 +138,8 @@ pub(crate) struct Env<B: Bridge> {
     pub rate_limits: bool,
     /// Where dropped sessions wait for a resume.
     pub lot: Arc<Lot<B>>,
+    /// What all sessions together may keep for resumes.
+    pub kept: Arc<crate::resume::KeptBudget>,
 }
 
 impl Env<BridgeHandle> {
@@ -154,6 +156,7 @@ impl Env<BridgeHandle> {
             max_outbound_bytes: app.settings.max_outbound_bytes as usize,
             rate_limits: app.settings.enable_rate_limit,
             lot: app.lot.clone(),
+            kept: app.kept.clone(),
         }
     }
 }

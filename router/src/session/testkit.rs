@@ -182,6 +182,7 @@ pub(crate) fn env(
         max_outbound_bytes: 1 << 20,
         rate_limits: true,
         lot: Arc::new(crate::resume::ParkingLot::new(64 << 20)),
+        kept: crate::resume::KeptBudget::new(64 << 20),
     };
     (env, rx)
 }

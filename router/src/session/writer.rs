@@ -20,7 +20,7 @@ use crate::{
     client::Outbound,
     hub::ConnShared,
     metrics::Metrics,
-    resume::{Gap, ReplayBuffer},
+    resume::{Gap, KeptBudget, ReplayBuffer},
 };
 
 /// Most frames written with one flush.
@@ -68,8 +68,13 @@ impl Writer {
     }
 
     /// Keeps sent frames for a resume, within these bounds.
-    pub fn keep_for_resume(&mut self, max_frames: usize, max_bytes: usize) {
-        self.replay = Some(ReplayBuffer::new(max_frames, max_bytes));
+    pub fn keep_for_resume(
+        &mut self,
+        max_frames: usize,
+        max_bytes: usize,
+        budget: Arc<KeptBudget>,
+    ) {
+        self.replay = Some(ReplayBuffer::new(max_frames, max_bytes, budget));
     }
 
     /// The client has every frame up to `seq` (its `ack`).
