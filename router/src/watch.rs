@@ -57,10 +57,14 @@ pub fn watch_files(
                     if event.kind.is_access() {
                         return;
                     }
-                    let ours = event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().is_some_and(|n| names.contains(n)));
+                    // Kubernetes mounts secrets and config maps as
+                    // symlinks into a `..data` directory that it swaps
+                    // whole: such an event names `..data`, not our files.
+                    let ours = event.paths.iter().any(|p| {
+                        p.file_name().is_some_and(|n| {
+                            names.contains(n) || n.as_encoded_bytes().starts_with(b"..")
+                        })
+                    });
                     if ours {
                         let _ = tx.try_send(());
                     }

@@ -63,6 +63,19 @@ fn failure_reason(v: &Value) -> &str {
     v["error"]["reason"].as_str().unwrap_or_default()
 }
 
+/// Waits (bounded) until `/metrics` has the line `line`.
+async fn wait_metric(router: &RouterProc, line: &str) {
+    let started = Instant::now();
+    loop {
+        let metrics = http_get(router.http, "/metrics").await.unwrap().body;
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(started.elapsed() < T, "no `{line}` in /metrics:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (bounded) until the router has `n` parked sessions.
 async fn wait_parked(router: &RouterProc, n: u64) {
     let started = Instant::now();
@@ -90,7 +103,7 @@ async fn a_dropped_connection_resumes_with_every_frame_once_in_order() {
         let t = ticket(&a);
         // A request that will still run after the drop, and a stream that
         // is half read when the connection goes.
-        a.send_request("slow", "s1", json!({"ms": 1500})).await;
+        a.send_request("slow", "s1", json!({"ms": 4000})).await;
         a.send_request("stream", "st", json!({"n": 200})).await;
         let mut seen: Vec<Value> = Vec::new();
         while seen.len() < 20 {
@@ -100,6 +113,10 @@ async fn a_dropped_connection_resumes_with_every_frame_once_in_order() {
         let last_seq = a.last_seq().expect("frames have seq");
         a.drop_connection();
         wait_parked(&router, 1).await;
+        // A parked session holds no connection: it no longer counts against
+        // MAX_CONNECTIONS (the reconnecting client needs a place).
+        let stats = http_get(router.http, "/stats").await.unwrap().json();
+        assert_eq!(stats["capacity"]["sessions"], 0, "{}", stats["capacity"]);
 
         let mut b = router.client("/ws/echo").await;
         let fresh = b.welcome()["data"]["session_id"].clone();
@@ -119,7 +136,7 @@ async fn a_dropped_connection_resumes_with_every_frame_once_in_order() {
             "{data}"
         );
         // Re-sending a request that is still in flight changes nothing.
-        b.send_request("slow", "s1", json!({"ms": 1500})).await;
+        b.send_request("slow", "s1", json!({"ms": 4000})).await;
         // The rest, with the original seq counter, no gap, no duplicate.
         let mut expect_seq = last_seq + 1;
         let mut done: HashMap<String, u32> = HashMap::new();
@@ -145,7 +162,7 @@ async fn a_dropped_connection_resumes_with_every_frame_once_in_order() {
         assert_eq!(s1.len(), 1, "one terminal frame for s1: {s1:?}");
         assert_eq!(
             s1[0]["data"],
-            json!({"slept_ms": 1500}),
+            json!({"slept_ms": 4000}),
             "not cancelled by the drop"
         );
         // Nothing more comes for s1 (the re-sent copy was absorbed), and the
@@ -225,8 +242,7 @@ async fn resume_failures_say_why_and_the_connection_goes_on_fresh() {
         let a = router.client("/ws/short").await;
         let t = ticket(&a);
         a.drop_connection();
-        wait_parked(&router, 1).await;
-        wait_parked(&router, 0).await;
+        wait_metric(&router, "router_resume_ended_total{reason=\"expired\"} 1").await;
         let mut c = router.client("/ws/short").await;
         assert_eq!(failure_reason(&resume(&mut c, &t, 0).await), "expired");
 

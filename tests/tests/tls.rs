@@ -517,3 +517,51 @@ async fn routes_that_require_a_client_certificate_admit_only_verified_ones() {
     })
     .await;
 }
+
+/// Kubernetes mounts a secret as `tls.crt -> ..data/tls.crt` with `..data`
+/// a symlink to a timestamped directory, and rotates it by swapping
+/// `..data` whole: the files the router watches never change name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_style_secret_rotation_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    run(LIMIT, async {
+        let pki = TestPki::new("tls-k8s");
+        let first = pki.issue("first", "router-one");
+        let second = pki.issue("second", "router-two");
+        let mount = pki.dir.join("mount");
+        let version = |n: &str, pair: &Issued| {
+            let dir = mount.join(n);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(&pair.cert, dir.join("tls.crt")).unwrap();
+            std::fs::copy(&pair.key, dir.join("tls.key")).unwrap();
+        };
+        version("..2026_11_29_v1", &first);
+        symlink("..2026_11_29_v1", mount.join("..data")).unwrap();
+        symlink("..data/tls.crt", mount.join("tls.crt")).unwrap();
+        symlink("..data/tls.key", mount.join("tls.key")).unwrap();
+        let live = Issued {
+            cert: mount.join("tls.crt"),
+            key: mount.join("tls.key"),
+        };
+        let router = start(&live, &[]).await;
+        let (der, _ws) = wss(&router, &pki).await;
+        assert_eq!(der, first.der());
+        // The rotation: a new version, then `..data` swapped by rename.
+        version("..2026_11_29_v2", &second);
+        symlink("..2026_11_29_v2", mount.join("..data_tmp")).unwrap();
+        std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+        let started = Instant::now();
+        loop {
+            let (der, _ws) = wss(&router, &pki).await;
+            if der == second.der() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the rotation was not seen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

@@ -14,8 +14,15 @@
 //! its route's whole bound (`resume.maxBytes`) when it parks; when the
 //! budget cannot cover that, the session ends instead.
 //!
-//! Tokens are 128 random bits, single-use (a claim issues a new one), and
-//! compared in constant time.
+//! Tokens are 128 random bits, compared in constant time. A claim issues a
+//! new one; the one it was claimed with stays good only until the client
+//! speaks on the resumed connection (proof it got the new one), so a
+//! `resumed` lost with the network does not lock its client out.
+//!
+//! The scope a session is registered under (its route, its path and the
+//! client's principal: token subject or certificate subject) must match
+//! the claimant's: a token that leaks to another user of the route does
+//! not hand them the session.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -113,6 +120,10 @@ const REMEMBER_AT_MOST: usize = 10_000;
 
 struct Parked<T> {
     token: Token,
+    /// The token the last resume presented, still good until the client
+    /// shows it got the new one (a `resumed` lost on the way must not
+    /// lock the client out).
+    previous: Option<Token>,
     route: String,
     reserved: usize,
     claimed: CancellationToken,
@@ -121,6 +132,7 @@ struct Parked<T> {
 
 struct Live {
     token: Token,
+    previous: Option<Token>,
     route: String,
     /// Fired when a client proves it owns the session from another
     /// connection: this one yields (it is likely dead without knowing it).
@@ -196,11 +208,20 @@ impl<T> ParkingLot<T> {
             id.to_owned(),
             Live {
                 token: token.clone(),
+                previous: None,
                 route: route.to_owned(),
                 takeover: takeover.clone(),
             },
         );
         (token, takeover)
+    }
+
+    /// The client of a resumed session spoke on its new connection, so it
+    /// has the new token: the one it resumed with is void.
+    pub fn confirm(&self, id: &str) {
+        if let Some(live) = self.lock().live.get_mut(id) {
+            live.previous = None;
+        }
     }
 
     /// A live session ended for good (a close, a policy, shutdown): it can
@@ -231,6 +252,7 @@ impl<T> ParkingLot<T> {
             id.to_owned(),
             Parked {
                 token: live.token,
+                previous: live.previous,
                 route: live.route,
                 reserved: reserve,
                 claimed: ticket.claimed.clone(),
@@ -249,7 +271,9 @@ impl<T> ParkingLot<T> {
             if live.route != route {
                 return Err(Refusal::UnknownSession);
             }
-            if !live.token.matches(token) {
+            if !live.token.matches(token)
+                && !live.previous.as_ref().is_some_and(|p| p.matches(token))
+            {
                 return Err(Refusal::BadToken);
             }
             // Its owner is here: the other connection yields.
@@ -258,7 +282,12 @@ impl<T> ParkingLot<T> {
         }
         match lot.parked.get(id) {
             Some(p) if p.route != route => return Err(Refusal::UnknownSession),
-            Some(p) if !p.token.matches(token) => return Err(Refusal::BadToken),
+            Some(p)
+                if !p.token.matches(token)
+                    && !p.previous.as_ref().is_some_and(|t| t.matches(token)) =>
+            {
+                return Err(Refusal::BadToken)
+            }
             Some(_) => {}
             None => {
                 return Err(lot
@@ -272,19 +301,20 @@ impl<T> ParkingLot<T> {
         let p = lot.parked.remove(id).expect("parked session present");
         lot.reserved -= p.reserved;
         p.claimed.cancel();
-        let token = Token::new();
+        let new = Token::new();
         let takeover = CancellationToken::new();
         lot.live.insert(
             id.to_owned(),
             Live {
-                token: token.clone(),
+                token: new.clone(),
+                previous: Some(Token(token.to_owned())),
                 route: p.route,
                 takeover: takeover.clone(),
             },
         );
         Ok(Claimed {
             value: p.value,
-            token,
+            token: new,
             takeover,
         })
     }
@@ -308,7 +338,9 @@ impl<T> ParkingLot<T> {
             match self.claim(id, token, route) {
                 Err(Refusal::Attached) if Instant::now() < until => {
                     if tokio::time::timeout_at(until, parked).await.is_err() {
-                        return Err(Refusal::Attached);
+                        // Once more: it may have ended rather than parked,
+                        // and the reason is then another.
+                        return self.claim(id, token, route);
                     }
                 }
                 other => return other,
@@ -441,6 +473,13 @@ mod tests {
                 reserved_bytes: 0
             }
         );
+        // Until the client shows it has the new token, the old one still
+        // proves ownership (the `resumed` may have been lost); then it is void.
+        assert_eq!(
+            lot.claim("s1", token.as_str(), "/ws").err(),
+            Some(Refusal::Attached)
+        );
+        lot.confirm("s1");
         assert_eq!(
             lot.claim("s1", token.as_str(), "/ws").err(),
             Some(Refusal::BadToken),

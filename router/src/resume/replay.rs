@@ -122,9 +122,10 @@ impl ReplayBuffer {
     }
 
     /// The frames after `last_seq`, in order, or the gap that makes that
-    /// impossible. A `last_seq` beyond what was sent replays nothing.
+    /// impossible. A `last_seq` beyond what was sent is refused the same
+    /// way: the client would drop the next frames as duplicates.
     pub fn after(&self, last_seq: u64) -> Result<impl Iterator<Item = &(u64, Utf8Bytes)>, Gap> {
-        if last_seq < self.dropped_through {
+        if last_seq < self.dropped_through || last_seq > self.last_seq {
             return Err(Gap {
                 oldest: self.dropped_through,
             });
@@ -186,7 +187,7 @@ mod tests {
         assert_eq!(seqs(&b, 0), Ok(vec![1, 2, 3, 4, 5]));
         assert_eq!(seqs(&b, 3), Ok(vec![4, 5]));
         assert_eq!(seqs(&b, 5), Ok(vec![]));
-        assert_eq!(seqs(&b, 9), Ok(vec![]), "beyond what was sent: nothing");
+        assert_eq!(seqs(&b, 9), Err(Gap { oldest: 0 }), "beyond what was sent");
         assert_eq!((b.len(), b.bytes(), b.last_seq()), (5, 45, 5));
     }
 

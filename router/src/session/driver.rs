@@ -72,6 +72,7 @@ where
             },
         );
         let routes = follow_routes(&env.registry, &mut inbound);
+        let scope = resume_scope(&start.connect);
         // Rare or one-off awaits are boxed: their state would otherwise make
         // every idle session's future as large as the largest of them.
         Box::pin(env.bridge.send(Command::Connect(Box::new(start.connect)))).await;
@@ -88,7 +89,8 @@ where
                 route.resume.max_bytes,
                 env.kept.clone(),
             );
-            let (token, takeover) = env.lot.register(&shared.id.0, &route.path);
+            let (token, takeover) = env.lot.register(&shared.id.0, &scope);
+            writer.set_takeover(takeover.clone());
             (Some(token), takeover)
         } else {
             (None, CancellationToken::new())
@@ -105,12 +107,29 @@ where
             routes,
             token,
             takeover,
+            scope,
+            confirm_pending: false,
         };
         let outcome = session.serve(socket).await;
         session.finish(outcome);
     }
     .instrument(span)
     .await
+}
+
+/// What a resume must match besides the token: the route, the path the
+/// client connected to, and who it is (its token's subject or its
+/// certificate's), so a token that leaks to another user of the route does
+/// not hand them the session.
+fn resume_scope(connect: &bridge_proto::Connect) -> String {
+    let principal = connect
+        .claims
+        .as_ref()
+        .and_then(|c| c.get("sub"))
+        .and_then(Value::as_str)
+        .or(connect.client_cert.as_ref().map(|c| c.subject.as_str()))
+        .unwrap_or("");
+    format!("{}\n{}\n{principal}", connect.route, connect.path)
 }
 
 /// Whether sessions of `route` may be resumed (raw routes have no `seq`).
@@ -150,6 +169,11 @@ struct Session<'a, B: Bridge> {
     /// Fired when the session's owner resumes it from another connection:
     /// this socket yields (the session parks and is claimed there).
     takeover: CancellationToken,
+    /// Route, path and principal, which a resume must match.
+    scope: String,
+    /// Resumed, and the client has not spoken since: it may not have the
+    /// new token yet.
+    confirm_pending: bool,
 }
 
 impl<B: Bridge> Session<'_, B> {
@@ -168,7 +192,8 @@ impl<B: Bridge> Session<'_, B> {
                 .await
                 .is_err()
         {
-            return Outcome::Lost(Ending::new(1006, "closed during welcome"));
+            // The client never got its token: nothing to park for.
+            return Outcome::Ended(Ending::new(1006, "closed during welcome"));
         }
         let ping_every = self.env.client_ping;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
@@ -273,6 +298,9 @@ impl<B: Bridge> Session<'_, B> {
     /// frames (queued, so `seq` and ordering stay with the writer), and a
     /// close after writing what is queued if it asked for one.
     async fn apply<S: Socket>(&mut self, actions: Actions, socket: &mut S) -> Option<Outcome> {
+        if std::mem::take(&mut self.confirm_pending) {
+            self.env.lot.confirm(&self.state.shared.id.0);
+        }
         if let Some(seq) = actions.ack {
             self.state.writer.ack(seq);
         }
@@ -297,7 +325,7 @@ impl<B: Bridge> Session<'_, B> {
     /// the frames the client has not seen. A refusal is an error frame of
     /// the fresh session, which goes on.
     async fn resume<S: Socket>(&mut self, req: ResumeRequest, socket: &mut S) -> Result<(), Gone> {
-        let route = self.state.inbound.route().path.clone();
+        let scope = self.scope.clone();
         let refuse = |this: &mut Self, why: Refusal| {
             info!(reason = why.as_str(), "resume refused");
             this.env.metrics.resume_failed(why.as_str());
@@ -313,7 +341,7 @@ impl<B: Bridge> Session<'_, B> {
         let claim = self.env.lot.claim_or_take_over(
             &req.session_id,
             &req.resume_token,
-            &route,
+            &scope,
             TAKEOVER_WAIT,
         );
         let Claimed {
@@ -324,6 +352,15 @@ impl<B: Bridge> Session<'_, B> {
             Ok(claimed) => claimed,
             Err(why) => return refuse(self, why),
         };
+        if parked.shared.kill.is_cancelled() {
+            // It outgrew its bounds just before the claim.
+            self.env.lot.retire(&req.session_id, Refusal::Overflow);
+            parked.end(Ending::new(
+                1008,
+                "session outgrew its resume bounds while parked",
+            ));
+            return refuse(self, Refusal::Overflow);
+        }
         let replay = match parked.writer.replay_after(req.last_seq) {
             Ok(frames) => frames,
             Err(gap) => {
@@ -340,12 +377,19 @@ impl<B: Bridge> Session<'_, B> {
         };
         // This connection becomes the parked session; its fresh session ends.
         std::mem::swap(&mut self.state, &mut parked);
-        let fresh = parked;
+        let mut fresh = parked;
         self.env.lot.forget(&fresh.shared.id.0);
+        // The resumed session takes this connection's places under the
+        // caps (it gave its own back when it parked).
+        let slots = fresh.attachment.take_slots();
+        self.state.attachment.put_slots(slots);
         fresh.end(Ending::new(1000, "replaced by the session it resumed"));
         self.token = Some(token);
-        self.takeover = takeover;
+        self.takeover = takeover.clone();
+        self.confirm_pending = true;
         let st = &mut self.state;
+        st.writer.set_takeover(takeover);
+        st.inbound.mark_spoken();
         st.shared
             .set_bounds(crate::hub::OUTBOUND_QUEUE, self.env.max_outbound_bytes);
         let in_flight = st.shared.inflight_ids();

@@ -69,6 +69,17 @@ impl<B: Bridge> Attachment<B> {
     }
 
     /// Records how the session ended (the code the bridge and metrics get).
+    /// Gives up the places under the route's cap and the router's (a
+    /// parked session holds no connection).
+    pub fn take_slots(&mut self) -> Option<(ConnectionSlot, SessionPermit)> {
+        self.slots.take()
+    }
+
+    /// Takes the places of the connection that resumed the session.
+    pub fn put_slots(&mut self, slots: Option<(ConnectionSlot, SessionPermit)>) {
+        self.slots = slots;
+    }
+
     pub fn ended(&mut self, ending: Ending) {
         self.ending = Some(ending);
     }

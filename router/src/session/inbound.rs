@@ -202,6 +202,12 @@ impl Inbound {
         }
     }
 
+    /// The connection has spoken (a resumed session on a new connection,
+    /// after its `resume`): a later `resume` is not its first frame.
+    pub fn mark_spoken(&mut self) {
+        self.first_frame = false;
+    }
+
     pub fn route(&self) -> &Route {
         &self.route
     }
@@ -303,6 +309,7 @@ impl Inbound {
 
     /// A text frame from the client.
     pub fn on_text(&mut self, text: &str, now: Instant, bridge: &dyn CommandQueue) -> Actions {
+        let first = std::mem::replace(&mut self.first_frame, false);
         let mut out = Actions::default();
         if !self.admit_message(&mut out, || client::parse(text).ok().and_then(|m| m.id)) {
             return out;
@@ -315,13 +322,14 @@ impl Inbound {
                 &mut out,
             );
         } else {
-            self.on_message(text, now, bridge, &mut out);
+            self.on_message(text, first, now, bridge, &mut out);
         }
         out
     }
 
     /// A binary frame from the client.
     pub fn on_binary(&mut self, data: Bytes, bridge: &dyn CommandQueue) -> Actions {
+        self.first_frame = false;
         let mut out = Actions::default();
         if !self.admit_message(&mut out, || None) {
             return out;
@@ -400,6 +408,7 @@ impl Inbound {
     fn on_message(
         &mut self,
         text: &str,
+        first: bool,
         now: Instant,
         bridge: &dyn CommandQueue,
         out: &mut Actions,
@@ -422,7 +431,6 @@ impl Inbound {
                 return;
             }
         };
-        let first = std::mem::replace(&mut self.first_frame, false);
         match RouterType::parse(&msg.msg_type) {
             Some(RouterType::Resume) => self.on_resume(msg, first, out),
             Some(RouterType::Ack) => match msg.data.get("seq").and_then(Value::as_u64) {

@@ -53,9 +53,20 @@ pub(crate) type Lot<B> = ParkingLot<SessionState<B>>;
 
 /// Parks `state` (its socket dropped) for `policy.ttl`, or ends it when the
 /// budget cannot take it.
-pub(crate) fn park<B: Bridge>(env: &Env<B>, state: SessionState<B>, policy: ResumePolicy) {
+pub(crate) fn park<B: Bridge>(env: &Env<B>, mut state: SessionState<B>, policy: ResumePolicy) {
     let id = state.shared.id.0.clone();
     let route = state.inbound.route().path.clone();
+    // A parked session holds no connection: its places under the route's
+    // cap and MAX_CONNECTIONS go back (the connection that resumes it
+    // brings its own).
+    drop(state.attachment.take_slots());
+    if state.held_bytes() > policy.max_bytes {
+        // Already over what a parked session may hold.
+        env.lot.retire(&id, Refusal::Overflow);
+        env.metrics.resume_ended("overflow");
+        state.end(Ending::new(1008, "session outgrew its resume bounds"));
+        return;
+    }
     // While nobody reads, the queue may hold what the resume bounds keep.
     state.shared.set_bounds(
         policy.max_frames,

@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{Ending, Socket};
@@ -48,6 +49,9 @@ pub(crate) struct Writer {
     patience: Duration,
     /// Sent JSON frames kept for a resume (`None`: resume is off).
     replay: Option<ReplayBuffer>,
+    /// Fired when the session is resumed on another connection: a write
+    /// stuck on this (likely dead) socket gives up at once.
+    takeover: CancellationToken,
 }
 
 impl Writer {
@@ -64,7 +68,13 @@ impl Writer {
             route,
             patience,
             replay: None,
+            takeover: CancellationToken::new(),
         }
+    }
+
+    /// What makes a stuck write give up because the session moved on.
+    pub fn set_takeover(&mut self, takeover: CancellationToken) {
+        self.takeover = takeover;
     }
 
     /// Keeps sent frames for a resume, within these bounds.
@@ -245,6 +255,7 @@ impl Writer {
         tokio::select! {
             r = send_all(socket, msgs) => r.map_err(|_| Gone),
             _ = self.shared.kill.cancelled() => Err(Gone),
+            _ = self.takeover.cancelled() => Err(Gone),
             _ = tokio::time::sleep(self.patience) => Err(Gone),
         }
     }
