@@ -144,10 +144,18 @@ impl Capacity {
             return None;
         }
         s.sessions += 1;
+        Some(SessionPermit(self.clone()))
+    }
+
+    /// A session that passed every check has started: at the cap, the
+    /// router is full. (A permit taken and given back by an upgrade that a
+    /// later check refuses must not mark it full: anyone could flip
+    /// `/ready` that way.)
+    fn started(&self) {
+        let mut s = self.lock();
         if s.sessions >= self.max {
             s.full = true;
         }
-        Some(SessionPermit(self.clone()))
     }
 
     fn release(&self) {
@@ -168,6 +176,13 @@ impl Capacity {
 /// One session counted against the router's cap; dropping it frees the slot.
 #[derive(Debug)]
 pub struct SessionPermit(Arc<Capacity>);
+
+impl SessionPermit {
+    /// The upgrade passed every check: the session starts.
+    pub fn started(&self) {
+        self.0.started();
+    }
+}
 
 impl Drop for SessionPermit {
     fn drop(&mut self) {
@@ -233,9 +248,17 @@ mod tests {
     fn full_at_the_cap_until_the_low_water_mark() {
         let cap = Capacity::new(40);
         assert_eq!(cap.low_water(), 38);
-        let mut permits: Vec<_> = (0..39).map(|_| cap.try_admit().unwrap()).collect();
+        let admit = || {
+            let p = cap.try_admit().unwrap();
+            p.started();
+            p
+        };
+        let mut permits: Vec<_> = (0..39).map(|_| admit()).collect();
         assert!(!cap.is_full());
-        permits.push(cap.try_admit().unwrap());
+        // A permit that a later check gives back does not mark it full.
+        drop(cap.try_admit().unwrap());
+        assert!(!cap.is_full(), "an upgrade refused after admission");
+        permits.push(admit());
         assert!(cap.is_full(), "the 40th session fills it");
         assert!(cap.try_admit().is_none());
         assert_eq!((cap.sessions(), cap.refused()), (40, 1));
@@ -253,6 +276,7 @@ mod tests {
         let cap = Capacity::new(0);
         assert_eq!((cap.max(), cap.low_water()), (1, 0));
         let p = cap.try_admit().unwrap();
+        p.started();
         assert!(cap.is_full() && cap.try_admit().is_none());
         drop(p);
         assert!(!cap.is_full());

@@ -503,6 +503,7 @@ async fn upgrade(
     };
     // The handshake is done; the session's pings take over liveness.
     peer.deadline.disarm();
+    start.permit.started();
     ws.max_message_size(limit)
         .max_frame_size(limit)
         // tungstenite allocates its read buffer eagerly (128 KiB by default):
