@@ -191,6 +191,51 @@ async fn a_dropped_connection_resumes_with_every_frame_once_in_order() {
     .await;
 }
 
+/// `resumed`'s contract: every request the session took is in `in_flight`
+/// or answered among the `replayed` frames that follow it, including one
+/// that finished while the client was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_arrived_while_away_is_among_the_replayed_frames() {
+    run(LIMIT, async {
+        let (router, _worker) = stack().await;
+        let mut a = router.client("/ws/echo").await;
+        let t = ticket(&a);
+        a.send_request("slow", "away", json!({"ms": 200})).await;
+        let last_seq = a.last_seq().unwrap();
+        a.drop_connection();
+        wait_parked(&router, 1).await;
+        // The reply arrives while nobody is connected.
+        let started = Instant::now();
+        loop {
+            let stats = http_get(router.http, "/stats").await.unwrap().json();
+            if stats["resume"]["parkedBytes"].as_u64() > Some(0) {
+                break;
+            }
+            assert!(
+                started.elapsed() < T,
+                "no reply queued: {}",
+                stats["resume"]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut b = router.client("/ws/echo").await;
+        let r = resume(&mut b, &t, last_seq).await;
+        assert_eq!(r["type"], "resumed", "{r}");
+        assert_eq!(r["data"]["in_flight"], json!([]), "{r}");
+        assert_eq!(
+            r["data"]["replayed"], 1,
+            "the queued reply is replayed: {r}"
+        );
+        let reply = b.next_json(T).await;
+        assert_eq!(
+            (reply["id"].as_str(), reply["done"].as_bool()),
+            (Some("away"), Some(true))
+        );
+        assert_eq!(reply["seq"], last_seq + 1);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_failures_say_why_and_the_connection_goes_on_fresh() {
     run(LIMIT, async {

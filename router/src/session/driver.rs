@@ -361,7 +361,7 @@ impl<B: Bridge> Session<'_, B> {
             ));
             return refuse(self, Refusal::Overflow);
         }
-        let replay = match parked.writer.replay_after(req.last_seq) {
+        let mut replay = match parked.writer.replay_after(req.last_seq) {
             Ok(frames) => frames,
             Err(gap) => {
                 // The only client that could continue it cannot: end it.
@@ -392,8 +392,18 @@ impl<B: Bridge> Session<'_, B> {
         st.inbound.mark_spoken();
         st.shared
             .set_bounds(crate::hub::OUTBOUND_QUEUE, self.env.max_outbound_bytes);
+        // The contract of `resumed`: every request the session took is in
+        // `in_flight` or answered among the `replayed` frames. So the ids
+        // still running are read first, and then the replies that arrived
+        // while the client was away are taken off the queue into the
+        // replay: a request that ends after the first read is in
+        // `in_flight`; one that ended before it has its reply queued.
         let in_flight = st.shared.inflight_ids();
         st.inbound.absorb = in_flight.iter().map(Value::to_string).collect();
+        while let Ok(mut out) = st.outbound.try_recv() {
+            st.shared.dequeued(&mut out);
+            replay.push(st.writer.encode(out));
+        }
         let table = self.routes.borrow_and_update().clone();
         st.inbound.on_routes(&table, Instant::now());
         info!(session.resumed = %st.shared.id, replayed = replay.len(), in_flight = in_flight.len(), "session resumed");
