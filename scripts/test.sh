@@ -35,6 +35,11 @@ elif [[ ! -x "$(pyenv root)/versions/2.7.18/bin/python" ]]; then
 fi
 command -v openssl >/dev/null \
     || missing+=("openssl, which makes the TLS tests' certificates (Debian: apt-get install openssl)")
+if ! command -v node >/dev/null || ! node -e 'process.exit(+process.versions.node.split(".")[0] < 20 ? 1 : 0)'; then
+    missing+=("Node.js 20 or newer with npm, for the TypeScript client in clients/js (https://nodejs.org or Debian: apt-get install nodejs npm)")
+fi
+[[ -x ${CHROMIUM_PATH:-/usr/bin/chromium} ]] \
+    || missing+=("chromium, the headless browser the TypeScript client's tests drive (Debian: apt-get install chromium; or set CHROMIUM_PATH)")
 command -v haproxy >/dev/null \
     || missing+=("haproxy, the load balancer the behind-a-proxy test runs (Debian: apt-get install haproxy)")
 command -v prlimit >/dev/null \
@@ -78,6 +83,13 @@ CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
 # BRIDGE_WORKER_REQUIRE_ROUTER: a missing router binary fails instead of skipping.
 echo "==> pytest worker-sdk/python"
 BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
+
+# The TypeScript client (clients/js): its unit tests, against the router and
+# the example workers built above (and the Python worker in $VENV), in
+# headless chromium, and the chaos test that cuts connections under 100
+# streamed requests.
+echo "==> clients/js: npm ci && npm test"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && ROUTER_TEST_PYTHON="$VENV/bin/python" npm test)
 
 # WebSocket conformance (README, tests): Autobahn's fuzzing client through a raw
 # route served by the echo worker; fails on any FAILED case. Uses the debug
