@@ -15,6 +15,10 @@
 #   baseline     baseline_echo, loadgen --protocol raw
 #   router-json  router + echo_worker, route /ws (client protocol, `echo` requests)
 #   router-raw   router + echo_worker, raw route /raw (frames echoed unchanged)
+#   router-json-tls  router-json served over TLS (--tls-cert/--tls-key, a
+#                self-signed EC P-256 certificate for localhost made once per
+#                bench run with openssl in $BENCH_OUT/tls), loadgen on wss://
+#                with --tls-ca (full handshakes, no resumption)
 #   router-py    router + the Python SDK's automation_worker (its `echo`
 #                handler), route /ws/automation
 #   fastapi      bench/fastapi_echo/app.py under uvicorn (uvloop, one process),
@@ -48,8 +52,9 @@
 #   ROUTER_THREADS, WORKER_THREADS: tokio worker threads of the router and the
 #   echo worker (TOKIO_WORKER_THREADS for that process only; unset: one per core).
 #
-# Output: a table on stdout; every loadgen summary line in $BENCH_OUT/results.jsonl,
-# process logs beside it. Router settings: ENABLE_RATE_LIMIT=false, routes with
+# Output: a table on stdout (ratios of medians against baseline, and for a
+# *-tls target against the same target without TLS, "x plain"); every loadgen
+# summary line in $BENCH_OUT/results.jsonl, process logs beside it. Router settings: ENABLE_RATE_LIMIT=false, routes with
 # maxConnections 20000 and maxInFlight 10000 (generated in $BENCH_OUT), default
 # log level (info); the workers announce capacity 1024.
 
@@ -130,6 +135,20 @@ if [[ " $targets " == *" fastapi "* || " $targets " == *" router-py "* ]]; then
         >"$out/python-packages.txt" 2>&1
 fi
 
+# The TLS targets' certificate: self-signed for localhost and 127.0.0.1, made
+# once per bench run. CA:FALSE because rustls (loadgen) refuses a CA
+# certificate as the server's own (CaUsedAsEndEntity), and `req -x509` marks
+# it CA:TRUE by default.
+if [[ " $targets " == *"-tls "* ]]; then
+    command -v openssl >/dev/null || die "the TLS targets need openssl (apt-get install openssl)"
+    mkdir -p "$out/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$out/tls/key.pem" -out "$out/tls/cert.pem" -days 2 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+        -addext basicConstraints=critical,CA:FALSE 2>"$out/tls/openssl.err" ||
+        die "openssl could not make the certificate: $(tail -1 "$out/tls/openssl.err")"
+fi
+
 cat >"$out/routes.json" <<'EOF'
 {
   "description": "Benchmark routes: JSON echo on /ws and a raw echo route, both served by echo_worker (service echo); JSON echo on /ws/automation served by the Python automation_worker.",
@@ -146,6 +165,7 @@ EOF
 # Processes
 # ---------------------------------------------------------------------------
 pids=()
+tls=()
 stop_all() {
     local pid
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -170,9 +190,12 @@ wait_line() {
     die "$what did not start within 30 s"
 }
 
-# Starts the server side of target $1 for run label $2; sets url, protocol, watch.
+# Starts the server side of target $1 for run label $2; sets url, protocol,
+# watch, and tls (loadgen's TLS flags, empty for ws://).
 start_target() {
     local target=$1 tag=$2 line http bridge
+    local tls_flags=()
+    tls=()
     # Truncated here, not by the redirections below: those happen in the
     # background child, possibly after wait_line read a stale file.
     rm -f "$out/$tag".*
@@ -197,11 +220,14 @@ start_target() {
             protocol=json
             watch=(--watch "server=$server_pid")
             ;;
-        router-json | router-raw | router-py)
+        router-json | router-raw | router-py | router-json-tls)
+            if [[ $target == *-tls ]]; then
+                tls_flags=(--tls-cert "$out/tls/cert.pem" --tls-key "$out/tls/key.pem")
+            fi
             env ${ROUTER_THREADS:+TOKIO_WORKER_THREADS=$ROUTER_THREADS} \
                 ENABLE_RATE_LIMIT=false "$bin/router" --port 0 --routes "$out/routes.json" \
                 --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
-                >"$out/$tag.router.out" 2>"$out/$tag.router.err" &
+                "${tls_flags[@]}" >"$out/$tag.router.out" 2>"$out/$tag.router.err" &
             pids+=($!)
             server_pid=$!
             line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
@@ -223,6 +249,11 @@ start_target() {
                 router-json) url=ws://$http/ws; protocol=json ;;
                 router-raw) url=ws://$http/raw; protocol=raw ;;
                 router-py) url=ws://$http/ws/automation; protocol=json ;;
+                router-json-tls)
+                    url=wss://$http/ws
+                    protocol=json
+                    tls=(--tls-ca "$out/tls/cert.pem" --tls-server-name localhost)
+                    ;;
             esac
             watch=(--watch "server=$server_pid" --watch "worker=$worker_pid")
             ;;
@@ -235,7 +266,7 @@ loadgen() {
     local scenario=$1 target=$2 run=$3 bound=$4
     shift 4
     local line
-    if ! line=$(timeout "$bound" "$bin/loadgen" --url "$url" --protocol "$protocol" "${watch[@]}" \
+    if ! line=$(timeout "$bound" "$bin/loadgen" --url "$url" --protocol "$protocol" "${tls[@]}" "${watch[@]}" \
         --label "$scenario/$target/$run" "$@" 2>>"$out/loadgen.err"); then
         tail -5 "$out/loadgen.err" >&2
         # An open-loop run that saw errors (a target that cannot keep up
@@ -426,7 +457,11 @@ def fmt(x):
         return "%.1f" % x
     return "%.2f" % x
 
-header = "%-28s %-12s %10s %21s %9s %5s" % ("scenario", "target", "median", "min-max", "x base", "runs")
+# A *-tls target is also compared with the same target without TLS.
+def plain_of(t):
+    return t[:-len("-tls")] if t.endswith("-tls") else None
+
+header = "%-28s %-15s %10s %21s %9s %9s %5s" % ("scenario", "target", "median", "min-max", "x base", "x plain", "runs")
 print(header)
 print("-" * len(header))
 for m in metrics:
@@ -438,11 +473,14 @@ for m in metrics:
             continue
         med = statistics.median(v)
         ratio = "%.2f" % (med / base_med) if base_med and t != "baseline" else "-"
-        print("%-28s %-12s %10s %21s %9s %5d" % (m, t, fmt(med), "%s-%s" % (fmt(min(v)), fmt(max(v))), ratio, len(v)))
+        plain = vals.get((m, plain_of(t))) if plain_of(t) else None
+        plain_med = statistics.median(plain) if plain else None
+        tls_ratio = "%.2f" % (med / plain_med) if plain_med else "-"
+        print("%-28s %-15s %10s %21s %9s %9s %5d" % (m, t, fmt(med), "%s-%s" % (fmt(min(v)), fmt(max(v))), ratio, tls_ratio, len(v)))
 print()
 print("CPU during the measured window (median over runs, in cores; the machine has %d):" % __import__("os").cpu_count())
 for (s, t, p), v in sorted(cpu.items()):
-    print("  %-7s %-12s %-8s %.2f" % (s, t, p, statistics.median(v)))
+    print("  %-7s %-15s %-8s %.2f" % (s, t, p, statistics.median(v)))
 
 # The load generator's own check (BENCHMARKS.md, "The check: open loop
 # against the closed loop").

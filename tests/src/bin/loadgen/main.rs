@@ -20,7 +20,8 @@
 //!   an error. See [`schedule`] and [`open_loop`].
 //! - `idle`: opens C connections (in stages, e.g. `--stages 10000,19000`),
 //!   holds them, and samples the RSS of watched processes at each stage:
-//!   bytes per idle connection.
+//!   bytes per idle connection. Connections that fail (a server at its cap
+//!   refuses some) are counted by error message (`failed_by_error`).
 //!
 //! # Protocols
 //! - `json`: the router's client protocol. Each request is
@@ -29,6 +30,12 @@
 //!   error. The welcome frame is read after connecting.
 //! - `raw`: the same bytes are sent as a text frame and the echoed frame is
 //!   expected back unchanged, in order (a raw route or the baseline).
+//!
+//! # TLS
+//! A `wss://` URL connects through TLS (tokio-rustls, ring) trusting the CA
+//! in `--tls-ca`; the certificate is checked against `--tls-server-name`,
+//! else the URL's host. Every connection does a full handshake (no session
+//! resumption). See [`target`].
 //!
 //! Client sockets are bound to 127.0.0.k (k = 1..=`--sources`) before
 //! connecting, so many thousands of connections to one server port do not
@@ -45,15 +52,18 @@
 //! - [`schedule`]: the open loop's schedule and its pacer;
 //! - [`open_loop`]: one open-loop connection (its bookkeeping and driver);
 //! - [`stats`]: the measured window, per-connection outcomes, percentiles;
-//! - [`procstat`]: CPU and memory of watched processes.
+//! - [`procstat`]: CPU and memory of watched processes;
+//! - [`target`]: the URL, the address, and TLS for `wss://`.
 
 mod open_loop;
 mod procstat;
 mod requests;
 mod schedule;
 mod stats;
+mod target;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +73,7 @@ use clap::{Parser, ValueEnum};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -74,8 +84,9 @@ use crate::procstat::{cpu_json, parse_watch, Watch, Watched};
 use crate::requests::{request_text, Matched, Pending, Stamp};
 use crate::schedule::{pace_on_thread, pace_with_timer, Gate, Pacer, PacerKind, Schedule};
 use crate::stats::{percentiles, round3, Clock, ConnStats};
+use crate::target::{Stream, Target};
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stream>;
 type WsTx = SplitSink<Ws, Message>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,9 +109,17 @@ struct Args {
     /// What to measure.
     #[arg(long, value_enum, default_value = "closed")]
     mode: Mode,
-    /// WebSocket URL, e.g. ws://127.0.0.1:8001/ws (IPv4 literal host).
+    /// WebSocket URL, e.g. ws://127.0.0.1:8001/ws or wss://localhost:8001/ws
+    /// (a name is resolved once, IPv4 first).
     #[arg(long)]
     url: String,
+    /// wss:// only: PEM file with the CA certificate(s) to trust.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// wss:// only: the name the server's certificate must carry (default:
+    /// the URL's host).
+    #[arg(long)]
+    tls_server_name: Option<String>,
     /// Client protocol spoken on the connections.
     #[arg(long, value_enum, default_value = "json")]
     protocol: Protocol,
@@ -131,7 +150,7 @@ struct Args {
     /// Idle mode: hold all connections this long after the last stage, in seconds.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
-    /// Spread client sockets over source addresses 127.0.0.1..=127.0.0.K (0: let the kernel pick).
+    /// Spread client sockets over source addresses 127.0.0.1..=127.0.0.K (0, or an IPv6 target: let the kernel pick).
     #[arg(long, default_value_t = 16)]
     sources: u8,
     /// Handshakes in progress at once while opening connections.
@@ -184,7 +203,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::new(
+        &args.url,
+        args.tls_ca.as_deref(),
+        args.tls_server_name.as_deref(),
+    )
+    .await?;
     if args.connections == 0 || args.depth == 0 {
         bail!("--connections and --depth must be at least 1");
     }
@@ -200,29 +224,6 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     }
 }
 
-/// Where to connect: the socket address and the URL for the handshake.
-#[derive(Debug, Clone)]
-struct Target {
-    url: String,
-    addr: SocketAddr,
-}
-
-impl Target {
-    fn parse(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| anyhow!("only ws:// URLs are supported, got {url}"))?;
-        let authority = rest.split('/').next().unwrap_or(rest);
-        let addr = authority
-            .parse()
-            .with_context(|| format!("host of {url} must be IP:PORT"))?;
-        Ok(Self {
-            url: url.to_owned(),
-            addr,
-        })
-    }
-}
-
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -230,16 +231,24 @@ fn secs(s: f64) -> Duration {
 /// Opens connection number `k` from source address 127.0.0.(1 + k mod sources).
 async fn connect(args: &Args, target: &Target, k: usize) -> anyhow::Result<Ws> {
     let attempt = async {
-        let socket = TcpSocket::new_v4()?;
-        if args.sources > 0 {
+        let socket = if target.addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if args.sources > 0 && target.addr.is_ipv4() {
             let host = 1 + (k % usize::from(args.sources)) as u8;
             socket.bind(SocketAddr::new(
                 IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)),
                 0,
             ))?;
         }
-        let stream = socket.connect(target.addr).await?;
-        stream.set_nodelay(true)?;
+        let tcp = socket.connect(target.addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream = match &target.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => tls.wrap(tcp).await.context("TLS handshake")?,
+        };
         // Small read buffer: an idle client should not cost 128 KiB.
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
@@ -582,10 +591,29 @@ async fn idle(args: &Args, target: &Target) -> anyhow::Result<Value> {
         "url": args.url,
         "failed": failures.len(),
         "first_error": failures.first(),
+        "failed_by_error": count_by_error(&failures),
         "dropped": still_dropped,
         "stages": stages,
         "bytes_per_connection": per_conn,
     }))
+}
+
+/// How many connections failed with each error (at most the 10 most
+/// frequent messages; a server at its cap refuses some, and other failures
+/// must not hide behind the first error).
+fn count_by_error(failures: &[String]) -> Value {
+    let mut counts = std::collections::HashMap::<&str, u64>::new();
+    for f in failures {
+        *counts.entry(f.as_str()).or_default() += 1;
+    }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    counts
+        .into_iter()
+        .take(10)
+        .map(|(e, n)| (e.to_owned(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// For each watched process and stage: (RSS at the stage - RSS at 0) / connections.
@@ -639,11 +667,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_parse() {
-        let t = Target::parse("ws://127.0.0.1:8001/ws").unwrap();
-        assert_eq!(t.addr.port(), 8001);
-        assert!(Target::parse("http://127.0.0.1:1/").is_err());
-        assert!(Target::parse("ws://localhost:1/").is_err());
+    fn failures_are_counted_by_error() {
+        let f = |s: &str| s.to_owned();
+        let failures = [f("503"), f("reset"), f("503"), f("timeout"), f("503")];
+        assert_eq!(
+            count_by_error(&failures),
+            json!({ "503": 3, "reset": 1, "timeout": 1 })
+        );
+        assert_eq!(count_by_error(&[]), json!({}));
+    }
+
+    #[test]
+    fn tls_flags_parse() {
+        let args = Args::try_parse_from([
+            "loadgen",
+            "--url",
+            "wss://127.0.0.1:1/ws",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-server-name",
+            "localhost",
+        ])
+        .unwrap();
+        assert_eq!(args.tls_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert_eq!(args.tls_server_name.as_deref(), Some("localhost"));
     }
 
     #[test]
