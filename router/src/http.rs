@@ -368,7 +368,7 @@ async fn upgrade(
     let Some(permit) = app.capacity.try_admit() else {
         app.metrics.refused("at_capacity");
         if let Some(skipped) = app.at_capacity_log.hit() {
-            warn!(%remote, path, max_connections = app.capacity.max(), since_last_line = skipped, "refused: at capacity (logged at most once a second)");
+            warn!(%remote, path, max_connections = app.capacity.max(), since_last_line = skipped, refused_total = app.capacity.refused(), "refused: at capacity (logged at most once a second)");
         }
         return at_capacity(&app);
     };

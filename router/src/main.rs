@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let addr = SocketAddr::new(settings.host, settings.port);
-        let listener = match TcpListener::bind(addr).await {
+        let listener = match bind(addr) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("router: cannot listen on {addr}: {e}");
@@ -71,6 +71,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// How many connections the kernel queues for accept. tokio's `bind` asks
+/// for 128, which a burst of clients overflows: the kernel then drops
+/// SYNs, and a health probe in the burst waits a second for its
+/// retransmission. (The kernel caps it at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

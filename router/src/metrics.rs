@@ -445,8 +445,9 @@ impl Metrics {
         self.tls_handshake_failures.inc();
     }
 
-    pub fn accept_error(&self) {
-        self.accept_errors.inc();
+    /// Counts one; returns the count so far.
+    pub fn accept_error(&self) -> u64 {
+        self.accept_errors.inc() + 1
     }
 
     /// A connection without a session was closed to make room.

@@ -565,3 +565,53 @@ async fn a_kubernetes_style_secret_rotation_is_picked_up() {
     })
     .await;
 }
+
+/// The README's self-signed certificate command, run as written: a client
+/// that trusts `cert.pem` (rustls, as browsers' and most libraries' checks
+/// go) connects to a router serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_self_signed_certificate_is_accepted_by_a_client_that_trusts_it() {
+    run(LIMIT, async {
+        let readme =
+            std::fs::read_to_string(e2e_tests::workspace_root().join("README.md")).unwrap();
+        let from = readme
+            .find("openssl req -x509")
+            .expect("the README's openssl command");
+        let end = from
+            + readme[from..]
+                .find("\nTLS_CERT=")
+                .expect("the line after it");
+        let command = &readme[from..end];
+        let pki = TestPki::new("tls-readme"); // a scratch directory, and a CA we do not use
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .current_dir(&pki.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pair = Issued {
+            cert: pki.dir.join("cert.pem"),
+            key: pki.dir.join("key.pem"),
+        };
+        let router = start(&pair, &[]).await;
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+        roots
+            .add(CertificateDer::from_pem_file(&pair.cert).unwrap())
+            .unwrap();
+        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = tls_connect(router.http, std::sync::Arc::new(config)).await;
+        assert!(tls.is_ok(), "a client trusting cert.pem: {:?}", tls.err());
+    })
+    .await;
+}

@@ -120,11 +120,12 @@ impl axum::serve::Listener for DeadlineListener {
                     return (io, peer);
                 }
                 Err(e) => {
-                    self.metrics.accept_error();
+                    let total = self.metrics.accept_error();
                     if let Some(skipped) = self.accept_errors.hit() {
                         tracing::warn!(
                             error = %e,
                             since_last_line = skipped,
+                            total,
                             open = self.tracker.stats().open,
                             pending = self.tracker.stats().pending,
                             "accept failed (logged at most once a second)"
