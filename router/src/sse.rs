@@ -1,0 +1,484 @@
+//! The HTTP fallback for networks that block WebSocket (README, "HTTP
+//! fallback"): Server-Sent Events down, `POST` up.
+//!
+//! An SSE session is an ordinary session (the same driver, policies,
+//! limits, metrics, resume) run over [`SseSocket`], which looks to the
+//! driver like a WebSocket:
+//! - what the session writes becomes SSE events on the response body:
+//!   `id: <seq>` and `data: <frame>` (no `id:` for `welcome` and
+//!   `resumed`, frames of the connection), binary frames as
+//!   `event: binary` with base64 data, pings as keep-alive comments, the
+//!   close as `event: close`;
+//! - what the client POSTs (`X-Session-Id`, `X-Resume-Token`) is fed to the
+//!   session as text frames, in order, through [`SseRegistry`].
+//!
+//! A POST is authenticated by the session's resume token, so SSE needs
+//! resume on the route. A dropped event stream is a lost connection like a
+//! dropped WebSocket: the session parks, and a new `GET` with
+//! `session_id`, `resume_token` and `last_seq` (or `Last-Event-ID`)
+//! resumes it: the socket starts with a `resume` frame made from them.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::ws::Message,
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use base64::Engine;
+use dashmap::DashMap;
+use futures_util::{Sink, Stream};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
+
+/// Client frames that may wait for the session to read them; a POST that
+/// finds the queue full is answered 429.
+const INBOUND_QUEUE: usize = 256;
+/// Encoded events that may wait for the response body to take them (the
+/// writer's patience then decides about a client that does not read).
+const OUTBOUND_QUEUE: usize = 64;
+
+/// Where a POST finds its session: session id → the session's inbound
+/// queue. An SSE socket registers under its session's id, and again under
+/// the old id when it resumes one.
+#[derive(Debug, Default)]
+pub struct SseRegistry(DashMap<String, mpsc::Sender<Message>>);
+
+impl SseRegistry {
+    pub fn sender(&self, session: &str) -> Option<mpsc::Sender<Message>> {
+        self.0.get(session).map(|s| s.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The session's side of an SSE connection (module docs).
+pub struct SseSocket {
+    inbound: mpsc::Receiver<Message>,
+    /// Frames the socket makes up itself (the `resume` of a reconnect, the
+    /// pong of a keep-alive), read before the POSTed ones.
+    pending: VecDeque<Message>,
+    outbound: PollSender<Bytes>,
+    closed: bool,
+    registry: Arc<SseRegistry>,
+    /// The sender POSTs use, kept to register it under a resumed id.
+    post: mpsc::Sender<Message>,
+    /// The session id it is registered under now.
+    session: Mutex<String>,
+}
+
+/// A new SSE connection: the socket for the session, and the body of the
+/// HTTP response that carries its events.
+pub fn connect(
+    registry: Arc<SseRegistry>,
+    session: &str,
+    resume: Option<Value>,
+) -> (SseSocket, Body) {
+    let (post, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(OUTBOUND_QUEUE);
+    registry.0.insert(session.to_owned(), post.clone());
+    let mut pending = VecDeque::new();
+    if let Some(frame) = resume {
+        pending.push_back(Message::Text(frame.to_string().into()));
+    }
+    let socket = SseSocket {
+        inbound,
+        pending,
+        outbound: PollSender::new(tx),
+        closed: false,
+        registry,
+        post,
+        session: Mutex::new(session.to_owned()),
+    };
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|b| b.map(Ok::<_, std::convert::Infallible>))
+    }));
+    (socket, body)
+}
+
+/// The headers of an event stream that no proxy should buffer.
+pub fn response(body: Body) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Whether a request asks for an event stream.
+pub fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().starts_with("text/event-stream"))
+        })
+}
+
+/// The `resume` frame a reconnecting `GET` asks for with its query
+/// (`session_id`, `resume_token`, `last_seq`, or the `Last-Event-ID`
+/// header), if it asks for one.
+pub fn resume_request(
+    query: &std::collections::BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Option<Value> {
+    let session_id = query.get("session_id")?;
+    let token = query.get("resume_token")?;
+    let last_seq = query
+        .get("last_seq")
+        .map(String::as_str)
+        .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(json!({
+        "type": "resume",
+        "id": "sse-resume",
+        "data": { "session_id": session_id, "resume_token": token, "last_seq": last_seq },
+    }))
+}
+
+/// One SSE event for a text frame: `id:` is its `seq`, except for the
+/// frames of the connection (`welcome`, `resumed`).
+fn text_event(text: &str) -> (Bytes, Option<String>) {
+    // The session writer puts `seq` last; `resumed` has none.
+    let seq = text.rfind("\"seq\":").and_then(|at| {
+        let digits: String = text[at + 6..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<u64>().ok()
+    });
+    let welcome = text.starts_with("{\"type\":\"welcome\"");
+    let mut event = String::with_capacity(text.len() + 24);
+    let mut resumed_id = None;
+    match seq {
+        Some(seq) if !welcome => {
+            event.push_str("id: ");
+            event.push_str(&seq.to_string());
+            event.push('\n');
+        }
+        Some(_) => {}
+        None => {
+            // `resumed`: the socket now carries the old session.
+            if let Ok(v) = serde_json::from_str::<Value>(text) {
+                if v["type"] == "resumed" {
+                    resumed_id = v["data"]["session_id"].as_str().map(str::to_owned);
+                }
+            }
+        }
+    }
+    // JSON from the writer has no raw newline; `data:` is one line.
+    event.push_str("data: ");
+    event.push_str(text);
+    event.push_str("\n\n");
+    (Bytes::from(event), resumed_id)
+}
+
+impl SseSocket {
+    fn event_for(&mut self, msg: Message) -> Option<Bytes> {
+        match msg {
+            Message::Text(t) => {
+                let (event, resumed) = text_event(t.as_str());
+                if let Some(id) = resumed {
+                    self.rename(&id);
+                }
+                Some(event)
+            }
+            Message::Binary(b) => Some(Bytes::from(format!(
+                "event: binary\ndata: {}\n\n",
+                base64::engine::general_purpose::STANDARD.encode(&b)
+            ))),
+            Message::Ping(_) => {
+                // A keep-alive comment for proxies and the client; the
+                // session hears its pong at once (the event stream has no
+                // way back: a dead client shows as a failed write).
+                self.pending.push_back(Message::Pong(Bytes::new()));
+                Some(Bytes::from_static(b": keep-alive\n\n"))
+            }
+            Message::Pong(_) => None,
+            Message::Close(frame) => {
+                self.closed = true;
+                let (code, reason) = frame
+                    .map(|f| (f.code, f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                Some(Bytes::from(format!(
+                    "event: close\ndata: {}\n\n",
+                    json!({ "code": code, "reason": reason })
+                )))
+            }
+        }
+    }
+
+    /// Registers the socket under the session id it carries now.
+    fn rename(&self, id: &str) {
+        let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != id {
+            self.registry
+                .0
+                .remove_if(&*current, |_, s| s.same_channel(&self.post));
+            self.registry.0.insert(id.to_owned(), self.post.clone());
+            *current = id.to_owned();
+        }
+    }
+}
+
+impl Drop for SseSocket {
+    fn drop(&mut self) {
+        let current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        self.registry
+            .0
+            .remove_if(&*current, |_, s| s.same_channel(&self.post));
+    }
+}
+
+impl Stream for SseSocket {
+    type Item = Result<Message, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(m) = self.pending.pop_front() {
+            return Poll::Ready(Some(Ok(m)));
+        }
+        if self.closed {
+            return Poll::Ready(None);
+        }
+        self.inbound.poll_recv(cx).map(|m| m.map(Ok))
+    }
+}
+
+impl Sink<Message> for SseSocket {
+    type Error = axum::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.outbound.poll_reserve(cx).map_err(axum::Error::new)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), Self::Error> {
+        match self.event_for(msg) {
+            Some(event) => self.outbound.send_item(event).map_err(axum::Error::new),
+            None => {
+                self.outbound.abort_send();
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Self::Error>> {
+        self.outbound.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Why a POST was not taken (README, "HTTP fallback").
+pub struct PostError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub index: Option<usize>,
+}
+
+impl IntoResponse for PostError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": { "code": self.code, "message": self.message } });
+        if let Some(i) = self.index {
+            body["error"]["index"] = json!(i);
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Feeds a POST body (one frame or an array) to the session, in order.
+/// Frames before a bad one are taken; `index` names the bad one.
+pub fn feed(
+    sender: &mpsc::Sender<Message>,
+    body: &[u8],
+    max_frame: usize,
+) -> Result<usize, PostError> {
+    let bad = |index: Option<usize>, message: String| PostError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message,
+        index,
+    };
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(None, format!("the body is not JSON: {e}")))?;
+    let (frames, array) = match value {
+        Value::Array(frames) => (frames, true),
+        frame => (vec![frame], false),
+    };
+    let at = |i: usize| array.then_some(i);
+    for (i, frame) in frames.iter().enumerate() {
+        if !frame.get("type").is_some_and(Value::is_string) {
+            return Err(bad(
+                at(i),
+                "a frame is a JSON object with a string `type`".into(),
+            ));
+        }
+        let text = frame.to_string();
+        if text.len() > max_frame {
+            return Err(PostError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "payload_too_large",
+                message: format!("a frame may have at most {max_frame} bytes"),
+                index: at(i),
+            });
+        }
+        match sender.try_send(Message::Text(text.into())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(PostError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    code: "rate_limited",
+                    message: "the session has more frames waiting than it reads: retry later"
+                        .into(),
+                    index: at(i),
+                })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(PostError {
+                    status: StatusCode::UNAUTHORIZED,
+                    code: "unauthorized",
+                    message: "the session has ended".into(),
+                    index: at(i),
+                })
+            }
+        }
+    }
+    Ok(frames.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+
+    #[test]
+    fn events_carry_seq_as_id_except_for_the_connections_frames() {
+        let (e, _) = text_event(r#"{"type":"echo","id":1,"data":{},"done":true,"seq":7}"#);
+        assert_eq!(
+            e,
+            Bytes::from(
+                "id: 7\ndata: {\"type\":\"echo\",\"id\":1,\"data\":{},\"done\":true,\"seq\":7}\n\n"
+            )
+        );
+        let (e, _) = text_event(r#"{"type":"welcome","data":{"session_id":"a"},"seq":0}"#);
+        assert!(e.starts_with(b"data: "), "no id for the welcome");
+        let (e, renamed) = text_event(
+            r#"{"data":{"session_id":"old","in_flight":[]},"done":true,"type":"resumed"}"#,
+        );
+        assert!(e.starts_with(b"data: "));
+        assert_eq!(renamed.as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn a_reconnect_asks_for_a_resume_from_its_query_or_last_event_id() {
+        let q = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut h = HeaderMap::new();
+        assert!(resume_request(&q(&[]), &h).is_none());
+        h.insert("last-event-id", HeaderValue::from_static("41"));
+        let r = resume_request(&q(&[("session_id", "s"), ("resume_token", "t")]), &h).unwrap();
+        assert_eq!(
+            r["data"],
+            json!({"session_id": "s", "resume_token": "t", "last_seq": 41})
+        );
+        let r = resume_request(
+            &q(&[
+                ("session_id", "s"),
+                ("resume_token", "t"),
+                ("last_seq", "9"),
+            ]),
+            &h,
+        )
+        .unwrap();
+        assert_eq!(r["data"]["last_seq"], 9);
+    }
+
+    #[tokio::test]
+    async fn posts_feed_the_session_in_order_and_a_bad_frame_stops_the_rest() {
+        let registry = Arc::new(SseRegistry::default());
+        let (mut socket, _body) = connect(registry.clone(), "s1", None);
+        let sender = registry.sender("s1").unwrap();
+        assert_eq!(feed(&sender, br#"{"type":"a"}"#, 1000).ok(), Some(1));
+        let e = feed(&sender, br#"[{"type":"b"},{"nope":1},{"type":"c"}]"#, 1000)
+            .err()
+            .unwrap();
+        assert_eq!((e.status, e.index), (StatusCode::BAD_REQUEST, Some(1)));
+        let e = feed(&sender, b"not json", 1000).err().unwrap();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = feed(&sender, br#"{"type":"x","data":"0123456789"}"#, 10)
+            .err()
+            .unwrap();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        for want in ["a", "b"] {
+            match socket.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["type"], want)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(socket);
+        assert!(registry.is_empty(), "a dropped socket unregisters");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_session_is_found_under_its_old_id() {
+        let registry = Arc::new(SseRegistry::default());
+        let (mut socket, _body) = connect(registry.clone(), "fresh", None);
+        socket
+            .send(Message::Text(
+                r#"{"data":{"session_id":"old"},"done":true,"type":"resumed"}"#.into(),
+            ))
+            .await
+            .unwrap();
+        assert!(registry.sender("fresh").is_none());
+        assert!(registry.sender("old").is_some());
+        // A keep-alive: a comment out, a pong in.
+        socket.send(Message::Ping(Bytes::new())).await.unwrap();
+        assert!(matches!(socket.next().await, Some(Ok(Message::Pong(_)))));
+    }
+}
