@@ -64,7 +64,7 @@ async fn posted_frames_are_answered_on_the_event_stream_in_order() {
             router.http,
             "/ws/echo",
             &auth,
-            r#"[{"type":"stream","id":"s","data":{"n":3}},{"type":"echo","id":"e","data":{"pi":3.141592653589793}}]"#,
+            r#"[{"type":"stream","id":"s","data":{"n":3}},{"type":"echo","id":"e","data":{"x":2.718281828459045e-3}}]"#,
         )
         .await;
         assert_eq!(r.status, 202, "{r:?}");
