@@ -307,7 +307,8 @@ fn refuse(status: StatusCode, code: &str, message: &str, extra: serde_json::Valu
 
 /// Everything that is not one of the router's own endpoints: a route's
 /// WebSocket upgrade or event stream (`GET`), a frame for an SSE session
-/// (`POST`), a CORS preflight (`OPTIONS`).
+/// (`POST`), the end of an SSE session (`DELETE`), a CORS preflight
+/// (`OPTIONS`).
 async fn on_route(
     State(app): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
@@ -324,6 +325,7 @@ async fn on_route(
     let mut response = match parts.method {
         axum::http::Method::OPTIONS => preflight(&app, &path, origin.as_deref()),
         axum::http::Method::POST => post(&app, &path, &parts.headers, body).await,
+        axum::http::Method::DELETE => end_session(&app, &path, &parts.headers),
         _ => {
             let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app).await;
             upgrade(app.clone(), peer, parts.uri, parts.headers, ws).await
@@ -368,11 +370,11 @@ fn preflight(app: &AppState, path: &str, origin: Option<&str>) -> Response {
         [
             (
                 axum::http::header::ACCESS_CONTROL_ALLOW_METHODS,
-                "GET, POST",
+                "GET, POST, DELETE",
             ),
             (
                 axum::http::header::ACCESS_CONTROL_ALLOW_HEADERS,
-                "Content-Type, Authorization, X-Session-Id, X-Resume-Token, Last-Event-ID",
+                "Content-Type, Authorization, X-Session-Id, X-Resume-Token, X-Post-Seq, Last-Event-ID",
             ),
             (axum::http::header::ACCESS_CONTROL_MAX_AGE, "600"),
         ],
@@ -380,8 +382,14 @@ fn preflight(app: &AppState, path: &str, origin: Option<&str>) -> Response {
         .into_response()
 }
 
-/// `POST <route>`: frames for an SSE session (README, "HTTP fallback").
-async fn post(app: &AppState, path: &str, headers: &HeaderMap, body: axum::body::Body) -> Response {
+/// The SSE session a `POST` or `DELETE` names (`X-Session-Id`,
+/// `X-Resume-Token`), with the largest frame its route takes; or the
+/// refusal (404 no route, 401 not a live event stream of this token).
+fn sse_session(
+    app: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(Arc<sse::Upstream>, usize), sse::PostError> {
     let unauthorized = |message: &str| sse::PostError {
         status: StatusCode::UNAUTHORIZED,
         code: "unauthorized",
@@ -390,27 +398,68 @@ async fn post(app: &AppState, path: &str, headers: &HeaderMap, body: axum::body:
     };
     let table = app.route_table();
     let Some(found) = table.find(path) else {
-        return sse::PostError {
+        return Err(sse::PostError {
             status: StatusCode::NOT_FOUND,
             code: "unknown_route",
             message: format!("no route serves {path}"),
             index: None,
-        }
-        .into_response();
+        });
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (Some(session), Some(token)) = (header("x-session-id"), header("x-resume-token")) else {
-        return unauthorized("send X-Session-Id and X-Resume-Token from the session's welcome")
-            .into_response();
+        return Err(unauthorized(
+            "send X-Session-Id and X-Resume-Token from the session's welcome",
+        ));
     };
     if !app.lot.owns(session, token) {
-        return unauthorized("no live session with this id and token").into_response();
+        return Err(unauthorized("no live session with this id and token"));
     }
-    let Some(sender) = app.sse.sender(session) else {
-        return unauthorized("the session has no event stream open: open one (GET) first")
-            .into_response();
+    let Some(upstream) = app.sse.upstream(session) else {
+        return Err(unauthorized(
+            "the session has no event stream open: open one (GET) first",
+        ));
     };
-    let max_frame = found.route.max_message_bytes;
+    Ok((upstream, found.route.max_message_bytes))
+}
+
+/// `DELETE <route>`: ends an SSE session as a WebSocket close 1000 would
+/// (README, "HTTP fallback"): 204, then the stream's `close` event.
+fn end_session(app: &AppState, path: &str, headers: &HeaderMap) -> Response {
+    match sse_session(app, path, headers) {
+        Ok((upstream, _)) if upstream.end() => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => sse::PostError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: "the session has more frames waiting than it reads: retry later".into(),
+            index: None,
+        }
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST <route>`: frames for an SSE session (README, "HTTP fallback").
+async fn post(app: &AppState, path: &str, headers: &HeaderMap, body: axum::body::Body) -> Response {
+    let (upstream, max_frame) = match sse_session(app, path, headers) {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    let seq = match headers
+        .get("x-post-seq")
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()))
+    {
+        None => None,
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            return sse::PostError {
+                status: StatusCode::BAD_REQUEST,
+                code: "bad_request",
+                message: "X-Post-Seq is a whole number".into(),
+                index: None,
+            }
+            .into_response()
+        }
+    };
     // A body holds a few frames at most.
     let limit = max_frame.saturating_mul(16);
     let bytes = match axum::body::to_bytes(body, limit).await {
@@ -425,7 +474,7 @@ async fn post(app: &AppState, path: &str, headers: &HeaderMap, body: axum::body:
             .into_response()
         }
     };
-    match sse::feed(&sender, &bytes, max_frame) {
+    match upstream.post(seq, &bytes, max_frame) {
         Ok(n) => (StatusCode::ACCEPTED, Json(json!({ "accepted": n }))).into_response(),
         Err(e) => e.into_response(),
     }

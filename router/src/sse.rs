@@ -10,7 +10,11 @@
 //!   `event: binary` with base64 data, pings as keep-alive comments, the
 //!   close as `event: close`;
 //! - what the client POSTs (`X-Session-Id`, `X-Resume-Token`) is fed to the
-//!   session as text frames, in order, through [`SseRegistry`].
+//!   session as text frames, in order, through [`SseRegistry`]; a POST
+//!   numbered with `X-Post-Seq` and sent twice (a browser retries a POST
+//!   whose connection broke before the answer) is taken once and answered
+//!   alike ([`Upstream`]);
+//! - a `DELETE` ends the session as a WebSocket close 1000 would.
 //!
 //! A POST is authenticated by the session's resume token, so SSE needs
 //! resume on the route. A dropped event stream is a lost connection like a
@@ -27,14 +31,14 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    extract::ws::Message,
+    extract::ws::{CloseFrame, Message},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use base64::Engine;
 use dashmap::DashMap;
 use futures_util::{Sink, Stream};
-use serde_json::{json, Value};
+use serde_json::{json, value::RawValue, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
@@ -45,14 +49,14 @@ const INBOUND_QUEUE: usize = 256;
 /// writer's patience then decides about a client that does not read).
 const OUTBOUND_QUEUE: usize = 64;
 
-/// Where a POST finds its session: session id → the session's inbound
-/// queue. An SSE socket registers under its session's id, and again under
-/// the old id when it resumes one.
-#[derive(Debug, Default)]
-pub struct SseRegistry(DashMap<String, mpsc::Sender<Message>>);
+/// Where a POST finds its session: session id → the session's
+/// [`Upstream`]. An SSE socket registers under its session's id, and again
+/// under the old id when it resumes one.
+#[derive(Default)]
+pub struct SseRegistry(DashMap<String, Arc<Upstream>>);
 
 impl SseRegistry {
-    pub fn sender(&self, session: &str) -> Option<mpsc::Sender<Message>> {
+    pub fn upstream(&self, session: &str) -> Option<Arc<Upstream>> {
         self.0.get(session).map(|s| s.clone())
     }
 
@@ -65,6 +69,58 @@ impl SseRegistry {
     }
 }
 
+/// Where POSTs reach one SSE socket: its inbound queue, and the answer to
+/// the last numbered POST, so that the same POST sent again is not taken
+/// twice.
+pub struct Upstream {
+    sender: mpsc::Sender<Message>,
+    last: Mutex<Option<(u64, Result<usize, PostError>)>>,
+}
+
+impl Upstream {
+    /// Takes a POST body (see [`feed`]). With `seq` (`X-Post-Seq`, counted
+    /// up by the client per event stream), the POST numbered like the last
+    /// one is that one sent again: it gets the same answer and nothing is
+    /// fed twice; an older number is refused (409).
+    pub fn post(
+        &self,
+        seq: Option<u64>,
+        body: &[u8],
+        max_frame: usize,
+    ) -> Result<usize, PostError> {
+        let Some(seq) = seq else {
+            return feed(&self.sender, body, max_frame);
+        };
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((n, answer)) if *n == seq => return answer.clone(),
+            Some((n, _)) if *n > seq => {
+                return Err(PostError {
+                    status: StatusCode::CONFLICT,
+                    code: "bad_request",
+                    message: format!("POST {seq} arrived after POST {n}"),
+                    index: None,
+                })
+            }
+            _ => {}
+        }
+        let answer = feed(&self.sender, body, max_frame);
+        *last = Some((seq, answer.clone()));
+        answer
+    }
+
+    /// Asks the session to end as a client's close 1000 would (`DELETE`);
+    /// `false` if the session is gone or too far behind to read it.
+    pub fn end(&self) -> bool {
+        self.sender
+            .try_send(Message::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "the client ended the session".into(),
+            })))
+            .is_ok()
+    }
+}
+
 /// The session's side of an SSE connection (module docs).
 pub struct SseSocket {
     inbound: mpsc::Receiver<Message>,
@@ -73,9 +129,12 @@ pub struct SseSocket {
     pending: VecDeque<Message>,
     outbound: PollSender<Bytes>,
     closed: bool,
+    /// The `close` event answering a client's close (`DELETE`), written by
+    /// the next flush, as a WebSocket answers a close frame.
+    close_reply: Option<Bytes>,
     registry: Arc<SseRegistry>,
-    /// The sender POSTs use, kept to register it under a resumed id.
-    post: mpsc::Sender<Message>,
+    /// What POSTs reach, kept to register it under a resumed id.
+    upstream: Arc<Upstream>,
     /// The session id it is registered under now.
     session: Mutex<String>,
 }
@@ -87,9 +146,13 @@ pub fn connect(
     session: &str,
     resume: Option<Value>,
 ) -> (SseSocket, Body) {
-    let (post, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let (sender, inbound) = mpsc::channel(INBOUND_QUEUE);
     let (tx, mut rx) = mpsc::channel::<Bytes>(OUTBOUND_QUEUE);
-    registry.0.insert(session.to_owned(), post.clone());
+    let upstream = Arc::new(Upstream {
+        sender,
+        last: Mutex::new(None),
+    });
+    registry.0.insert(session.to_owned(), upstream.clone());
     let mut pending = VecDeque::new();
     if let Some(frame) = resume {
         pending.push_back(Message::Text(frame.to_string().into()));
@@ -99,8 +162,9 @@ pub fn connect(
         pending,
         outbound: PollSender::new(tx),
         closed: false,
+        close_reply: None,
         registry,
-        post,
+        upstream,
         session: Mutex::new(session.to_owned()),
     };
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
@@ -242,8 +306,8 @@ impl SseSocket {
         if *current != id {
             self.registry
                 .0
-                .remove_if(&*current, |_, s| s.same_channel(&self.post));
-            self.registry.0.insert(id.to_owned(), self.post.clone());
+                .remove_if(&*current, |_, s| Arc::ptr_eq(s, &self.upstream));
+            self.registry.0.insert(id.to_owned(), self.upstream.clone());
             *current = id.to_owned();
         }
     }
@@ -254,7 +318,7 @@ impl Drop for SseSocket {
         let current = self.session.lock().unwrap_or_else(|p| p.into_inner());
         self.registry
             .0
-            .remove_if(&*current, |_, s| s.same_channel(&self.post));
+            .remove_if(&*current, |_, s| Arc::ptr_eq(s, &self.upstream));
     }
 }
 
@@ -268,7 +332,11 @@ impl Stream for SseSocket {
         if self.closed {
             return Poll::Ready(None);
         }
-        self.inbound.poll_recv(cx).map(|m| m.map(Ok))
+        let m = std::task::ready!(self.inbound.poll_recv(cx));
+        if let Some(Message::Close(frame)) = &m {
+            self.close_reply = self.event_for(Message::Close(frame.clone()));
+        }
+        Poll::Ready(m.map(Ok))
     }
 }
 
@@ -289,7 +357,13 @@ impl Sink<Message> for SseSocket {
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.close_reply.is_some() {
+            std::task::ready!(self.outbound.poll_reserve(cx)).map_err(axum::Error::new)?;
+            if let Some(event) = self.close_reply.take() {
+                self.outbound.send_item(event).map_err(axum::Error::new)?;
+            }
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -303,6 +377,7 @@ impl Sink<Message> for SseSocket {
 }
 
 /// Why a POST was not taken (README, "HTTP fallback").
+#[derive(Clone, Debug)]
 pub struct PostError {
     pub status: StatusCode,
     pub code: &'static str,
@@ -326,6 +401,13 @@ impl IntoResponse for PostError {
     }
 }
 
+/// What [`feed`] checks of a frame before the session reads it.
+#[derive(serde::Deserialize)]
+struct Typed<'a> {
+    #[serde(borrow, rename = "type")]
+    _type: std::borrow::Cow<'a, str>,
+}
+
 /// Feeds a POST body (one frame or an array) to the session, in order.
 /// Frames before a bad one are taken; `index` names the bad one.
 pub fn feed(
@@ -339,21 +421,26 @@ pub fn feed(
         message,
         index,
     };
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| bad(None, format!("the body is not JSON: {e}")))?;
-    let (frames, array) = match value {
-        Value::Array(frames) => (frames, true),
-        frame => (vec![frame], false),
+    // The frames go on as the client wrote them (each number exactly as
+    // sent): split, checked, never re-encoded.
+    let text =
+        std::str::from_utf8(body).map_err(|_| bad(None, "the body is not UTF-8 text".into()))?;
+    let not_json = |e: serde_json::Error| bad(None, format!("the body is not JSON: {e}"));
+    let array = text.trim_start().starts_with('[');
+    let frames: Vec<&RawValue> = if array {
+        serde_json::from_str(text).map_err(not_json)?
+    } else {
+        vec![serde_json::from_str(text).map_err(not_json)?]
     };
     let at = |i: usize| array.then_some(i);
     for (i, frame) in frames.iter().enumerate() {
-        if !frame.get("type").is_some_and(Value::is_string) {
+        if serde_json::from_str::<Typed<'_>>(frame.get()).is_err() {
             return Err(bad(
                 at(i),
                 "a frame is a JSON object with a string `type`".into(),
             ));
         }
-        let text = frame.to_string();
+        let text = frame.get();
         if text.len() > max_frame {
             return Err(PostError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -362,7 +449,7 @@ pub fn feed(
                 index: at(i),
             });
         }
-        match sender.try_send(Message::Text(text.into())) {
+        match sender.try_send(Message::Text(text.to_owned().into())) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 return Err(PostError {
@@ -441,7 +528,7 @@ mod tests {
     async fn posts_feed_the_session_in_order_and_a_bad_frame_stops_the_rest() {
         let registry = Arc::new(SseRegistry::default());
         let (mut socket, _body) = connect(registry.clone(), "s1", None);
-        let sender = registry.sender("s1").unwrap();
+        let sender = registry.upstream("s1").unwrap().sender.clone();
         assert_eq!(feed(&sender, br#"{"type":"a"}"#, 1000).ok(), Some(1));
         let e = feed(&sender, br#"[{"type":"b"},{"nope":1},{"type":"c"}]"#, 1000)
             .err()
@@ -475,10 +562,62 @@ mod tests {
             ))
             .await
             .unwrap();
-        assert!(registry.sender("fresh").is_none());
-        assert!(registry.sender("old").is_some());
+        assert!(registry.upstream("fresh").is_none());
+        assert!(registry.upstream("old").is_some());
         // A keep-alive: a comment out, a pong in.
         socket.send(Message::Ping(Bytes::new())).await.unwrap();
         assert!(matches!(socket.next().await, Some(Ok(Message::Pong(_)))));
+    }
+
+    #[tokio::test]
+    async fn frames_go_on_as_written_numbers_and_spacing_included() {
+        let registry = Arc::new(SseRegistry::default());
+        let (mut socket, _body) = connect(registry.clone(), "s1", None);
+        let up = registry.upstream("s1").unwrap();
+        let frames = [
+            r#"{"type":"echo","data":{"n":1.0000000000000002,"big":12345678901234567890123,"e":1E400}}"#,
+            r#"{ "type" : "b\u0041" , "data" : [ 1e2 ] }"#,
+        ];
+        let body = format!(" [ {} ,\n{} ] ", frames[0], frames[1]);
+        assert_eq!(up.post(None, body.as_bytes(), 1000).ok(), Some(2));
+        for want in frames {
+            match socket.next().await {
+                Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), want),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_post_sent_again_is_taken_once_and_answered_alike() {
+        let registry = Arc::new(SseRegistry::default());
+        let (mut socket, _body) = connect(registry.clone(), "s1", None);
+        let up = registry.upstream("s1").unwrap();
+        let body = br#"[{"type":"a"},{"type":"b"}]"#;
+        assert_eq!(up.post(Some(1), body, 1000).ok(), Some(2));
+        assert_eq!(up.post(Some(1), body, 1000).ok(), Some(2), "the retry");
+        // A refusal is kept alike: the retry gets it too and feeds nothing.
+        let bad = br#"[{"type":"c"},{"nope":1}]"#;
+        let e = up.post(Some(2), bad, 1000).unwrap_err();
+        assert_eq!((e.status, e.index), (StatusCode::BAD_REQUEST, Some(1)));
+        let again = up.post(Some(2), bad, 1000).unwrap_err();
+        assert_eq!((again.status, again.index), (e.status, e.index));
+        assert_eq!(up.post(Some(3), br#"{"type":"d"}"#, 1000).ok(), Some(1));
+        let stale = up.post(Some(2), bad, 1000).unwrap_err();
+        assert_eq!(stale.status, StatusCode::CONFLICT);
+        for want in ["a", "b", "c", "d"] {
+            match socket.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["type"], want)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // DELETE: the session reads a close 1000.
+        assert!(up.end());
+        match socket.next().await {
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, 1000),
+            other => panic!("{other:?}"),
+        }
     }
 }

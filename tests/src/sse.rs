@@ -37,6 +37,8 @@ pub struct EventStream {
     events: VecDeque<Event>,
     /// Keep-alive comments seen.
     pub comments: usize,
+    /// The body's last (empty) chunk arrived: the response is complete.
+    ended: bool,
     pub status: u16,
     pub headers: Vec<(String, String)>,
 }
@@ -89,6 +91,7 @@ impl EventStream {
             raw: rest,
             events: VecDeque::new(),
             comments: 0,
+            ended: false,
             status,
             headers,
         }
@@ -109,6 +112,9 @@ impl EventStream {
             self.parse();
             if let Some(e) = self.events.pop_front() {
                 return Some(e);
+            }
+            if self.ended {
+                return None;
             }
             let mut buf = [0u8; 8192];
             let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
@@ -139,6 +145,7 @@ impl EventStream {
             if self.raw.len() < eol + 2 + size + 2 {
                 return;
             }
+            self.ended |= size == 0;
             self.body
                 .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
             self.raw.drain(..eol + 2 + size + 2);

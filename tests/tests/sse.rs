@@ -120,6 +120,80 @@ async fn posted_frames_are_answered_on_the_event_stream_in_order() {
     .await;
 }
 
+/// A browser sends a POST again when its connection broke before the
+/// answer: numbered with X-Post-Seq, the second copy is answered like the
+/// first and its request is not run twice. DELETE ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_sent_twice_runs_once_and_delete_ends_the_session() {
+    run(LIMIT, async {
+        let (router, _worker) = stack(&[]).await;
+        let (mut events, id, token) = open(&router, "/ws/echo").await;
+        let auth = |seq: &'static str| {
+            [
+                ("X-Session-Id", id.clone()),
+                ("X-Resume-Token", token.clone()),
+                ("X-Post-Seq", seq.to_owned()),
+            ]
+        };
+        fn headers<'a>(h: &'a [(&'static str, String); 3]) -> Vec<(&'static str, &'a str)> {
+            h.iter().map(|(k, v)| (*k, v.as_str())).collect()
+        }
+        let first = auth("1");
+        let body = r#"{"type":"echo","id":"once","data":1}"#;
+        for _ in 0..2 {
+            let r = post(router.http, "/ws/echo", &headers(&first), body).await;
+            assert_eq!((r.status, r.json()), (202, json!({"accepted": 1})), "{r:?}");
+        }
+        let r = post(
+            router.http,
+            "/ws/echo",
+            &headers(&auth("2")),
+            r#"{"type":"echo","id":"after","data":2}"#,
+        )
+        .await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let mut ids = Vec::new();
+        while ids.last() != Some(&json!("after")) {
+            let f = events.next_json(T).await;
+            if f["done"] == true {
+                ids.push(f["id"].clone());
+            }
+        }
+        assert_eq!(
+            ids,
+            [json!("once"), json!("after")],
+            "the retried POST ran once"
+        );
+        let r = post(router.http, "/ws/echo", &headers(&auth("x")), body).await;
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].clone()),
+            (400, json!("bad_request"))
+        );
+
+        // DELETE: 204, then the stream's close event, and the token is spent.
+        let r = request(router.http, "DELETE", "/ws/echo", &headers(&auth("3"))).await;
+        assert_eq!(r.status, 204, "{r:?}");
+        let close = loop {
+            let e = events.next(T).await.expect("a close event");
+            if e.event.as_deref() == Some("close") {
+                break e.json();
+            }
+        };
+        assert_eq!(close["code"], 1000, "{close}");
+        assert_eq!(
+            events.next(T).await,
+            None,
+            "the stream ends after its close event"
+        );
+        let r = post(router.http, "/ws/echo", &headers(&auth("4")), body).await;
+        assert_eq!(
+            r.status, 401,
+            "an ended session takes no more frames: {r:?}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_is_resumed_by_a_new_get_with_last_event_id() {
     run(LIMIT, async {

@@ -8,7 +8,10 @@
  * (sse-parser.ts).
  *
  * Events: `message` (a JSON frame), `binary` (base64), `close`
- * (`{code, reason}`, the last one); comments are keep-alives. A reconnect
+ * (`{code, reason}`, the last one); comments are keep-alives. POSTs are
+ * numbered (`X-Post-Seq`), so that one the browser sends again after a
+ * broken connection is taken once; `close` ends the session with a
+ * `DELETE` before it lets the stream go. A reconnect
  * that resumes asks for it in the `GET`'s query (`session_id`,
  * `resume_token`, `last_seq`): the stream then starts with the `welcome`,
  * then `resumed` or a `resume_failed` error.
@@ -67,6 +70,10 @@ export class SseTransport implements Transport {
   private readonly controller = new AbortController();
   private poster: Poster | undefined;
   private readonly postUrl: string;
+  /** The session's credentials, once its welcome named them. */
+  private auth: Record<string, string> | undefined;
+  /** Number of the last POST (`X-Post-Seq`). */
+  private posts = 0;
 
   /** Starts the `GET` at once; throws on a malformed URL. */
   constructor(
@@ -96,8 +103,10 @@ export class SseTransport implements Transport {
   authorize(sessionId: string, token: string, maxBytes: number): void {
     if (!this.live) return;
     this.poster?.close();
+    const auth = { 'X-Session-Id': sessionId, 'X-Resume-Token': token };
+    this.auth = auth;
     this.poster = new Poster({
-      post: (body, signal) => this.post(body, signal, sessionId, token),
+      post: (body, signal) => this.post(body, signal, auth),
       reject: (frame, error) => {
         if (!this.live) return;
         // As the router's error frame for it would read on a WebSocket.
@@ -111,8 +120,25 @@ export class SseTransport implements Transport {
     });
   }
 
+  /**
+   * Ends the session on the router (`DELETE`, as a WebSocket's close frame
+   * would), then lets the stream go: aborted first, the stream's end would
+   * park the session until its resume TTL.
+   */
   close(): void {
-    this.stop();
+    const auth = this.auth;
+    if (!this.live || !auth) return this.stop();
+    this.live = false;
+    this.poster?.close();
+    const release = (): void => {
+      clearTimeout(timer);
+      this.controller.abort();
+    };
+    const timer = setTimeout(release, this.o.postTimeoutMs);
+    this.o
+      .fetch(this.postUrl, { method: 'DELETE', headers: { ...this.o.headers, ...auth }, keepalive: true })
+      .then((res) => res.body?.cancel())
+      .then(release, release);
   }
 
   /** An event stream has no close frame: ending it leaves the session parked on the router until its resume TTL. */
@@ -198,14 +224,14 @@ export class SseTransport implements Transport {
     }
   }
 
-  private async post(body: string, signal: AbortSignal, sessionId: string, token: string): Promise<PostAnswer> {
+  private async post(body: string, signal: AbortSignal, auth: Record<string, string>): Promise<PostAnswer> {
     const res = await this.o.fetch(this.postUrl, {
       method: 'POST',
       headers: {
         ...this.o.headers,
+        ...auth,
         'Content-Type': 'application/json',
-        'X-Session-Id': sessionId,
-        'X-Resume-Token': token,
+        'X-Post-Seq': String(++this.posts),
       },
       body,
       signal,

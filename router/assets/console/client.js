@@ -714,6 +714,8 @@ var SseTransport = class {
     this.binary = false;
     this.live = true;
     this.controller = new AbortController();
+    /** Number of the last POST (`X-Post-Seq`). */
+    this.posts = 0;
     const u = httpUrl(url);
     const post = new URL(u.href);
     post.search = "";
@@ -734,8 +736,10 @@ var SseTransport = class {
   authorize(sessionId, token, maxBytes) {
     if (!this.live) return;
     this.poster?.close();
+    const auth = { "X-Session-Id": sessionId, "X-Resume-Token": token };
+    this.auth = auth;
     this.poster = new Poster({
-      post: (body, signal) => this.post(body, signal, sessionId, token),
+      post: (body, signal) => this.post(body, signal, auth),
       reject: (frame, error) => {
         if (!this.live) return;
         const id = parseFrame(frame)?.id;
@@ -747,8 +751,22 @@ var SseTransport = class {
       timeoutMs: this.o.postTimeoutMs
     });
   }
+  /**
+   * Ends the session on the router (`DELETE`, as a WebSocket's close frame
+   * would), then lets the stream go: aborted first, the stream's end would
+   * park the session until its resume TTL.
+   */
   close() {
-    this.stop();
+    const auth = this.auth;
+    if (!this.live || !auth) return this.stop();
+    this.live = false;
+    this.poster?.close();
+    const release = () => {
+      clearTimeout(timer);
+      this.controller.abort();
+    };
+    const timer = setTimeout(release, this.o.postTimeoutMs);
+    this.o.fetch(this.postUrl, { method: "DELETE", headers: { ...this.o.headers, ...auth }, keepalive: true }).then((res) => res.body?.cancel()).then(release, release);
   }
   /** An event stream has no close frame: ending it leaves the session parked on the router until its resume TTL. */
   drop() {
@@ -828,14 +846,14 @@ var SseTransport = class {
         return this.on.malformed(`an event of unknown type ${JSON.stringify(e.event.slice(0, 40))}`);
     }
   }
-  async post(body, signal, sessionId, token) {
+  async post(body, signal, auth) {
     const res = await this.o.fetch(this.postUrl, {
       method: "POST",
       headers: {
         ...this.o.headers,
+        ...auth,
         "Content-Type": "application/json",
-        "X-Session-Id": sessionId,
-        "X-Resume-Token": token
+        "X-Post-Seq": String(++this.posts)
       },
       body,
       signal

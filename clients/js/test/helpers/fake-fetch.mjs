@@ -71,6 +71,8 @@ export class FakeStream {
 export class FakeRouter {
   streams = [];
   posts = [];
+  /** DELETEs (the client ending its session), answered 204. */
+  deletes = [];
   /** Answer POSTs at once with 202. */
   autoAccept = true;
   /** The status of the next GETs (200: an event stream). */
@@ -93,6 +95,10 @@ export class FakeRouter {
         });
       }
       return new Response(s.stream, { status: 200, headers: { 'content-type': 'text/event-stream' } });
+    }
+    if (method === 'DELETE') {
+      this.deletes.push({ url: new URL(url), headers: lower(init.headers) });
+      return new Response(null, { status: 204 });
     }
     const post = {
       url: new URL(url),

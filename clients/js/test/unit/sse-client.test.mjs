@@ -70,6 +70,7 @@ test('over SSE: the GET, the welcome, a request POSTed with the session headers 
   assert.equal(p.headers['x-session-id'], 's1');
   assert.equal(p.headers['x-resume-token'], 'tok-1');
   assert.equal(p.headers['content-type'], 'application/json');
+  assert.equal(p.headers['x-post-seq'], '1', 'POSTs are numbered, so the router takes a repeated one once');
   assert.deepEqual(p.body, [
     { type: 'echo', id: 1, data: { a: 1 } },
     { type: 'note', data: 1 },
@@ -362,4 +363,27 @@ test('transports option: validated; without a WebSocket, SSE alone works and the
   const c = new Client('ws://x/ws', { transports: ['sse'], fetch: router.fetch, events: null });
   t.after(() => c.close());
   assert.equal(c.transport, 'sse');
+});
+
+test('over SSE: close() ends the session with a DELETE (session headers), and lets the stream go once it is answered', async (t) => {
+  const { client, router } = setup(t);
+  await flush();
+  const s = router.last;
+  s.welcome(RESUMABLE);
+  await flush();
+  client.send('a', 1);
+  await flush();
+  client.send('b', 2);
+  await flush();
+  assert.deepEqual(router.posts.map((p) => p.headers['x-post-seq']), ['1', '2'], 'numbered one after the other');
+  client.close();
+  assert.equal(s.aborted, false, 'the stream is kept until the DELETE is answered');
+  await flush();
+  assert.equal(router.deletes.length, 1);
+  const d = router.deletes[0];
+  assert.equal(d.url.href, 'http://router.test/ws/echo', 'to the route, without the query');
+  assert.equal(d.headers['x-session-id'], 's1');
+  assert.equal(d.headers['x-resume-token'], 'tok-1');
+  assert.equal(s.aborted, true, 'then the stream goes');
+  assert.equal(client.state, 'closed');
 });
