@@ -419,6 +419,11 @@ fn sse_session(
             "the session has no event stream open: open one (GET) first",
         ));
     };
+    if !upstream.carries(token) {
+        return Err(unauthorized(
+            "this token is of an earlier connection of the session: use the one its resumed event gave",
+        ));
+    }
     Ok((upstream, found.route.max_message_bytes))
 }
 

@@ -75,9 +75,23 @@ impl SseRegistry {
 pub struct Upstream {
     sender: mpsc::Sender<Message>,
     last: Mutex<Option<(u64, Result<usize, PostError>)>>,
+    /// The token of this connection's welcome, or of its `resumed`.
+    token: Mutex<Option<String>>,
 }
 
 impl Upstream {
+    /// Whether `token` is this connection's: a POST of an earlier
+    /// connection of the same session (sent before that one dropped, with
+    /// the token the resume replaced) must not reach this one, whose
+    /// numbering it does not share.
+    pub fn carries(&self, token: &str) -> bool {
+        self.token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(token)
+    }
+
     /// Takes a POST body (see [`feed`]). With `seq` (`X-Post-Seq`, counted
     /// up by the client per event stream), the POST numbered like the last
     /// one is that one sent again: it gets the same answer and nothing is
@@ -151,6 +165,7 @@ pub fn connect(
     let upstream = Arc::new(Upstream {
         sender,
         last: Mutex::new(None),
+        token: Mutex::new(None),
     });
     registry.0.insert(session.to_owned(), upstream.clone());
     let mut pending = VecDeque::new();
@@ -230,7 +245,9 @@ pub fn resume_request(
 
 /// One SSE event for a text frame: `id:` is its `seq`, except for the
 /// frames of the connection (`welcome`, `resumed`).
-fn text_event(text: &str) -> (Bytes, Option<String>) {
+/// The event for a text frame, and whether it is a frame of the connection
+/// (`welcome`, `resumed`: no `seq` of the session, no `id:`).
+fn text_event(text: &str) -> (Bytes, bool) {
     // The session writer puts `seq` last; `resumed` has none.
     let seq = text.rfind("\"seq\":").and_then(|at| {
         let digits: String = text[at + 6..]
@@ -241,37 +258,26 @@ fn text_event(text: &str) -> (Bytes, Option<String>) {
     });
     let welcome = text.starts_with("{\"type\":\"welcome\"");
     let mut event = String::with_capacity(text.len() + 24);
-    let mut resumed_id = None;
-    match seq {
-        Some(seq) if !welcome => {
-            event.push_str("id: ");
-            event.push_str(&seq.to_string());
-            event.push('\n');
-        }
-        Some(_) => {}
-        None => {
-            // `resumed`: the socket now carries the old session.
-            if let Ok(v) = serde_json::from_str::<Value>(text) {
-                if v["type"] == "resumed" {
-                    resumed_id = v["data"]["session_id"].as_str().map(str::to_owned);
-                }
-            }
-        }
+    let connection = welcome || seq.is_none();
+    if let (Some(seq), false) = (seq, connection) {
+        event.push_str("id: ");
+        event.push_str(&seq.to_string());
+        event.push('\n');
     }
     // JSON from the writer has no raw newline; `data:` is one line.
     event.push_str("data: ");
     event.push_str(text);
     event.push_str("\n\n");
-    (Bytes::from(event), resumed_id)
+    (Bytes::from(event), connection)
 }
 
 impl SseSocket {
     fn event_for(&mut self, msg: Message) -> Option<Bytes> {
         match msg {
             Message::Text(t) => {
-                let (event, resumed) = text_event(t.as_str());
-                if let Some(id) = resumed {
-                    self.rename(&id);
+                let (event, connection) = text_event(t.as_str());
+                if connection {
+                    self.connection_frame(t.as_str());
                 }
                 Some(event)
             }
@@ -296,6 +302,26 @@ impl SseSocket {
                     "event: close\ndata: {}\n\n",
                     json!({ "code": code, "reason": reason })
                 )))
+            }
+        }
+    }
+
+    /// A `welcome` or `resumed` names the token this connection's POSTs
+    /// carry; `resumed` also the session it now carries (the old one).
+    fn connection_frame(&self, text: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        if let Some(token) = v["data"]["resume_token"].as_str() {
+            *self
+                .upstream
+                .token
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(token.to_owned());
+        }
+        if v["type"] == "resumed" {
+            if let Some(id) = v["data"]["session_id"].as_str() {
+                self.rename(id);
             }
         }
     }
@@ -480,20 +506,23 @@ mod tests {
 
     #[test]
     fn events_carry_seq_as_id_except_for_the_connections_frames() {
-        let (e, _) = text_event(r#"{"type":"echo","id":1,"data":{},"done":true,"seq":7}"#);
+        let (e, connection) = text_event(r#"{"type":"echo","id":1,"data":{},"done":true,"seq":7}"#);
+        assert!(!connection);
         assert_eq!(
             e,
             Bytes::from(
                 "id: 7\ndata: {\"type\":\"echo\",\"id\":1,\"data\":{},\"done\":true,\"seq\":7}\n\n"
             )
         );
-        let (e, _) = text_event(r#"{"type":"welcome","data":{"session_id":"a"},"seq":0}"#);
-        assert!(e.starts_with(b"data: "), "no id for the welcome");
-        let (e, renamed) = text_event(
+        let (e, connection) = text_event(r#"{"type":"welcome","data":{"session_id":"a"},"seq":0}"#);
+        assert!(
+            e.starts_with(b"data: ") && connection,
+            "no id for the welcome"
+        );
+        let (e, connection) = text_event(
             r#"{"data":{"session_id":"old","in_flight":[]},"done":true,"type":"resumed"}"#,
         );
-        assert!(e.starts_with(b"data: "));
-        assert_eq!(renamed.as_deref(), Some("old"));
+        assert!(e.starts_with(b"data: ") && connection);
     }
 
     #[test]
@@ -563,7 +592,16 @@ mod tests {
             .await
             .unwrap();
         assert!(registry.upstream("fresh").is_none());
-        assert!(registry.upstream("old").is_some());
+        let up = registry.upstream("old").unwrap();
+        assert!(!up.carries("t-old"), "a token of an earlier connection");
+        socket
+            .send(Message::Text(
+                r#"{"data":{"session_id":"old","resume_token":"t-new"},"done":true,"type":"resumed"}"#
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        assert!(up.carries("t-new") && !up.carries("t-old"));
         // A keep-alive: a comment out, a pong in.
         socket.send(Message::Ping(Bytes::new())).await.unwrap();
         assert!(matches!(socket.next().await, Some(Ok(Message::Pong(_)))));

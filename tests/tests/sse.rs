@@ -235,6 +235,16 @@ async fn a_dropped_stream_is_resumed_by_a_new_get_with_last_event_id() {
         assert_eq!(r["type"], "resumed", "{r}");
         assert_eq!(r["data"]["session_id"], json!(id));
         let new_token = r["data"]["resume_token"].as_str().unwrap().to_owned();
+        // A POST of the dropped stream that arrives late, with the token
+        // the resume replaced, reaches nothing (else it could run twice).
+        let late = post(
+            router.http,
+            "/ws/echo",
+            &auth,
+            r#"{"type":"echo","id":"late","data":0}"#,
+        )
+        .await;
+        assert_eq!(late.status, 401, "{late:?}");
         let b = again.next_json(T).await;
         assert_eq!(
             (b["id"].as_str(), b["done"].as_bool()),

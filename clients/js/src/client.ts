@@ -98,8 +98,6 @@ export class Client extends Emitter<ClientEvents> {
   private transports: TransportKind[];
   /** The one the current (or next) attempt uses. */
   private tIndex = 0;
-  /** A later transport reached a welcome after an earlier one failed: kept for good. */
-  private pinned = false;
   /** The event stream of this attempt asked for a resume in its query. */
   private sseResume = false;
   private readonly o: Resolved;
@@ -364,6 +362,7 @@ export class Client extends Emitter<ClientEvents> {
         headers: this.headers,
         resume: this.sseResume ? { sessionId: s.id!, token: s.token!, lastSeq: s.lastSeq } : undefined,
         postTimeoutMs: this.o.connectTimeoutMs,
+        maxBacklogBytes: this.o.maxQueueBytes,
       },
       on,
     );
@@ -414,9 +413,14 @@ export class Client extends Emitter<ClientEvents> {
       );
     }
     let switched = false;
-    if (failed && !noSse && !this.pinned && this.transports.length > 1) {
+    if (failed && !noSse && this.transports.length > 1) {
       this.tIndex = (this.tIndex + 1) % this.transports.length;
       switched = this.tIndex !== 0; // the next transport of this round: no wait
+    } else if (!failed) {
+      // A connection that had its welcome dropped: the next round starts
+      // with the first transport again, so one failed WebSocket (a draining
+      // router, a slow handshake) does not keep the client on the fallback.
+      this.tIndex = 0;
     }
     const delay = now || switched ? 0 : this.backoff.next();
     info.reconnectInMs = delay;
@@ -472,7 +476,6 @@ export class Client extends Emitter<ClientEvents> {
 
   private onWelcome(w: Welcome): void {
     this._welcome = w;
-    if (this.tIndex !== 0) this.pinned = true;
     const sse = this.sock?.kind === 'sse';
     if (sse) {
       if (typeof w.resume_token !== 'string') return this.lost(1002, 'an event stream without a resume token: its POSTs cannot be authenticated');
@@ -521,7 +524,15 @@ export class Client extends Emitter<ClientEvents> {
       // before it, so once the pong is in, a request that neither runs nor
       // has ended truly never reached the router.
       const id = this.table.nextId();
-      this.internal(encode('ping', id), id, true, () => this.finishResume(), noop);
+      // Only the pong proves the order: an error in its place (e.g. the
+      // HTTP fallback's POST refused 429 until the retries ran out) does not.
+      this.internal(
+        encode('ping', id),
+        id,
+        true,
+        (f) => (f.type === 'pong' ? this.finishResume() : this.lost(1006, `the resume barrier was refused (${f.error?.code ?? f.type}): resuming again`)),
+        noop,
+      );
       // No pong in time: drop this socket and resume again from the last seq (never guess).
       this.arm('handshake', this.o.connectTimeoutMs, () => this.lost(1006, 'no answer after the resume'));
       return;
@@ -690,9 +701,13 @@ export class Client extends Emitter<ClientEvents> {
 
   /** Sends now when ready, else queues; `false` when the queue refused it. */
   private deliver(payload: string | BinaryData, bytes: number, entry?: Entry): boolean {
-    if (this.phase === 'ready' && this.sock?.send(payload)) {
-      if (entry) entry.sent = true;
-      return true;
+    if (this.phase === 'ready' && this.sock) {
+      if (this.sock.send(payload)) {
+        if (entry) entry.sent = true;
+        return true;
+      }
+      // The HTTP fallback's POSTs are behind by maxQueueBytes: full, as the offline queue would be.
+      if (this.sock.kind === 'sse') return false;
     }
     return this.queue.offer({ payload, bytes, key: entry?.key });
   }

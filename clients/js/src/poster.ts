@@ -45,6 +45,8 @@ export interface PosterOptions {
   timeoutMs: number;
   /** `429`s in a row before the frame is refused (3). */
   maxRetries?: number;
+  /** Bytes of frames that may wait (posted or not yet answered); past it `push` refuses. */
+  maxBacklogBytes: number;
 }
 
 /** The error codes the router gives these statuses when the body has none. */
@@ -52,6 +54,8 @@ const CODES: Record<number, string> = { 400: 'bad_request', 413: 'payload_too_la
 
 export class Poster {
   private pending: string[] = [];
+  /** UTF-8 bytes of `pending` and of the POST under way. */
+  private bytes = 0;
   /** Frames at the head of `pending` to be posted one per request. */
   private solo = 0;
   private busy = false;
@@ -68,11 +72,19 @@ export class Poster {
     return this.pending.length + (this.busy ? 1 : 0);
   }
 
-  /** Queues a frame (encoded JSON); it is posted after every frame pushed before it. */
-  push(frame: string): void {
-    if (this.closed) return;
+  /**
+   * Queues a frame (encoded JSON); it is posted after every frame pushed
+   * before it. `false`: closed, or the backlog would pass `maxBacklogBytes`
+   * (the router answers slower than the frames come): not queued.
+   */
+  push(frame: string): boolean {
+    if (this.closed) return false;
+    const size = utf8Length(frame);
+    if (this.bytes > 0 && this.bytes + size > this.o.maxBacklogBytes) return false;
+    this.bytes += size;
     this.pending.push(frame);
     this.kick();
+    return true;
   }
 
   /** Stops: aborts the POST under way; nothing more is posted or reported. */
@@ -80,6 +92,7 @@ export class Poster {
     if (this.closed) return;
     this.closed = true;
     this.pending = [];
+    this.bytes = 0;
     this.busy = false;
     clearTimeout(this.timer);
     this.controller.abort();
@@ -116,6 +129,7 @@ export class Poster {
         clearTimeout(timeout);
         if (this.closed) return;
         this.busy = false;
+        for (const f of batch) this.bytes -= utf8Length(f);
         this.answered(batch, answer);
         this.kick();
       },
@@ -142,7 +156,7 @@ export class Poster {
       const rest = at < 0 ? batch : batch.slice(at);
       const delay = retryAfterMs ?? (typeof error.retry_after_ms === 'number' ? error.retry_after_ms : 1000);
       if (this.retries++ < (this.o.maxRetries ?? 3)) {
-        this.pending.unshift(...rest);
+        this.putBack(rest);
         this.busy = true; // holds the queue until the retry
         this.timer = setTimeout(() => {
           this.busy = false;
@@ -157,12 +171,18 @@ export class Poster {
     }
     if (at < 0) {
       // Which frame is bad is unknown: each alone finds out.
-      this.pending.unshift(...batch);
+      this.putBack(batch);
       this.solo = batch.length;
       return;
     }
     this.o.reject(batch[at]!, error);
-    this.pending.unshift(...batch.slice(at + 1));
+    this.putBack(batch.slice(at + 1));
+  }
+
+  /** Frames answered with "again": back at the head of the queue, in order. */
+  private putBack(frames: string[]): void {
+    for (const f of frames) this.bytes += utf8Length(f);
+    this.pending.unshift(...frames);
   }
 
   private lose(reason: string): void {

@@ -38,6 +38,8 @@ export class SseParser {
   private skipLF = false;
   private started = false;
   private data: string[] = [];
+  /** Characters in {@link data}. */
+  private dataLength = 0;
   private event = '';
   private id: string | undefined;
 
@@ -46,9 +48,13 @@ export class SseParser {
     private readonly onComment: (text: string) => void = () => {},
   ) {}
 
-  /** Characters waiting for their line end (a bound against a stream that never ends a line). */
+  /**
+   * Characters held for the event being read: its `data:` lines and the
+   * text waiting for a line end (a bound against a stream that never ends
+   * a line, or an event).
+   */
   get buffered(): number {
-    return this.partialLength;
+    return this.partialLength + this.dataLength;
   }
 
   /** Parses the next piece of the stream. */
@@ -108,6 +114,7 @@ export class SseParser {
     switch (field) {
       case 'data':
         this.data.push(value);
+        this.dataLength += value.length + 1;
         break;
       case 'event':
         this.event = value;
@@ -126,6 +133,7 @@ export class SseParser {
   private dispatch(): void {
     const { data, event, id } = this;
     this.data = [];
+    this.dataLength = 0;
     this.event = '';
     this.id = undefined;
     if (data.length === 0) return;

@@ -33,10 +33,16 @@ export interface SseOptions {
   resume: { sessionId: string; token: string; lastSeq: number } | undefined;
   /** Bound on each POST's answer. */
   postTimeoutMs: number;
+  /** Bytes of frames waiting for their POST's answer, at most (the client's `maxQueueBytes`). */
+  maxBacklogBytes: number;
 }
 
-/** Characters a line of the stream may grow to before the stream is taken as broken. */
-const MAX_LINE = 64 << 20;
+/**
+ * Characters one event may hold (its `data:` lines, and a line waiting for
+ * its end) before the stream is taken as broken: 32 Mi, room for a 16 MiB
+ * binary frame in base64.
+ */
+const MAX_EVENT = 32 << 20;
 
 /** The route's HTTP URL for a `ws://`/`wss://` one (`http://`/`https://` are kept). */
 export function httpUrl(url: string): URL {
@@ -96,8 +102,7 @@ export class SseTransport implements Transport {
 
   send(payload: string | BinaryData): boolean {
     if (!this.live || !this.poster || typeof payload !== 'string') return false;
-    this.poster.push(payload);
-    return true;
+    return this.poster.push(payload);
   }
 
   authorize(sessionId: string, token: string, maxBytes: number): void {
@@ -116,6 +121,7 @@ export class SseTransport implements Transport {
       fail: (reason) => this.end(1006, reason),
       maxBatchFrames: 64,
       maxBatchBytes: maxBytes,
+      maxBacklogBytes: this.o.maxBacklogBytes,
       timeoutMs: this.o.postTimeoutMs,
     });
   }
@@ -136,7 +142,12 @@ export class SseTransport implements Transport {
     };
     const timer = setTimeout(release, this.o.postTimeoutMs);
     this.o
-      .fetch(this.postUrl, { method: 'DELETE', headers: { ...this.o.headers, ...auth }, keepalive: true })
+      .fetch(this.postUrl, {
+        method: 'DELETE',
+        headers: { ...this.o.headers, ...auth },
+        keepalive: true,
+        signal: AbortSignal.timeout(this.o.postTimeoutMs),
+      })
       .then((res) => res.body?.cancel())
       .then(release, release);
   }
@@ -191,7 +202,7 @@ export class SseTransport implements Transport {
         if (!this.live) return;
         if (done) break;
         parser.feed(decoder.decode(value, { stream: true }));
-        if (parser.buffered > MAX_LINE) return this.end(1009, 'an event stream line over 64 Mi characters');
+        if (parser.buffered > MAX_EVENT) return this.end(1009, 'an event of the stream over 32 Mi characters');
       }
     } catch (e) {
       return this.end(1006, `the event stream broke: ${message(e)}`);

@@ -127,6 +127,16 @@ test('in chromium: routes, connect over WebSocket, an echo with seq, correlation
   assert.match(reply.latency, /^\d+ ms$/);
   assert.equal(await page.$eval(`#requests details[data-id="${id}"]`, (d) => d.dataset.state), 'done');
   await page.screenshot({ path: join(ARTIFACTS, 'console-echo.png'), fullPage: true });
+
+  // Frames come from workers, which are not trusted: markup in them is text.
+  const markup = '<img src=x onerror="window.__pwned=1"><b id="injected">b</b>';
+  const xid = await request('echo', { html: markup });
+  await page.waitForSelector(`#log tr[data-dir="in"][data-conn="${await conn()}"][data-id="${xid}"][data-done="true"]`, WAIT);
+  const [echoed] = await inRows(xid);
+  assert.deepEqual(JSON.parse(echoed.data), { html: markup }, 'shown as text');
+  assert.equal(await page.$('#injected'), null, 'no element made from a frame');
+  assert.equal(await page.$$eval('img', (imgs) => imgs.length), 0);
+  assert.equal(await page.evaluate(() => window.__pwned), undefined);
 });
 
 test('in chromium: cancel a running request; subscribe to a topic; drop the connection and see the resume', async () => {

@@ -169,7 +169,7 @@ describe('resume and liveness over SSE', () => {
 
 describe('automatic fallback', () => {
   for (const refuseUpgrade of ['403', 'close']) {
-    test(`a proxy that refuses the WebSocket upgrade (${refuseUpgrade}): the client falls back to SSE by itself, stays on it, and works`, async (t) => {
+    test(`a proxy that refuses the WebSocket upgrade (${refuseUpgrade}): the client falls back to SSE by itself, works, and resumes over SSE after a cut`, async (t) => {
       const p = await proxy(t, { refuseUpgrade });
       const c = await connect(`ws://127.0.0.1:${p.port}/ws/echo`, { WebSocket, backoffBaseMs: 50 }, { timeout: 15_000 });
       clients.push(c);
@@ -179,7 +179,8 @@ describe('automatic fallback', () => {
       const stages = [];
       for await (const f of c.stream('stream', { n: 5 })) stages.push(f.done ? 'end' : f.data.i);
       assert.deepEqual(stages, [0, 1, 2, 3, 4, 'end']);
-      // A cut: it comes back over SSE (no WebSocket attempt), resuming the session.
+      // A cut: the next round tries WebSocket first (refused again), then
+      // comes back over SSE, resuming the session.
       const refused = p.refused;
       const reopened = new Promise((res) => c.on('open', res));
       const slow = c.request('slow', { ms: 300 });
@@ -187,7 +188,7 @@ describe('automatic fallback', () => {
       const o = await reopened;
       assert.deepEqual([o.transport, o.resumed], ['sse', true]);
       assert.deepEqual((await slow).data, { slept_ms: 300 });
-      assert.equal(p.refused, refused, 'no WebSocket attempt after the fallback');
+      assert.equal(p.refused, refused + 1, 'one WebSocket attempt per reconnect, refused');
     });
   }
 

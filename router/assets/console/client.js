@@ -469,6 +469,8 @@ var Poster = class {
   constructor(o) {
     this.o = o;
     this.pending = [];
+    /** UTF-8 bytes of `pending` and of the POST under way. */
+    this.bytes = 0;
     /** Frames at the head of `pending` to be posted one per request. */
     this.solo = 0;
     this.busy = false;
@@ -481,17 +483,26 @@ var Poster = class {
   get backlog() {
     return this.pending.length + (this.busy ? 1 : 0);
   }
-  /** Queues a frame (encoded JSON); it is posted after every frame pushed before it. */
+  /**
+   * Queues a frame (encoded JSON); it is posted after every frame pushed
+   * before it. `false`: closed, or the backlog would pass `maxBacklogBytes`
+   * (the router answers slower than the frames come): not queued.
+   */
   push(frame) {
-    if (this.closed) return;
+    if (this.closed) return false;
+    const size = utf8Length(frame);
+    if (this.bytes > 0 && this.bytes + size > this.o.maxBacklogBytes) return false;
+    this.bytes += size;
     this.pending.push(frame);
     this.kick();
+    return true;
   }
   /** Stops: aborts the POST under way; nothing more is posted or reported. */
   close() {
     if (this.closed) return;
     this.closed = true;
     this.pending = [];
+    this.bytes = 0;
     this.busy = false;
     clearTimeout(this.timer);
     this.controller.abort();
@@ -525,6 +536,7 @@ var Poster = class {
         clearTimeout(timeout);
         if (this.closed) return;
         this.busy = false;
+        for (const f of batch) this.bytes -= utf8Length(f);
         this.answered(batch, answer);
         this.kick();
       },
@@ -550,7 +562,7 @@ var Poster = class {
       const rest = at < 0 ? batch : batch.slice(at);
       const delay = retryAfterMs ?? (typeof error.retry_after_ms === "number" ? error.retry_after_ms : 1e3);
       if (this.retries++ < (this.o.maxRetries ?? 3)) {
-        this.pending.unshift(...rest);
+        this.putBack(rest);
         this.busy = true;
         this.timer = setTimeout(() => {
           this.busy = false;
@@ -564,12 +576,17 @@ var Poster = class {
       return;
     }
     if (at < 0) {
-      this.pending.unshift(...batch);
+      this.putBack(batch);
       this.solo = batch.length;
       return;
     }
     this.o.reject(batch[at], error);
-    this.pending.unshift(...batch.slice(at + 1));
+    this.putBack(batch.slice(at + 1));
+  }
+  /** Frames answered with "again": back at the head of the queue, in order. */
+  putBack(frames) {
+    for (const f of frames) this.bytes += utf8Length(f);
+    this.pending.unshift(...frames);
   }
   lose(reason) {
     if (this.closed) return;
@@ -602,11 +619,17 @@ var SseParser = class {
     this.skipLF = false;
     this.started = false;
     this.data = [];
+    /** Characters in {@link data}. */
+    this.dataLength = 0;
     this.event = "";
   }
-  /** Characters waiting for their line end (a bound against a stream that never ends a line). */
+  /**
+   * Characters held for the event being read: its `data:` lines and the
+   * text waiting for a line end (a bound against a stream that never ends
+   * a line, or an event).
+   */
   get buffered() {
-    return this.partialLength;
+    return this.partialLength + this.dataLength;
   }
   /** Parses the next piece of the stream. */
   feed(chunk) {
@@ -663,6 +686,7 @@ var SseParser = class {
     switch (field) {
       case "data":
         this.data.push(value);
+        this.dataLength += value.length + 1;
         break;
       case "event":
         this.event = value;
@@ -679,6 +703,7 @@ var SseParser = class {
   dispatch() {
     const { data, event, id } = this;
     this.data = [];
+    this.dataLength = 0;
     this.event = "";
     this.id = void 0;
     if (data.length === 0) return;
@@ -687,7 +712,7 @@ var SseParser = class {
 };
 
 // src/sse.ts
-var MAX_LINE = 64 << 20;
+var MAX_EVENT = 32 << 20;
 function httpUrl(url) {
   const u = new URL(url);
   if (u.protocol === "ws:") u.protocol = "http:";
@@ -730,8 +755,7 @@ var SseTransport = class {
   }
   send(payload) {
     if (!this.live || !this.poster || typeof payload !== "string") return false;
-    this.poster.push(payload);
-    return true;
+    return this.poster.push(payload);
   }
   authorize(sessionId, token, maxBytes) {
     if (!this.live) return;
@@ -748,6 +772,7 @@ var SseTransport = class {
       fail: (reason) => this.end(1006, reason),
       maxBatchFrames: 64,
       maxBatchBytes: maxBytes,
+      maxBacklogBytes: this.o.maxBacklogBytes,
       timeoutMs: this.o.postTimeoutMs
     });
   }
@@ -766,7 +791,12 @@ var SseTransport = class {
       this.controller.abort();
     };
     const timer = setTimeout(release, this.o.postTimeoutMs);
-    this.o.fetch(this.postUrl, { method: "DELETE", headers: { ...this.o.headers, ...auth }, keepalive: true }).then((res) => res.body?.cancel()).then(release, release);
+    this.o.fetch(this.postUrl, {
+      method: "DELETE",
+      headers: { ...this.o.headers, ...auth },
+      keepalive: true,
+      signal: AbortSignal.timeout(this.o.postTimeoutMs)
+    }).then((res) => res.body?.cancel()).then(release, release);
   }
   /** An event stream has no close frame: ending it leaves the session parked on the router until its resume TTL. */
   drop() {
@@ -815,7 +845,7 @@ var SseTransport = class {
         if (!this.live) return;
         if (done) break;
         parser.feed(decoder.decode(value, { stream: true }));
-        if (parser.buffered > MAX_LINE) return this.end(1009, "an event stream line over 64 Mi characters");
+        if (parser.buffered > MAX_EVENT) return this.end(1009, "an event of the stream over 32 Mi characters");
       }
     } catch (e) {
       return this.end(1006, `the event stream broke: ${message(e)}`);
@@ -1000,8 +1030,6 @@ var Client = class extends Emitter {
     this.phase = "down";
     /** The one the current (or next) attempt uses. */
     this.tIndex = 0;
-    /** A later transport reached a welcome after an earlier one failed: kept for good. */
-    this.pinned = false;
     /** The event stream of this attempt asked for a resume in its query. */
     this.sseResume = false;
     this.table = new RequestTable();
@@ -1224,7 +1252,8 @@ var Client = class extends Emitter {
         // `sse` is only among the transports with a fetch
         headers: this.headers,
         resume: this.sseResume ? { sessionId: s.id, token: s.token, lastSeq: s.lastSeq } : void 0,
-        postTimeoutMs: this.o.connectTimeoutMs
+        postTimeoutMs: this.o.connectTimeoutMs,
+        maxBacklogBytes: this.o.maxQueueBytes
       },
       on
     );
@@ -1269,9 +1298,11 @@ var Client = class extends Emitter {
       );
     }
     let switched = false;
-    if (failed && !noSse && !this.pinned && this.transports.length > 1) {
+    if (failed && !noSse && this.transports.length > 1) {
       this.tIndex = (this.tIndex + 1) % this.transports.length;
       switched = this.tIndex !== 0;
+    } else if (!failed) {
+      this.tIndex = 0;
     }
     const delay = now || switched ? 0 : this.backoff.next();
     info.reconnectInMs = delay;
@@ -1322,7 +1353,6 @@ var Client = class extends Emitter {
   }
   onWelcome(w) {
     this._welcome = w;
-    if (this.tIndex !== 0) this.pinned = true;
     const sse = this.sock?.kind === "sse";
     if (sse) {
       if (typeof w.resume_token !== "string") return this.lost(1002, "an event stream without a resume token: its POSTs cannot be authenticated");
@@ -1362,7 +1392,13 @@ var Client = class extends Emitter {
       this.replayed = Math.max(0, Math.floor(Number(r.replayed)) || 0);
       this.phase = "replaying";
       const id = this.table.nextId();
-      this.internal(encode("ping", id), id, true, () => this.finishResume(), noop3);
+      this.internal(
+        encode("ping", id),
+        id,
+        true,
+        (f2) => f2.type === "pong" ? this.finishResume() : this.lost(1006, `the resume barrier was refused (${f2.error?.code ?? f2.type}): resuming again`),
+        noop3
+      );
       this.arm("handshake", this.o.connectTimeoutMs, () => this.lost(1006, "no answer after the resume"));
       return;
     }
@@ -1515,9 +1551,12 @@ var Client = class extends Emitter {
   }
   /** Sends now when ready, else queues; `false` when the queue refused it. */
   deliver(payload, bytes, entry) {
-    if (this.phase === "ready" && this.sock?.send(payload)) {
-      if (entry) entry.sent = true;
-      return true;
+    if (this.phase === "ready" && this.sock) {
+      if (this.sock.send(payload)) {
+        if (entry) entry.sent = true;
+        return true;
+      }
+      if (this.sock.kind === "sse") return false;
     }
     return this.queue.offer({ payload, bytes, key: entry?.key });
   }

@@ -9,6 +9,9 @@ import { Client } from '/console/client.js';
 
 const $ = (id) => document.getElementById(id);
 const MAX_LOG_ROWS = 500;
+/** Request boxes kept (the oldest finished ones go first), and rows per request's table. */
+const MAX_REQUESTS = 100;
+const MAX_REQUEST_ROWS = 200;
 
 let routes = [];
 let client;
@@ -212,12 +215,22 @@ function addRequest(id, type, ac) {
   const req = { id, box, status, info, cancel, table, sentAt: performance.now(), frames: 0 };
   requests.set(String(id), req);
   setStatus(req, 'running');
+  if (requests.size > MAX_REQUESTS) {
+    for (const [key, old] of requests) {
+      if (old.state === 'running') continue;
+      requests.delete(key);
+      old.box.remove();
+      if (requests.size <= MAX_REQUESTS) break;
+    }
+  }
   return req;
 }
 
 function addRequestFrame(req, f) {
   const ms = Math.round(performance.now() - req.sentAt);
   req.table.append(row([seqText(f), f.type, `${ms} ms`, json(f.data)]));
+  // The header row stays; the oldest frames go (the count says how many came).
+  while (req.table.rows.length > MAX_REQUEST_ROWS + 1) req.table.deleteRow(1);
   req.info.textContent = `${req.frames} frame(s), last after ${ms} ms`;
 }
 

@@ -22,6 +22,7 @@ function setup(opts = {}) {
     fail: (reason) => failed.push(reason),
     maxBatchFrames: 64,
     maxBatchBytes: 1 << 20,
+    maxBacklogBytes: 1 << 20,
     timeoutMs: 10_000,
     ...opts,
   });
@@ -200,4 +201,30 @@ test('close() aborts the POST under way and reports nothing, whatever answers la
   calls[0].answer({ status: 400, body: { error: { code: 'bad_request', message: 'x' } } });
   await tick();
   assert.deepEqual([calls.length, rejected, failed], [1, [], []]);
+});
+
+test('the backlog is bounded in bytes: past maxBacklogBytes push refuses; answered and refused frames free their bytes, retried ones keep them', async () => {
+  const size = Buffer.byteLength(frame(1));
+  const { poster, calls, rejected } = setup({ maxBacklogBytes: 3 * size });
+  assert.equal(poster.push(frame(1)), true);
+  await tick();
+  assert.equal(poster.push(frame(2)), true);
+  assert.equal(poster.push(frame(3)), true);
+  assert.equal(poster.push(frame(4)), false, 'a fourth frame would pass the bound');
+  calls[0].answer(ok(1));
+  await tick();
+  assert.equal(poster.push(frame(4)), true, 'the answered frame freed its bytes');
+  assert.equal(poster.push(frame(5)), false);
+  // [2,3,4] under way: 3 is refused, 4 goes again and keeps its bytes.
+  calls[1].answer({ status: 400, body: { error: { code: 'bad_request', message: 'no', index: 1 } } });
+  await tick();
+  assert.deepEqual(rejected.map(([f]) => f.id), [3]);
+  assert.deepEqual(ids(calls[2].body), [4]);
+  assert.equal(poster.push(frame(5)), true);
+  assert.equal(poster.push(frame(6)), true);
+  assert.equal(poster.push(frame(7)), false, '4, 5 and 6 are waiting');
+  const big = JSON.stringify({ type: 'echo', id: 9, data: 'x'.repeat(10 * size) });
+  poster.close();
+  const fresh = setup({ maxBacklogBytes: 3 * size }).poster;
+  assert.equal(fresh.push(big), true, 'an empty backlog takes one frame of any size (the route bounds it)');
 });

@@ -254,7 +254,7 @@ function both(t, opts = {}) {
   return setup(t, { transports: undefined, WebSocket: FakeSocket, ...opts }, 'ws://router.test/ws/echo');
 }
 
-test('fallback: a WebSocket that fails before its welcome hands over to SSE at once; SSE then stays for the client\'s life', async (t) => {
+test('fallback: a WebSocket that fails before its welcome hands over to SSE at once; after the stream drops, the next round tries WebSocket first and resumes on whichever connects', async (t) => {
   const { client, router, events } = both(t);
   assert.equal(client.transport, 'websocket');
   assert.equal(FakeSocket.all.length, 1);
@@ -268,18 +268,16 @@ test('fallback: a WebSocket that fails before its welcome hands over to SSE at o
   assert.equal(of(events, 'open')[0].transport, 'sse');
   router.last.fail();
   await flush();
-  // The next event stream fails before its welcome: still no WebSocket, a backoff instead.
-  router.getError = new TypeError('fetch failed');
-  await reconnect(t, events);
-  assert.equal(router.streams.length, 1);
-  const c2 = of(events, 'close').pop();
-  assert.match(c2.reason, /fetch failed/);
-  assert.ok(c2.reconnectInMs > 0, 'a backoff, not a switch back');
-  assert.equal(client.transport, 'sse');
-  router.getError = undefined;
-  await reconnect(t, events);
-  assert.equal(FakeSocket.all.length, 1, 'no WebSocket again');
+  // A drop after the welcome: a backoff, then WebSocket first again.
+  const c2 = await reconnect(t, events);
+  assert.ok(c2.reconnectInMs > 0, 'a backoff: the drop was not a failure of a transport');
+  assert.equal(FakeSocket.all.length, 2, 'WebSocket is tried again');
+  assert.equal(client.transport, 'websocket');
+  FakeSocket.last.drop(1006); // still refused: SSE at once, and it resumes
+  const c3 = await reconnect(t, events);
+  assert.equal(c3.reconnectInMs, 0);
   assert.equal(router.streams.length, 2);
+  assert.equal(router.last.url.searchParams.get('session_id'), 's1', 'the event stream asks for the resume');
   router.last.welcome({ ...RESUMABLE, session_id: 's9' });
   router.last.frame({ type: 'resumed', id: 'sse-resume', done: true, data: { session_id: 's1', resume_token: 't2', replayed: 0, in_flight: [] } });
   await flush();

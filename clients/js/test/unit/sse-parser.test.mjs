@@ -82,7 +82,7 @@ test('a BOM at the start is skipped (only there); an unterminated last event is 
   assert.deepEqual(events.map((e) => e.data), ['a']);
   const { events: second } = parse(['\uFEFFdata: a\n\ndata: \uFEFFb\n\n']);
   assert.deepEqual(second.map((e) => e.data), ['a', '\uFEFFb']);
-  assert.equal(parser.buffered, 0, 'the line "data: never ended" was complete; only its blank line is missing');
+  assert.equal(parser.buffered, 'never ended'.length + 1, 'the data of the event that has no blank line yet is counted');
 });
 
 test('a long line arriving in many chunks is buffered, counted, and parsed once complete', () => {
@@ -95,5 +95,13 @@ test('a long line arriving in many chunks is buffered, counted, and parsed once 
   assert.equal(events.length, 0);
   p.feed('\n\n');
   assert.equal(events[0].data, big);
+  assert.equal(p.buffered, 0);
+});
+
+test('data lines of an event that never ends are counted, so the stream can be bounded; a dispatch frees them', () => {
+  const p = new SseParser(() => {});
+  for (let i = 0; i < 1000; i++) p.feed('data: xxxxxxxxxx\n');
+  assert.equal(p.buffered, 1000 * 11);
+  p.feed('\n');
   assert.equal(p.buffered, 0);
 });
