@@ -390,6 +390,9 @@ for p in "${paths[@]}"; do echo "    $ws_scheme://$http_addr$p"; done
 echo "  Health:   $scheme://$http_addr/health"
 echo "  Ready:    $scheme://$http_addr/ready"
 echo "  Routes:   $scheme://$http_addr/routes"
+if [[ $(http_get /console | sed -n 1p) == 200 ]]; then
+    echo "  Console:  $scheme://$http_addr/console"
+fi
 echo "  Bridge:   $bridge    Publish: $publish"
 echo "  Logs:     $log_dir/<name>.log"
 if [[ -x $bin_dir/examples/poke ]]; then

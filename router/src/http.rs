@@ -22,11 +22,12 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::{
-    capacity,
+    capacity, console,
     ids::ConnId,
     listener::{self, PeerInfo},
     policy::{auth, breaker::BreakerState, forwarded, ratelimit::retry_after_ms},
     session::{self, SessionStart},
+    sse,
     state::AppState,
 };
 
@@ -37,7 +38,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/routes", get(routes))
         .route("/metrics", get(metrics))
         .route("/stats", get(stats))
-        .fallback(upgrade)
+        .merge(console::routes(state.console_enabled()))
+        .fallback(on_route)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             listener::extend_deadline,
@@ -303,9 +305,189 @@ fn refuse(status: StatusCode, code: &str, message: &str, extra: serde_json::Valu
     (status, Json(body)).into_response()
 }
 
-async fn upgrade(
+/// Everything that is not one of the router's own endpoints: a route's
+/// WebSocket upgrade or event stream (`GET`), a frame for an SSE session
+/// (`POST`), the end of an SSE session (`DELETE`), a CORS preflight
+/// (`OPTIONS`).
+async fn on_route(
     State(app): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    request: axum::extract::Request,
+) -> Response {
+    use axum::extract::FromRequestParts;
+    let (mut parts, body) = request.into_parts();
+    let origin = parts
+        .headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let path = parts.uri.path().to_owned();
+    let mut response = match parts.method {
+        axum::http::Method::OPTIONS => preflight(&app, &path, origin.as_deref()),
+        axum::http::Method::POST => post(&app, &path, &parts.headers, body).await,
+        axum::http::Method::DELETE => end_session(&app, &path, &parts.headers),
+        _ => {
+            let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app).await;
+            upgrade(app.clone(), peer, parts.uri, parts.headers, ws).await
+        }
+    };
+    allow_origin(&app, &path, origin.as_deref(), &mut response);
+    response
+}
+
+/// CORS for pages of other origins, as the route's `allowedOrigins` allow.
+fn allow_origin(app: &AppState, path: &str, origin: Option<&str>, response: &mut Response) {
+    let Some(origin) = origin else { return };
+    let table = app.route_table();
+    let Some(found) = table.find(path) else {
+        return;
+    };
+    if auth::check_origin(found.route.allowed_origins.as_deref(), Some(origin)).is_err() {
+        return;
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(origin) {
+        let h = response.headers_mut();
+        h.insert(axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        h.insert(
+            axum::http::header::VARY,
+            axum::http::HeaderValue::from_static("Origin"),
+        );
+    }
+}
+
+/// The answer to a CORS preflight of a route (the custom headers of the
+/// HTTP fallback included).
+fn preflight(app: &AppState, path: &str, origin: Option<&str>) -> Response {
+    let table = app.route_table();
+    let allowed = table
+        .find(path)
+        .is_some_and(|f| auth::check_origin(f.route.allowed_origins.as_deref(), origin).is_ok());
+    if !allowed {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (
+                axum::http::header::ACCESS_CONTROL_ALLOW_METHODS,
+                "GET, POST, DELETE",
+            ),
+            (
+                axum::http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "Content-Type, Authorization, X-Session-Id, X-Resume-Token, X-Post-Seq, Last-Event-ID",
+            ),
+            (axum::http::header::ACCESS_CONTROL_MAX_AGE, "600"),
+        ],
+    )
+        .into_response()
+}
+
+/// The SSE session a `POST` or `DELETE` names (`X-Session-Id`,
+/// `X-Resume-Token`), with the largest frame its route takes; or the
+/// refusal (404 no route, 401 not a live event stream of this token).
+fn sse_session(
+    app: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(Arc<sse::Upstream>, usize), sse::PostError> {
+    let unauthorized = |message: &str| sse::PostError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        message: message.to_owned(),
+        index: None,
+    };
+    let table = app.route_table();
+    let Some(found) = table.find(path) else {
+        return Err(sse::PostError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_route",
+            message: format!("no route serves {path}"),
+            index: None,
+        });
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(session), Some(token)) = (header("x-session-id"), header("x-resume-token")) else {
+        return Err(unauthorized(
+            "send X-Session-Id and X-Resume-Token from the session's welcome",
+        ));
+    };
+    if !app.lot.owns(session, token) {
+        return Err(unauthorized("no live session with this id and token"));
+    }
+    let Some(upstream) = app.sse.upstream(session) else {
+        return Err(unauthorized(
+            "the session has no event stream open: open one (GET) first",
+        ));
+    };
+    if !upstream.carries(token) {
+        return Err(unauthorized(
+            "this token is of an earlier connection of the session: use the one its resumed event gave",
+        ));
+    }
+    Ok((upstream, found.route.max_message_bytes))
+}
+
+/// `DELETE <route>`: ends an SSE session as a WebSocket close 1000 would
+/// (README, "HTTP fallback"): 204, then the stream's `close` event.
+fn end_session(app: &AppState, path: &str, headers: &HeaderMap) -> Response {
+    match sse_session(app, path, headers) {
+        Ok((upstream, _)) if upstream.end() => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => sse::PostError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: "the session has more frames waiting than it reads: retry later".into(),
+            index: None,
+        }
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST <route>`: frames for an SSE session (README, "HTTP fallback").
+async fn post(app: &AppState, path: &str, headers: &HeaderMap, body: axum::body::Body) -> Response {
+    let (upstream, max_frame) = match sse_session(app, path, headers) {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    let seq = match headers
+        .get("x-post-seq")
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()))
+    {
+        None => None,
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            return sse::PostError {
+                status: StatusCode::BAD_REQUEST,
+                code: "bad_request",
+                message: "X-Post-Seq is a whole number".into(),
+                index: None,
+            }
+            .into_response()
+        }
+    };
+    // A body holds a few frames at most.
+    let limit = max_frame.saturating_mul(16);
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return sse::PostError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "payload_too_large",
+                message: format!("a POST may have at most {limit} bytes"),
+                index: None,
+            }
+            .into_response()
+        }
+    };
+    match upstream.post(seq, &bytes, max_frame) {
+        Ok(n) => (StatusCode::ACCEPTED, Json(json!({ "accepted": n }))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn upgrade(
+    app: Arc<AppState>,
+    peer: PeerInfo,
     uri: Uri,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -345,8 +527,24 @@ async fn upgrade(
             json!({ "path": path }),
         );
     }
+    // An event stream (the HTTP fallback) or a WebSocket.
+    let events = sse::wants_events(&headers);
+    if events && (found.route.raw || !found.route.resume.enabled()) {
+        let why = if found.route.raw {
+            "a raw route has no event-stream form"
+        } else {
+            "the event-stream fallback needs session resume on the route (its POSTs use the resume token)"
+        };
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{path}: {why}"),
+            json!({ "path": path }),
+        );
+    }
     let mut ws = match ws {
-        Ok(ws) => ws,
+        _ if events => None,
+        Ok(ws) => Some(ws),
         Err(rejection) => {
             let why = rejection.body_text();
             warn!(%remote, path, reason = %why, "refused: not a WebSocket upgrade");
@@ -446,7 +644,7 @@ async fn upgrade(
                     if source == auth::TokenSource::Subprotocol {
                         // Browsers fail the connection unless one of their
                         // subprotocols is selected.
-                        ws = ws.protocols(["bearer"]);
+                        ws = ws.map(|ws| ws.protocols(["bearer"]));
                     }
                 }
                 Err(why) => {
@@ -504,6 +702,14 @@ async fn upgrade(
     // The handshake is done; the session's pings take over liveness.
     peer.deadline.disarm();
     start.permit.started();
+    let Some(ws) = ws else {
+        // The event stream: a session over an SSE socket, started now.
+        let resume = sse::resume_request(&start.connect.query, &headers);
+        let (socket, body) = sse::connect(app.sse.clone(), &start.conn.0, resume);
+        info!(%remote, path, "event stream opened (HTTP fallback)");
+        sessions.spawn(session::run(socket, app, start));
+        return sse::response(body);
+    };
     ws.max_message_size(limit)
         .max_frame_size(limit)
         // tungstenite allocates its read buffer eagerly (128 KiB by default):

@@ -10,6 +10,8 @@
 //!   resolved route table with path matching.
 //! - [`http`]: the HTTP side: health, readiness, discovery, upgrades, refusals.
 //! - [`session`]: one WebSocket session, from welcome to close.
+//! - [`sse`]: the HTTP fallback (events down, `POST` up), a session over an
+//!   `SseSocket`; [`console`]: the page at `/console`.
 //! - [`resume`]: what lets a session outlive its socket: the frames it may
 //!   send again, and the lot where dropped sessions wait for their client.
 //! - [`client`]: the client protocol's JSON frames (the public API).
@@ -37,6 +39,7 @@ pub mod broker;
 pub mod capacity;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod handshake;
 pub mod http;
 pub mod hub;
@@ -51,6 +54,7 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod sse;
 pub mod state;
 pub mod tls;
 pub mod watch;

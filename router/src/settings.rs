@@ -133,6 +133,10 @@ pub struct Settings {
     /// client IP (HTTP 429). `false` turns every one of them off.
     #[arg(long, env = "ENABLE_RATE_LIMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_rate_limit: bool,
+    /// Serve the console page at /console. Default: on when listening on
+    /// loopback only, off otherwise.
+    #[arg(long, env = "ENABLE_CONSOLE", action = clap::ArgAction::Set)]
+    pub enable_console: Option<bool>,
     /// Let workers register routes the file does not list.
     #[arg(long, env = "ENABLE_DYNAMIC_ROUTING", default_value_t = false, action = clap::ArgAction::Set)]
     pub enable_dynamic_routing: bool,

@@ -47,6 +47,8 @@ pub struct AppState {
     pub tls: Option<Arc<Tls>>,
     /// Sessions whose connection dropped, waiting for a resume.
     pub(crate) lot: Arc<Lot<BridgeHandle>>,
+    /// Event-stream sessions, for their POSTs.
+    pub sse: Arc<crate::sse::SseRegistry>,
     /// Bytes live sessions keep for resumes, all together.
     pub kept: Arc<crate::resume::KeptBudget>,
     ready: AtomicBool,
@@ -89,6 +91,7 @@ impl AppState {
             tls: edge.tls,
             lot: Arc::new(Lot::new(settings_resume_budget)),
             kept: crate::resume::KeptBudget::new(settings_resume_budget),
+            sse: Arc::new(crate::sse::SseRegistry::default()),
             ready: AtomicBool::new(false),
         }
     }
@@ -98,6 +101,14 @@ impl AppState {
         self.ready.load(Ordering::Acquire)
             && !self.draining.is_cancelled()
             && !self.capacity.is_full()
+    }
+
+    /// Whether `/console` is served: `ENABLE_CONSOLE`, or by default when
+    /// the router listens on loopback only.
+    pub fn console_enabled(&self) -> bool {
+        self.settings
+            .enable_console
+            .unwrap_or_else(|| self.settings.host.is_loopback())
     }
 
     /// Parked sessions and the bytes they hold.

@@ -66,6 +66,11 @@ async fn get_inner(addr: SocketAddr, path: &str) -> Result<HttpResponse, String>
     parse_response(&raw).map_err(|e| format!("GET http://{addr}{path}: {e}"))
 }
 
+/// Parses a whole HTTP/1.1 response (head and body, chunked or not).
+pub fn parse(raw: &[u8]) -> Result<HttpResponse, String> {
+    parse_response(raw)
+}
+
 fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
     let split = raw
         .windows(4)

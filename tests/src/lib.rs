@@ -13,6 +13,7 @@
 //! - [`ws`]: the WebSocket client ([`WsClient`]) that speaks the README's client protocol.
 //! - [`http`]: a tiny GET client for `/health`, `/ready`, `/routes`, and the
 //!   bounded polls on `/routes` ([`wait_live_workers`]).
+//! - [`sse`]: a client of the HTTP fallback (event stream and POSTs).
 //! - [`tls`]: a throwaway CA (the `openssl` command), certificates for
 //!   `localhost`, and a rustls client that trusts them.
 //!
@@ -25,6 +26,7 @@
 
 pub mod http;
 pub mod process;
+pub mod sse;
 pub mod tls;
 pub mod ws;
 

@@ -102,6 +102,25 @@ async fn start_script_serves_the_default_routes_and_stops_cleanly_on_sigterm() {
         assert!(!last["data"]["result"].is_null(), "{last}");
         drop(c);
 
+        // The banner names the console (the router listens on loopback),
+        // and it is served.
+        let console = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Console:"))
+            .unwrap_or_else(|| panic!("the banner has no `Console:` line:\n{out}"))
+            .trim()
+            .to_owned();
+        let addr: std::net::SocketAddr = console
+            .trim_start_matches("http://")
+            .trim_end_matches("/console")
+            .parse()
+            .unwrap_or_else(|e| panic!("{console}: {e}"));
+        let page = e2e_tests::http_get(addr, "/console")
+            .await
+            .expect("GET /console");
+        assert_eq!(page.status, 200, "{page:?}");
+        assert!(page.body.contains("<!doctype html>"), "{}", page.body);
+
         // The banner's one-liner, run as printed (`sh -c`), answers from the chat worker.
         let try_it = out
             .lines()

@@ -11,6 +11,16 @@
  * or liveness timeout, goes back to `down` and, unless the close code ends
  * it, a reconnect after a full-jitter backoff.
  *
+ * # Transports
+ * A socket is a WebSocket or the HTTP fallback (an event stream down, POSTs
+ * up), `options.transports` in order of preference. A transport that ends
+ * before its welcome (cannot connect, upgrade refused) hands the next
+ * attempt, at once, to the next transport in the list; one that reaches a
+ * welcome after an earlier one failed is kept for the client's life. On the
+ * event stream a resume is asked for in the `GET`'s query, so the stream
+ * starts with the welcome and then the resume's answer; POSTs carry the
+ * session's id and token (`Transport.authorize`).
+ *
  * # What must stay true
  * - Each request gets exactly one outcome: its final frame, a router error,
  *   or `onLost` (see requests.ts); abort and timeout remove their timer and
@@ -30,6 +40,7 @@ import {
   byteSize,
   encode,
   idKey,
+  isDuplicateId,
   parseFrame,
   utf8Length,
   type BinaryData,
@@ -56,10 +67,12 @@ import { RequestTable, type Entry } from './requests.js';
 import { Session } from './session.js';
 import { FrameStream } from './stream.js';
 import { Subscriptions, type TopicHandler } from './subscriptions.js';
-import { Transport, type WebSocketConstructor } from './transport.js';
+import { SseTransport, type FetchLike } from './sse.js';
+import type { Transport, TransportEvents, TransportKind } from './transport.js';
+import { WebSocketTransport, type WebSocketConstructor } from './websocket.js';
 
 type Phase = 'down' | 'opening' | 'resuming' | 'replaying' | 'ready';
-type TimerName = 'reconnect' | 'handshake' | 'ping' | 'pong' | 'ack' | 'expiry';
+type TimerName = 'reconnect' | 'handshake' | 'ping' | 'pong' | 'ack' | 'expiry' | 'idle';
 
 interface Sink {
   frame(f: Reply): void;
@@ -77,7 +90,16 @@ export class Client extends Emitter<ClientEvents> {
   private phase: Phase = 'down';
   private sock: Transport | undefined;
   private _welcome: Welcome | undefined;
-  private readonly Ctor: WebSocketConstructor;
+  private readonly Ctor: WebSocketConstructor | undefined;
+  private readonly fetch: FetchLike | undefined;
+  /** Extra headers of the HTTP fallback's requests. */
+  private readonly headers: Record<string, string>;
+  /** The transports still in play, in order of preference. */
+  private transports: TransportKind[];
+  /** The one the current (or next) attempt uses. */
+  private tIndex = 0;
+  /** The event stream of this attempt asked for a resume in its query. */
+  private sseResume = false;
   private readonly o: Resolved;
   private readonly session: Session;
   private readonly table = new RequestTable();
@@ -116,9 +138,16 @@ export class Client extends Emitter<ClientEvents> {
     options: ClientOptions = {},
   ) {
     super();
-    const Ctor = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
-    if (!Ctor) throw new TypeError('this runtime has no WebSocket: pass options.WebSocket (in Node 20, WebSocket from the "ws" package)');
-    this.Ctor = Ctor;
+    this.Ctor = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    const f = options.fetch ?? (globalThis as { fetch?: FetchLike }).fetch;
+    // Called as a function, not a method: a browser's fetch wants `this` to be the window.
+    this.fetch = f && (options.fetch ? f : (input, init) => (globalThis as unknown as { fetch: FetchLike }).fetch(input, init));
+    this.transports = pickTransports(options.transports, !!this.Ctor, !!this.fetch);
+    this.headers = { ...options.headers };
+    const p = options.protocols;
+    if (Array.isArray(p) && p[0] === 'bearer' && p[1] && !Object.keys(this.headers).some((k) => k.toLowerCase() === 'authorization')) {
+      this.headers.Authorization = `Bearer ${p[1]}`;
+    }
     this.o = resolve(options);
     this.session = new Session(this.o.ackEvery);
     this.queue = new OfflineQueue(this.o.maxQueueLength, this.o.maxQueueBytes);
@@ -179,6 +208,11 @@ export class Client extends Emitter<ClientEvents> {
     return this._welcome;
   }
 
+  /** The transport of the current connection (or of the next attempt while there is none). */
+  get transport(): TransportKind {
+    return this.transports[this.tIndex]!;
+  }
+
   get stats(): ClientStats {
     return {
       pending: this.table.size,
@@ -231,8 +265,14 @@ export class Client extends Emitter<ClientEvents> {
     this.post(encode(type, undefined, data));
   }
 
-  /** Sends a binary frame (fire-and-forget, as {@link send}). */
+  /**
+   * Sends a binary frame (fire-and-forget, as {@link send}). Throws
+   * `not_supported` on the HTTP fallback (SSE), which cannot carry them up.
+   */
   sendBinary(data: BinaryData): void {
+    if (this._state !== 'closed' && this.transport === 'sse') {
+      throw clientError('not_supported', 'binary frames cannot be sent over the HTTP fallback (SSE); this client is on it');
+    }
     this.post(data);
   }
 
@@ -278,22 +318,28 @@ export class Client extends Emitter<ClientEvents> {
     const epoch = ++this.dialing;
     this.phase = 'opening';
     this.arm('handshake', this.o.connectTimeoutMs, () => this.lost(1006, 'no welcome (or resume answer) within connectTimeoutMs'));
+    const kind = this.transport;
     const open = (url: string): void => {
       if (epoch !== this.dialing) return;
       let t: Transport | undefined;
+      const on: TransportEvents = {
+        open: noop,
+        text: (s) => this.sock === t && this.onText(s),
+        binary: (b) => {
+          if (this.sock !== t) return;
+          this.lastRx = Date.now();
+          this.emit('binary', b);
+        },
+        close: (code, reason) => this.sock === t && this.lost(code, reason),
+        alive: () => {
+          if (this.sock === t) this.lastRx = Date.now();
+        },
+        malformed: (what) => this.sock === t && this.emit('error', clientError('protocol_error', what)),
+      };
       try {
-        t = new Transport(this.Ctor, url, this.o.protocols, {
-          open: noop,
-          text: (s) => this.sock === t && this.onText(s),
-          binary: (b) => {
-            if (this.sock !== t) return;
-            this.lastRx = Date.now();
-            this.emit('binary', b);
-          },
-          close: (code, reason) => this.sock === t && this.lost(code, reason),
-        });
+        t = kind === 'sse' ? this.openSse(url, on) : new WebSocketTransport(this.Ctor!, url, this.o.protocols, on);
       } catch (e) {
-        return this.shutdown(clientError('closed', `cannot open a WebSocket to ${url}: ${String(e)}`), 1006, 'bad url');
+        return this.shutdown(clientError('closed', `cannot open a connection to ${url}: ${String(e)}`), 1006, 'bad url');
       }
       this.sock = t;
     };
@@ -303,6 +349,23 @@ export class Client extends Emitter<ClientEvents> {
       Promise.resolve()
         .then(u)
         .then(open, (e) => epoch === this.dialing && this.lost(1006, `url() failed: ${String(e)}`));
+  }
+
+  /** The HTTP fallback's connection; it asks for a resume when there is a session to take back. */
+  private openSse(url: string, on: TransportEvents): Transport {
+    const s = this.session;
+    this.sseResume = this.o.resume && s.resumable;
+    return new SseTransport(
+      url,
+      {
+        fetch: this.fetch!, // `sse` is only among the transports with a fetch
+        headers: this.headers,
+        resume: this.sseResume ? { sessionId: s.id!, token: s.token!, lastSeq: s.lastSeq } : undefined,
+        postTimeoutMs: this.o.connectTimeoutMs,
+        maxBacklogBytes: this.o.maxQueueBytes,
+      },
+      on,
+    );
   }
 
   /**
@@ -316,6 +379,10 @@ export class Client extends Emitter<ClientEvents> {
     if (this._state === 'closed') return;
     const t = this.sock;
     this.sock = undefined;
+    // A transport that ended before its welcome failed (not a deliberate reconnect, nor a url() that failed).
+    const failed = this.phase === 'opening' && !now && t !== undefined;
+    // The route (or the router) has no event stream: WebSocket only from now on.
+    const noSse = failed && t.kind === 'sse' && code === 1002 && this.transports.length > 1;
     // Only a socket that sent `resume` (or is the session's) may hold the session.
     const keep = !endSession && this.o.resume && this.session.resumable && this.phase !== 'opening';
     if (t && (keep ? t.drop() : (t.close(4000, reason.slice(0, 100)), true)) === false) {
@@ -325,10 +392,14 @@ export class Client extends Emitter<ClientEvents> {
     if (this.phase === 'ready') this.backoff.ended(Date.now() - this.openedAt);
     this.phase = 'down';
     this.dialing++;
-    for (const n of ['handshake', 'ping', 'pong', 'ack'] as const) this.disarm(n);
+    for (const n of ['handshake', 'ping', 'pong', 'ack', 'idle'] as const) this.disarm(n);
     this.held = [];
     const info: DisconnectInfo = { code, reason };
-    if (!this.o.reconnect(info)) {
+    if (noSse) {
+      this.transports = this.transports.filter((k) => k !== 'sse');
+      this.tIndex = 0;
+      this.emit('error', clientError('not_supported', `no HTTP fallback here, WebSocket only from now on (${reason})`));
+    } else if (!this.o.reconnect(info)) {
       return this.shutdown(clientError('closed', `the connection was closed (${code} ${reason})`), code, reason);
     }
     // Pings and cancels belong to the socket: their answers are worthless on another.
@@ -341,7 +412,17 @@ export class Client extends Emitter<ClientEvents> {
         (e) => e.sent,
       );
     }
-    const delay = now ? 0 : this.backoff.next();
+    let switched = false;
+    if (failed && !noSse && this.transports.length > 1) {
+      this.tIndex = (this.tIndex + 1) % this.transports.length;
+      switched = this.tIndex !== 0; // the next transport of this round: no wait
+    } else if (!failed) {
+      // A connection that had its welcome dropped: the next round starts
+      // with the first transport again, so one failed WebSocket (a draining
+      // router, a slow handshake) does not keep the client on the fallback.
+      this.tIndex = 0;
+    }
+    const delay = now || switched ? 0 : this.backoff.next();
     info.reconnectInMs = delay;
     this.arm('reconnect', delay, () => this.dial());
     this.setState(this.everOpen ? 'reconnecting' : 'connecting');
@@ -385,7 +466,7 @@ export class Client extends Emitter<ClientEvents> {
         this.emit('error', clientError('protocol_error', `expected a welcome, got ${f.type} (a raw route?)`));
         return this.lost(1006, 'no welcome');
       case 'resuming':
-        if (f.id !== undefined && idKey(f.id) === this.resumeKey) return this.onResumeAnswer(f);
+        if (this.isResumeAnswer(f)) return this.onResumeAnswer(f);
         if (this.held.push(f) > 1024) this.lost(1006, 'no resume answer');
         return;
       default:
@@ -395,15 +476,34 @@ export class Client extends Emitter<ClientEvents> {
 
   private onWelcome(w: Welcome): void {
     this._welcome = w;
-    if (this.o.resume && this.session.resumable) {
+    const sse = this.sock?.kind === 'sse';
+    if (sse) {
+      if (typeof w.resume_token !== 'string') return this.lost(1002, 'an event stream without a resume token: its POSTs cannot be authenticated');
+      this.watchIdle();
+    }
+    if (sse ? this.sseResume : this.o.resume && this.session.resumable) {
       this.phase = 'resuming';
-      const id = this.table.nextId();
-      this.resumeKey = idKey(id);
-      this.sock?.send(this.session.resumeFrame(id));
+      if (!sse) {
+        const id = this.table.nextId();
+        this.resumeKey = idKey(id);
+        this.sock?.send(this.session.resumeFrame(id));
+      } // The event stream asked in its query: the answer follows the welcome.
       // The handshake timer still runs: it bounds the wait for the answer.
     } else {
       this.startFresh(undefined);
     }
+  }
+
+  /** The answer to this connection's resume: by its id on a WebSocket; on an event stream, the first `resumed` or `resume_failed`. */
+  private isResumeAnswer(f: Frame): boolean {
+    if (this.sock?.kind === 'sse') return f.type === 'resumed' || (f.type === 'error' && f.error?.code === 'resume_failed');
+    return f.id !== undefined && idKey(f.id) === this.resumeKey;
+  }
+
+  /** Lets the transport carry the session's frames (the HTTP fallback authenticates POSTs with its id and token). */
+  private authorize(): void {
+    const max = this._welcome?.limits?.max_message_bytes;
+    this.sock?.authorize(this.session.id ?? '', this.session.token ?? '', typeof max === 'number' && max > 0 ? max : 1 << 20);
   }
 
   private onResumeAnswer(f: Frame): void {
@@ -412,6 +512,7 @@ export class Client extends Emitter<ClientEvents> {
       const r = f.data as Resumed;
       this.closeLingering();
       this.session.resumed(r, w);
+      this.authorize();
       this.held = []; // frames of the fresh session this connection gives up
       this.disarm('expiry');
       this.inFlight = new Set((Array.isArray(r.in_flight) ? r.in_flight : []).map(idKey));
@@ -423,7 +524,15 @@ export class Client extends Emitter<ClientEvents> {
       // before it, so once the pong is in, a request that neither runs nor
       // has ended truly never reached the router.
       const id = this.table.nextId();
-      this.internal(encode('ping', id), id, true, () => this.finishResume(), noop);
+      // Only the pong proves the order: an error in its place (e.g. the
+      // HTTP fallback's POST refused 429 until the retries ran out) does not.
+      this.internal(
+        encode('ping', id),
+        id,
+        true,
+        (f) => (f.type === 'pong' ? this.finishResume() : this.lost(1006, `the resume barrier was refused (${f.error?.code ?? f.type}): resuming again`)),
+        noop,
+      );
       // No pong in time: drop this socket and resume again from the last seq (never guess).
       this.arm('handshake', this.o.connectTimeoutMs, () => this.lost(1006, 'no answer after the resume'));
       return;
@@ -443,6 +552,7 @@ export class Client extends Emitter<ClientEvents> {
     this.closeLingering();
     this.disarm('expiry');
     this.session.fresh(this._welcome!); // set in onWelcome
+    this.authorize();
     // Whatever went out on an earlier connection has no future in this session.
     this.table.lose(
       resumeError ?? lostError('the connection dropped and a fresh session started', 'resume_off'),
@@ -477,7 +587,13 @@ export class Client extends Emitter<ClientEvents> {
     this.schedulePing();
     this.everOpen = true;
     this.setState('open');
-    this.emit('open', { welcome: this._welcome!, resumed, replayed: resumed ? this.replayed : 0, resumeError });
+    this.emit('open', {
+      welcome: this._welcome!,
+      transport: this.transport,
+      resumed,
+      replayed: resumed ? this.replayed : 0,
+      resumeError,
+    });
   }
 
   /** One frame of the session (phase `replaying` or `ready`). */
@@ -490,8 +606,11 @@ export class Client extends Emitter<ClientEvents> {
       this.ackLater();
     }
     this.emit('frame', f);
-    if (f.id !== undefined && f.id !== null) this.table.dispatch(f as Frame & { id: Id });
-    else if (f.type === 'error') this.emit('error', RouterError.fromWire(f.error));
+    if (f.id !== undefined && f.id !== null) {
+      // A copy of a running request was refused: the original answers it.
+      if (isDuplicateId(f) && this.table.get(idKey(f.id))) this.duplicates++;
+      else this.table.dispatch(f as Frame & { id: Id });
+    } else if (f.type === 'error') this.emit('error', RouterError.fromWire(f.error));
     else if (!this.subs.deliver(f)) this.emit('push', f);
   }
 
@@ -582,9 +701,13 @@ export class Client extends Emitter<ClientEvents> {
 
   /** Sends now when ready, else queues; `false` when the queue refused it. */
   private deliver(payload: string | BinaryData, bytes: number, entry?: Entry): boolean {
-    if (this.phase === 'ready' && this.sock?.send(payload)) {
-      if (entry) entry.sent = true;
-      return true;
+    if (this.phase === 'ready' && this.sock) {
+      if (this.sock.send(payload)) {
+        if (entry) entry.sent = true;
+        return true;
+      }
+      // The HTTP fallback's POSTs are behind by maxQueueBytes: full, as the offline queue would be.
+      if (this.sock.kind === 'sse') return false;
     }
     return this.queue.offer({ payload, bytes, key: entry?.key });
   }
@@ -621,7 +744,10 @@ export class Client extends Emitter<ClientEvents> {
     const items = this.queue.drain();
     for (let i = 0; i < items.length; i++) {
       const q = items[i]!;
-      const big = this.tooLarge(q.bytes);
+      const big =
+        typeof q.payload !== 'string' && !this.sock?.binary
+          ? clientError('not_supported', 'a binary frame queued while offline cannot go over the HTTP fallback (SSE)')
+          : this.tooLarge(q.bytes);
       if (big) {
         const e = q.key === undefined ? undefined : this.table.get(q.key);
         if (e) {
@@ -736,6 +862,18 @@ export class Client extends Emitter<ClientEvents> {
     );
   }
 
+  /** The event stream's own liveness: nothing at all (keep-alive comments count) for 3 of the router's ping intervals means dead. */
+  private watchIdle(): void {
+    const hb = this._welcome?.heartbeat_ms;
+    const ms = 3 * (typeof hb === 'number' && hb > 0 ? hb : 20_000);
+    const check = (): void => {
+      const wait = this.lastRx + ms - Date.now();
+      if (wait > 0) this.arm('idle', wait, check);
+      else this.lost(1006, `no event for ${ms} ms (3 keep-alive intervals)`);
+    };
+    this.arm('idle', ms, check);
+  }
+
   // ---------------------------------------------------------------- helpers
 
   private closeLingering(): void {
@@ -764,4 +902,20 @@ export class Client extends Emitter<ClientEvents> {
       delete this.timers[name];
     }
   }
+}
+
+/** The transports a client may use, in order: those asked for (both by default) that this runtime has. */
+function pickTransports(asked: readonly TransportKind[] | undefined, ws: boolean, fetch: boolean): TransportKind[] {
+  const list = asked ?? ['websocket', 'sse'];
+  if (!Array.isArray(list) || list.length === 0 || list.some((k) => k !== 'websocket' && k !== 'sse') || new Set(list).size !== list.length) {
+    throw new TypeError(`options.transports: a non-empty list of "websocket" and "sse", got ${JSON.stringify(asked)}`);
+  }
+  if (list.includes('websocket') && !ws) {
+    throw new TypeError(
+      'this runtime has no WebSocket: pass options.WebSocket (in Node 20, WebSocket from the "ws" package), or transports: ["sse"]',
+    );
+  }
+  const usable = list.filter((k) => k !== 'sse' || fetch);
+  if (usable.length === 0) throw new TypeError('this runtime has no fetch for the HTTP fallback: pass options.fetch');
+  return usable;
 }

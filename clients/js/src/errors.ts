@@ -23,6 +23,8 @@ import type { WireError } from './frames.js';
  *   `max_message_bytes`, refused before sending.
  * - `buffer_overflow`: a stream's consumer fell behind its `highWaterMark`.
  * - `protocol_error`: the router sent something this client cannot read.
+ * - `not_supported`: not possible on this transport (a binary frame over the
+ *   HTTP fallback), or the route has no HTTP fallback. Not retryable.
  */
 export type ClientErrorCode =
   | 'connection_lost'
@@ -31,7 +33,8 @@ export type ClientErrorCode =
   | 'timeout'
   | 'payload_too_large'
   | 'buffer_overflow'
-  | 'protocol_error';
+  | 'protocol_error'
+  | 'not_supported';
 
 /** Router codes that mean "the same request may succeed later". */
 const RETRYABLE = ['rate_limited', 'circuit_open', 'no_workers', 'overloaded', 'timeout', 'connection_lost', 'queue_full'];

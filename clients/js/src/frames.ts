@@ -81,6 +81,22 @@ export function parseFrame(text: string): Frame | undefined {
     : undefined;
 }
 
+/**
+ * Whether an error frame refuses a request only because its id is already in
+ * flight: a second copy of a request that runs, whose original's frames
+ * answer it. Over the HTTP fallback a browser may repeat a POST whose answer
+ * a dropped connection lost (Chromium does), so such a copy is not the
+ * request's outcome. (`reason: "duplicate_id"`, or the router's message.)
+ */
+export function isDuplicateId(f: Frame): boolean {
+  const e = f.error;
+  return (
+    f.type === 'error' &&
+    e?.code === 'bad_request' &&
+    (e.reason === 'duplicate_id' || /already in flight/.test(String(e.message)))
+  );
+}
+
 /** Encodes a client frame; `id` and `data` are left out when undefined. Throws what `JSON.stringify` throws. */
 export function encode(type: string, id?: Id, data?: unknown): string {
   return JSON.stringify({ type, id, data });

@@ -14,7 +14,11 @@
  * - `session.ts`: resume bookkeeping: session, token, last seq, acks.
  * - `subscriptions.ts`: topic handlers and what the router's session holds.
  * - `stream.ts`: the async iterator of a streamed request.
- * - `transport.ts`: one WebSocket, injected or global.
+ * - `transport.ts`: what the client needs of a connection, whatever carries it.
+ * - `websocket.ts`: the WebSocket transport (injected or global).
+ * - `sse.ts`: the HTTP fallback transport: an event stream down, POSTs up.
+ * - `sse-parser.ts`: the `text/event-stream` parser.
+ * - `poster.ts`: the fallback's ordered, batched POSTs.
  * - `emitter.ts`: typed events.
  */
 
@@ -36,4 +40,6 @@ export type { BinaryData, Frame, Id, Reply, Resumed, Welcome, WireError } from '
 export { fullJitter } from './backoff.js';
 export type { FrameStream } from './stream.js';
 export type { TopicHandler } from './subscriptions.js';
-export type { SocketLike, WebSocketConstructor } from './transport.js';
+export type { SocketLike, WebSocketConstructor } from './websocket.js';
+export type { TransportKind } from './transport.js';
+export type { FetchLike } from './sse.js';

@@ -5,7 +5,9 @@
 
 import type { RouterError } from './errors.js';
 import type { Frame, Reply, Welcome } from './frames.js';
-import type { WebSocketConstructor } from './transport.js';
+import type { FetchLike } from './sse.js';
+import type { TransportKind } from './transport.js';
+import type { WebSocketConstructor } from './websocket.js';
 
 /** `connecting` until the first welcome; `reconnecting` after a drop; `closed` for good. */
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
@@ -22,6 +24,8 @@ export interface DisconnectInfo {
 export interface OpenInfo {
   /** The new connection's welcome. */
   welcome: Welcome;
+  /** What carries it: `websocket`, or `sse` (the HTTP fallback). */
+  transport: TransportKind;
   /** Whether the connection took the previous session back (README, "Resume"). */
   resumed: boolean;
   /** Frames the router replayed (0 unless resumed). */
@@ -47,8 +51,19 @@ export interface ClientEvents {
 }
 
 export interface ClientOptions {
+  /**
+   * The transports to use, in order of preference (`['websocket', 'sse']`):
+   * one that fails before its welcome hands over to the next, and a later
+   * one that then reaches a welcome is kept for the client's life.
+   * `['sse']` uses only the HTTP fallback (README of this package, "Transports").
+   */
+  transports?: TransportKind[];
   /** WebSocket implementation where the runtime has none (Node 20: `WebSocket` from the `ws` package). */
   WebSocket?: WebSocketConstructor;
+  /** The `fetch` of the HTTP fallback (`globalThis.fetch`). */
+  fetch?: FetchLike;
+  /** Extra headers of the HTTP fallback's requests, e.g. `Authorization` (a WebSocket cannot carry any). */
+  headers?: Record<string, string>;
   /** Subprotocols, e.g. `['bearer', jwt]`. */
   protocols?: string | string[];
   /**
@@ -120,7 +135,9 @@ export interface ClientStats {
 }
 
 /** Options with every default filled in. */
-export type Resolved = Required<Omit<ClientOptions, 'WebSocket' | 'protocols' | 'events' | 'signal' | 'reconnect'>> & {
+export type Resolved = Required<
+  Omit<ClientOptions, 'WebSocket' | 'protocols' | 'events' | 'signal' | 'reconnect' | 'transports' | 'fetch' | 'headers'>
+> & {
   protocols: string | string[] | undefined;
   reconnect: (info: DisconnectInfo) => boolean;
 };

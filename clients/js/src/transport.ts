@@ -1,113 +1,42 @@
 /**
- * One WebSocket, wrapped: the browser's, Node 22's, or one passed in
- * (`options.WebSocket`, e.g. the `ws` package in Node 20). Turns its events
- * into four calls (open, text, binary, close) and can be abandoned at any
- * moment: once {@link Transport.close} ran, nothing of this socket reaches
- * the client again, whatever it still emits.
+ * What the client needs of a connection to the router, whatever carries it:
+ * a WebSocket (websocket.ts) or the HTTP fallback, an event stream down and
+ * POSTs up (sse.ts). A transport turns its events into the calls of
+ * {@link TransportEvents} and can be abandoned at any moment: once `close`
+ * or `drop` ran, nothing of it reaches the client again.
  */
 
 import type { BinaryData } from './frames.js';
 
-/** The part of the WebSocket API this client uses. */
-export interface SocketLike {
-  readonly readyState: number;
-  binaryType: string;
-  send(data: string | ArrayBufferLike | ArrayBufferView | Blob): void;
-  close(code?: number, reason?: string): void;
-  addEventListener(type: string, listener: (event: any) => void): void;
-  removeEventListener(type: string, listener: (event: any) => void): void;
-}
-
-/** A WebSocket constructor: `globalThis.WebSocket`, or `WebSocket` from the `ws` package. */
-export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => SocketLike;
+/** The transports a client may use (README of this package, "Transports"). */
+export type TransportKind = 'websocket' | 'sse';
 
 export interface TransportEvents {
   open(): void;
   text(data: string): void;
   binary(data: Uint8Array): void;
   close(code: number, reason: string): void;
+  /** Traffic that carries no frame (the event stream's keep-alive comments): the path is alive. */
+  alive(): void;
+  /** Something arrived that is not a frame this client can read. */
+  malformed(what: string): void;
 }
 
-const OPEN = 1;
-const noop = (): void => {};
-
-export class Transport {
-  private readonly ws: SocketLike;
-  private live = true;
-  /** Blobs (a runtime that ignores binaryType) are read in order. */
-  private blobs: Promise<void> = Promise.resolve();
-  private readonly listeners: Record<string, (event: any) => void>;
-
-  /** Opens the socket; throws what the constructor throws (a malformed URL). */
-  constructor(Ctor: WebSocketConstructor, url: string, protocols: string | string[] | undefined, on: TransportEvents) {
-    this.ws = protocols === undefined ? new Ctor(url) : new Ctor(url, protocols);
-    this.ws.binaryType = 'arraybuffer';
-    this.listeners = {
-      open: () => on.open(),
-      message: (ev: { data: unknown }) => {
-        const d = ev.data;
-        if (typeof d === 'string') on.text(d);
-        else if (d instanceof ArrayBuffer) on.binary(new Uint8Array(d));
-        else if (ArrayBuffer.isView(d)) on.binary(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
-        else if (typeof Blob !== 'undefined' && d instanceof Blob) {
-          this.blobs = this.blobs.then(() => d.arrayBuffer()).then((b) => {
-            if (this.live) on.binary(new Uint8Array(b));
-          });
-        }
-      },
-      close: (ev: { code?: number; reason?: string }) => on.close(ev.code ?? 1006, ev.reason ?? ''),
-      // Always followed by close; the `ws` package needs a listener or it throws.
-      error: noop,
-    };
-    for (const [type, l] of Object.entries(this.listeners)) this.ws.addEventListener(type, l);
-  }
-
-  /** Sends if the socket is open; `false` means the payload did not leave. */
-  send(payload: string | BinaryData): boolean {
-    if (!this.live || this.ws.readyState !== OPEN) return false;
-    try {
-      this.ws.send(payload);
-      return true;
-    } catch {
-      return false;
-    }
-  }
-
-  /** Stops listening: nothing of this socket reaches the client again (a no-op error listener stays: `ws` throws on an unheard error). */
-  private detach(): void {
-    if (!this.live) return;
-    this.live = false;
-    for (const [type, l] of Object.entries(this.listeners)) this.ws.removeEventListener(type, l);
-    this.ws.addEventListener('error', noop);
-  }
-
-  /** Closes with a close frame (which ends the session on the router), without waiting. */
-  close(code: number, reason: string): void {
-    this.detach();
-    try {
-      this.ws.close(code, reason);
-    } catch {
-      // Closing a socket that never opened may throw in some runtimes; it is abandoned either way.
-    }
-  }
-
+export interface Transport {
+  readonly kind: TransportKind;
+  /** Whether binary frames can be sent. */
+  readonly binary: boolean;
+  /** Sends if the connection is up; `false` means the payload did not leave. */
+  send(payload: string | BinaryData): boolean;
+  /** Closes it (with a close frame where there is one, which ends the session on the router), without waiting. */
+  close(code: number, reason: string): void;
   /**
-   * Drops the socket without a close frame, so the router parks its session
-   * for a resume: `terminate()` where the implementation has it (the `ws`
-   * package). A browser WebSocket can only close with a frame; then this
-   * only stops listening and returns `false`, and the caller closes it once
-   * the session has moved to another connection.
+   * Drops it without a close frame, so the router parks its session for a
+   * resume; `false` when that is impossible (a browser WebSocket can only
+   * close with a frame): it then only stops listening, and the caller closes
+   * it once the session has moved elsewhere.
    */
-  drop(): boolean {
-    this.detach();
-    if (this.ws.readyState > OPEN) return true; // closing or closed already
-    const terminate = (this.ws as { terminate?: () => void }).terminate;
-    if (typeof terminate !== 'function') return false;
-    try {
-      terminate.call(this.ws);
-    } catch {
-      // Already gone.
-    }
-    return true;
-  }
+  drop(): boolean;
+  /** The session whose frames `send` carries, and the bound of one upload (the HTTP fallback authenticates POSTs so). */
+  authorize(sessionId: string, token: string, maxBytes: number): void;
 }

@@ -190,3 +190,25 @@ test('in chromium: offline is noticed at once, online reconnects at once, and th
   assert.deepEqual(r.slow, { slept_ms: 3000 });
   await page.evaluate(() => window.net.c.close());
 });
+
+test('in chromium over the HTTP fallback, from another origin (CORS, the custom headers preflighted): request, stream, resume after a cut', async () => {
+  const run = page.evaluate(async (url) => {
+    const c = await window.lib.connect(url, { transports: ['sse'], backoffBaseMs: 50 }, { timeout: 10_000 });
+    const out = { transport: c.transport, echo: (await c.request('echo', { from: 'sse' })).data, stream: [], opens: [] };
+    for await (const f of c.stream('stream', { n: 3 })) out.stream.push(f.data);
+    c.on('open', (o) => out.opens.push({ resumed: o.resumed, transport: o.transport, error: o.resumeError?.message }));
+    const slow = c.request('slow', { ms: 800 });
+    window.cutSse = true; // the test cuts the proxy now
+    out.slept = (await slow).data;
+    c.close();
+    return out;
+  }, `ws://127.0.0.1:${proxy.port}/ws/echo`);
+  await page.waitForFunction(() => window.cutSse === true, { timeout: 10_000 });
+  proxy.cut();
+  const r = await run;
+  assert.equal(r.transport, 'sse');
+  assert.deepEqual(r.echo, { from: 'sse' });
+  assert.deepEqual(r.stream, [{ i: 0 }, { i: 1 }, { i: 2 }, { n: 3 }]);
+  assert.deepEqual(r.opens, [{ resumed: true, transport: 'sse' }], JSON.stringify(r.opens));
+  assert.deepEqual(r.slept, { slept_ms: 800 });
+});

@@ -1,7 +1,7 @@
 // Compile-time checks of the published declarations (dist/*.d.ts), as a
 // TypeScript application sees them: `npm run typecheck` fails if one breaks.
 import WebSocket from 'ws';
-import { Client, connect, RouterError, type Reply, type ClientOptions, type ConnectionState } from '../dist/index.js';
+import { Client, connect, RouterError, type Reply, type ClientOptions, type ConnectionState, type TransportKind } from '../dist/index.js';
 
 interface Stage {
   stage: string;
@@ -57,4 +57,18 @@ export async function typedUsage(): Promise<void> {
   // @ts-expect-error request options are typed
   client.request('x', {}, { timeout: '1s' });
   client.close();
+}
+
+export async function fallbackUsage(): Promise<void> {
+  // The HTTP fallback: no WebSocket needed when only SSE is asked for.
+  const sse = await connect('ws://127.0.0.1:8001/ws/echo', { transports: ['sse'], headers: { Authorization: 'Bearer x' }, fetch });
+  const kind: TransportKind = sse.transport;
+  sse.on('open', (o) => {
+    const k: 'websocket' | 'sse' = o.transport;
+    void k;
+  });
+  void kind;
+  // @ts-expect-error only the two transports exist
+  new Client('ws://x/ws', { transports: ['longpoll'] });
+  sse.close();
 }

@@ -224,6 +224,14 @@ impl<T> ParkingLot<T> {
         }
     }
 
+    /// Whether `token` is the live session `id`'s (current, or the one its
+    /// last resume presented): what a POST of the HTTP fallback proves.
+    pub fn owns(&self, id: &str, token: &str) -> bool {
+        self.lock().live.get(id).is_some_and(|l| {
+            l.token.matches(token) || l.previous.as_ref().is_some_and(|p| p.matches(token))
+        })
+    }
+
     /// A live session ended for good (a close, a policy, shutdown): it can
     /// no longer be resumed.
     pub fn forget(&self, id: &str) {

@@ -14,6 +14,7 @@ function setup(t, opts = {}) {
   FakeSocket.reset();
   const client = new Client('ws://router.test/ws/echo', {
     WebSocket: FakeSocket,
+    transports: ['websocket'],
     events: null,
     random: () => 0.5,
     pingIntervalMs: 0,
@@ -542,7 +543,7 @@ test('acks: every ackEvery frames, and ackIntervalMs after an unacknowledged one
   client.close();
 
   FakeSocket.reset();
-  const off = new Client('ws://x/ws', { WebSocket: FakeSocket, events: null, ackEvery: 1, pingIntervalMs: 0 });
+  const off = new Client('ws://x/ws', { WebSocket: FakeSocket, transports: ['websocket'], events: null, ackEvery: 1, pingIntervalMs: 0 });
   FakeSocket.last.accept();
   for (let seq = 1; seq <= 3; seq++) FakeSocket.last.push({ type: 'tick', seq });
   t.mock.timers.tick(5000);
@@ -670,7 +671,7 @@ test('dropping a socket for liveness keeps the session (terminate, no close fram
   }
   t.mock.timers.enable({ apis: ['setTimeout', 'Date'] });
   FakeSocket.reset();
-  const client = new Client('ws://x/ws', { WebSocket: Terminable, events: null, pingIntervalMs: 100, pingTimeoutMs: 100, random: () => 0 });
+  const client = new Client('ws://x/ws', { WebSocket: Terminable, transports: ['websocket'], events: null, pingIntervalMs: 100, pingTimeoutMs: 100, random: () => 0 });
   t.after(() => client.close());
   const ws = FakeSocket.last;
   ws.accept(RESUMABLE);
@@ -692,13 +693,13 @@ test('connect: resolves on open; its timeout closes the client and rejects', asy
   t.mock.timers.enable({ apis: ['setTimeout', 'Date'] });
   FakeSocket.reset();
   const { connect } = await import('../../dist/index.js');
-  const ok = connect('ws://x/ws', { WebSocket: FakeSocket, events: null, pingIntervalMs: 0 }, { timeout: 1000 });
+  const ok = connect('ws://x/ws', { WebSocket: FakeSocket, transports: ['websocket'], events: null, pingIntervalMs: 0 }, { timeout: 1000 });
   FakeSocket.last.accept();
   const c = await ok;
   assert.equal(c.state, 'open');
   c.close();
 
-  const late = connect('ws://x/ws', { WebSocket: FakeSocket, events: null }, { timeout: 1000 });
+  const late = connect('ws://x/ws', { WebSocket: FakeSocket, transports: ['websocket'], events: null }, { timeout: 1000 });
   let outcome;
   late.then(() => (outcome = 'open'), (e) => (outcome = e));
   t.mock.timers.tick(1000);
