@@ -57,7 +57,7 @@ pub const ROUTES_FILE_VERSION: u64 = 1;
 
 /// Message types the router answers itself; a route cannot list them in `allowedTypes`
 /// (they are never forwarded, so listing them would only mislead).
-pub const ROUTER_HANDLED_TYPES: [&str; 6] = crate::session::RouterType::NAMES;
+pub const ROUTER_HANDLED_TYPES: [&str; 7] = crate::session::RouterType::NAMES;
 
 pub const REQUEST_TIMEOUT_MS: RangeInclusive<u64> = 1..=600_000;
 pub const MAX_MESSAGE_BYTES: RangeInclusive<u64> = 16..=67_108_864;

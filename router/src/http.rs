@@ -149,7 +149,13 @@ async fn routes(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
             Some(json!({ "worker": w.id, "service": s, "message": why }))
         })
         .collect();
-    Json(json!({ "routes": routes, "connections": app.hub.len(), "warnings": warnings }))
+    // With a cluster: every router alive and its live workers per service.
+    let cluster = app.cluster.as_ref().map(
+        |c| json!({ "router_id": app.hub.router_id(), "up": c.is_up(), "routers": c.members() }),
+    );
+    Json(
+        json!({ "routes": routes, "connections": app.hub.len(), "warnings": warnings, "cluster": cluster }),
+    )
 }
 
 /// Prometheus (OpenMetrics text) exposition. Gauges that mirror state held
@@ -182,6 +188,16 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .collect();
     app.metrics.set_workers(&rows);
     app.metrics.set_capacity(app.capacity_figures());
+    if let Some(c) = &app.cluster {
+        use std::sync::atomic::Ordering::Relaxed;
+        app.metrics.set_cluster(crate::metrics::ClusterFigures {
+            up: c.is_up(),
+            members: c.members().len(),
+            relayed: c.relayed.load(Relaxed),
+            received: c.received.load(Relaxed),
+            unrelayed: c.unrelayed.load(Relaxed) + app.hub.relay_dropped.load(Relaxed),
+        });
+    }
     let (parked, parked_bytes) = app.parked_figures();
     app.metrics
         .set_resume_parked(parked, parked_bytes, app.kept.used());
@@ -242,6 +258,7 @@ async fn stats(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "config": app.metrics.config_status(),
         "draining": app.draining.is_cancelled(),
         "capacity": capacity_stats(&app),
+        "cluster": app.cluster.as_ref().map(|c| c.stats()),
         "tls": app.tls.as_ref().map(|t| t.status()),
         "resume": {
             "parked": parked,

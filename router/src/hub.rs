@@ -1,7 +1,11 @@
 //! The hub: every live connection and every topic subscription.
 //!
 //! Sessions register here; the bridge and the publication listener deliver
-//! to connections through it. Delivery never blocks: each connection has a
+//! to connections through it. A topic's subscribers are its presence (who
+//! is there, with the user of their token); joins and leaves are pushed to
+//! the subscribers that asked for them. With a cluster (`cluster`), every
+//! publication and presence change is also handed to the [`Relay`], which
+//! carries it to the other routers. Delivery never blocks: each connection has a
 //! bounded outbound queue, and a connection whose queue is full is a slow
 //! reader that gets closed (1008) instead of growing the router's memory.
 
@@ -57,6 +61,8 @@ pub struct ConnShared {
     /// Requests in flight, and those whose terminal frame is on its way.
     requests: Mutex<Requests>,
     topics: Mutex<HashSet<String>>,
+    /// The user of the connection's token (`sub`), for presence.
+    user: std::sync::OnceLock<String>,
     /// Frames dropped because the queue was full (for metrics and logs).
     pub dropped: AtomicU64,
     /// Whether the byte bound (rather than the frame count) was what the
@@ -88,6 +94,7 @@ impl ConnShared {
             kill_reason: Mutex::new(None),
             requests: Mutex::new(Requests::default()),
             topics: Mutex::new(HashSet::new()),
+            user: std::sync::OnceLock::new(),
             dropped: AtomicU64::new(0),
             over_bytes: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
@@ -95,6 +102,15 @@ impl ConnShared {
             max_frames: AtomicUsize::new(OUTBOUND_QUEUE),
         });
         (shared, rx)
+    }
+
+    /// Names the connection's user (the token's `sub`), once.
+    pub fn set_user(&self, user: &str) {
+        let _ = self.user.set(user.to_owned());
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.user.get().map(String::as_str)
     }
 
     /// Queues a frame; never waits. A full queue (in frames or in bytes)
@@ -320,16 +336,118 @@ pub enum SubscribeError {
     NoConnection,
 }
 
+/// A subscriber of a topic.
+#[derive(Debug, Clone)]
+struct Member {
+    user: Option<String>,
+    /// Wants the topic's presence pushes (`subscribe` with `presence: true`).
+    watch: bool,
+}
+
+/// A join or a leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceEvent {
+    Join,
+    Leave,
+}
+
+impl PresenceEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceEvent::Join => "join",
+            PresenceEvent::Leave => "leave",
+        }
+    }
+}
+
+/// What the hub hands to the cluster link (`cluster`): publications made
+/// here, and presence changes of connections here.
+#[derive(Debug)]
+pub enum Relay {
+    Publish {
+        topic: String,
+        msg_type: String,
+        data: serde_json::Value,
+    },
+    Presence {
+        topic: String,
+        event: PresenceEvent,
+        session_id: String,
+        user: Option<String>,
+    },
+}
+
+/// One present client of a topic (the `presence` request's answer).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Present {
+    pub session_id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user: Option<String>,
+    pub router_id: String,
+}
+
+/// Answers `presence` across routers (the cluster link); `None` when it
+/// cannot now (the hub then answers with its own subscribers).
+pub trait PresenceQuery: Send + Sync + std::fmt::Debug {
+    fn query(
+        &self,
+        topic: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<Present>>> + Send>>;
+}
+
 /// All connections and topics of this router.
 #[derive(Debug, Default)]
 pub struct Hub {
     conns: DashMap<ConnId, Arc<ConnShared>>,
-    topics: DashMap<String, HashSet<ConnId>>,
+    topics: DashMap<String, HashMap<ConnId, Member>>,
+    router_id: std::sync::OnceLock<String>,
+    relay: std::sync::OnceLock<mpsc::Sender<Relay>>,
+    query: std::sync::OnceLock<Arc<dyn PresenceQuery>>,
+    /// Relays that found the link's queue full (counted, logged by the link).
+    pub relay_dropped: AtomicU64,
 }
 
 impl Hub {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// This router's id (welcome, presence), set once at start.
+    pub fn set_router_id(&self, id: &str) {
+        let _ = self.router_id.set(id.to_owned());
+    }
+
+    pub fn router_id(&self) -> &str {
+        self.router_id.get().map(String::as_str).unwrap_or("")
+    }
+
+    /// Hands publications and presence changes to the cluster link from now on.
+    pub fn set_relay(&self, relay: mpsc::Sender<Relay>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Answers `presence` through the cluster from now on.
+    pub fn set_presence_query(&self, query: Arc<dyn PresenceQuery>) {
+        let _ = self.query.set(query);
+    }
+
+    /// Who is subscribed to `topic`: across the cluster when there is one
+    /// and it answers, else on this router.
+    pub async fn presence(&self, topic: &str) -> Vec<Present> {
+        if let Some(q) = self.query.get() {
+            if let Some(all) = q.query(topic).await {
+                return all;
+            }
+        }
+        self.present(topic)
+    }
+
+    fn relay(&self, r: Relay) {
+        if let Some(tx) = self.relay.get() {
+            if tx.try_send(r).is_err() {
+                self.relay_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn register(&self, conn: Arc<ConnShared>) {
@@ -379,6 +497,17 @@ impl Hub {
     }
 
     pub fn subscribe(&self, id: &ConnId, topic: &str) -> Result<(), SubscribeError> {
+        self.subscribe_with(id, topic, false)
+    }
+
+    /// Subscribes; `watch`: also push the topic's joins and leaves to it.
+    /// A first subscription is a join of the topic's presence.
+    pub fn subscribe_with(
+        &self,
+        id: &ConnId,
+        topic: &str,
+        watch: bool,
+    ) -> Result<(), SubscribeError> {
         if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
             return Err(SubscribeError::BadTopic);
         }
@@ -390,14 +519,32 @@ impl Hub {
             }
             mine.insert(topic.to_owned());
         }
-        self.topics
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(id.clone());
+        let user = conn.user().map(str::to_owned);
+        let joined = {
+            let mut members = self.topics.entry(topic.to_owned()).or_default();
+            match members.get_mut(id) {
+                Some(m) => {
+                    m.watch |= watch;
+                    false
+                }
+                None => {
+                    members.insert(
+                        id.clone(),
+                        Member {
+                            user: user.clone(),
+                            watch,
+                        },
+                    );
+                    true
+                }
+            }
+        };
         // The connection may have unregistered between the two steps; then
         // undo so the topic does not keep a dead id.
         if !self.conns.contains_key(id) {
             self.remove_from_topic(topic, id);
+        } else if joined {
+            self.presence_changed(topic, PresenceEvent::Join, &id.0, user);
         }
         Ok(())
     }
@@ -410,16 +557,119 @@ impl Hub {
     }
 
     fn remove_from_topic(&self, topic: &str, id: &ConnId) {
-        if let Some(mut set) = self.topics.get_mut(topic) {
-            set.remove(id);
-        }
+        let left = self
+            .topics
+            .get_mut(topic)
+            .and_then(|mut set| set.remove(id));
         self.topics.remove_if(topic, |_, set| set.is_empty());
+        if let Some(m) = left {
+            self.presence_changed(topic, PresenceEvent::Leave, &id.0, m.user);
+        }
     }
 
-    /// Delivers a publication to every subscriber; returns how many got it.
+    /// A join or leave here: pushed to this router's watchers of the topic
+    /// and relayed to the others.
+    fn presence_changed(
+        &self,
+        topic: &str,
+        event: PresenceEvent,
+        session_id: &str,
+        user: Option<String>,
+    ) {
+        self.deliver_presence(topic, event, session_id, user.as_deref());
+        self.relay(Relay::Presence {
+            topic: topic.to_owned(),
+            event,
+            session_id: session_id.to_owned(),
+            user,
+        });
+    }
+
+    /// Pushes a join or leave to the topic's watchers on this router.
+    pub fn deliver_presence(
+        &self,
+        topic: &str,
+        event: PresenceEvent,
+        session_id: &str,
+        user: Option<&str>,
+    ) -> usize {
+        let watchers: Vec<ConnId> = match self.topics.get(topic) {
+            Some(set) => set
+                .iter()
+                .filter(|(_, m)| m.watch)
+                .map(|(id, _)| id.clone())
+                .collect(),
+            None => return 0,
+        };
+        if watchers.is_empty() {
+            return 0;
+        }
+        let mut data = serde_json::json!({ "event": event.as_str(), "session_id": session_id });
+        if let Some(u) = user {
+            data["user"] = u.into();
+        }
+        let mut frame = Outbound::from(OutFrame::push("presence", Some(topic.to_owned()), data));
+        frame.cost();
+        watchers
+            .iter()
+            .filter(|id| self.send(id, frame.clone()))
+            .count()
+    }
+
+    /// The topic's subscribers on this router.
+    pub fn present(&self, topic: &str) -> Vec<Present> {
+        let router_id = self.router_id().to_owned();
+        self.topics
+            .get(topic)
+            .map(|set| {
+                set.iter()
+                    .map(|(id, m)| Present {
+                        session_id: id.0.clone(),
+                        user: m.user.clone(),
+                        router_id: router_id.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every (topic, subscriber) here, for the cluster's presence refresh.
+    pub fn all_present(&self) -> Vec<(String, Present)> {
+        let router_id = self.router_id().to_owned();
+        let mut out = Vec::new();
+        for entry in self.topics.iter() {
+            for (id, m) in entry.value() {
+                out.push((
+                    entry.key().clone(),
+                    Present {
+                        session_id: id.0.clone(),
+                        user: m.user.clone(),
+                        router_id: router_id.clone(),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// Delivers a publication made here to every subscriber here, and
+    /// relays it to the other routers; returns how many here got it.
     pub fn publish(&self, topic: &str, msg_type: &str, data: serde_json::Value) -> usize {
+        if self.relay.get().is_some() {
+            self.relay(Relay::Publish {
+                topic: topic.to_owned(),
+                msg_type: msg_type.to_owned(),
+                data: data.clone(),
+            });
+        }
+        self.deliver(topic, msg_type, data)
+    }
+
+    /// Delivers a publication to every subscriber on this router (one that
+    /// another router relayed, or one made here); returns how many got it.
+    pub fn deliver(&self, topic: &str, msg_type: &str, data: serde_json::Value) -> usize {
         let subscribers: Vec<ConnId> = match self.topics.get(topic) {
-            Some(set) => set.iter().cloned().collect(),
+            Some(set) => set.keys().cloned().collect(),
             None => return 0,
         };
         let mut frame = Outbound::from(OutFrame::push(msg_type, Some(topic.to_owned()), data));

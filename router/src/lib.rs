@@ -38,6 +38,7 @@ pub mod bridge;
 pub mod broker;
 pub mod capacity;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod handshake;

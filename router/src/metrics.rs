@@ -89,6 +89,25 @@ pub struct CapacityFigures {
     pub descriptor_limit: u64,
 }
 
+/// The cluster link's figures the metrics mirror (`cluster`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterFigures {
+    pub up: bool,
+    pub members: usize,
+    pub relayed: u64,
+    pub received: u64,
+    pub unrelayed: u64,
+}
+
+#[derive(Debug, Default)]
+struct ClusterGauges {
+    up: Gauge,
+    members: Gauge,
+    relayed: Gauge,
+    received: Gauge,
+    unrelayed: Gauge,
+}
+
 #[derive(Debug, Default)]
 struct CapacityGauges {
     max: Gauge,
@@ -147,6 +166,7 @@ pub struct Metrics {
     outbound_bytes: Gauge,
     accept_errors: Counter,
     capacity: CapacityGauges,
+    cluster: ClusterGauges,
     tls_reloads: Family<L1, Counter>,
     tls_handshake_failures: Counter,
     resume_parked_sessions: Gauge,
@@ -202,6 +222,7 @@ impl Metrics {
             outbound_bytes: Gauge::default(),
             accept_errors: Counter::default(),
             capacity: CapacityGauges::default(),
+            cluster: ClusterGauges::default(),
             tls_reloads: Family::default(),
             tls_handshake_failures: Counter::default(),
             resume_parked_sessions: Gauge::default(),
@@ -339,6 +360,31 @@ impl Metrics {
             m.capacity.sessions.clone(),
         );
         registry.register(
+            "cluster_up",
+            "1 while the link to the cluster's Redis (CLUSTER_URL) is up; 0 when down or without a cluster",
+            m.cluster.up.clone(),
+        );
+        registry.register(
+            "cluster_members",
+            "Routers of the cluster alive (this one included), as Redis lists them",
+            m.cluster.members.clone(),
+        );
+        registry.register(
+            "cluster_relayed",
+            "Publications and presence changes made here and sent to the other routers (a running total)",
+            m.cluster.relayed.clone(),
+        );
+        registry.register(
+            "cluster_received",
+            "Publications and presence changes received from the other routers (a running total)",
+            m.cluster.received.clone(),
+        );
+        registry.register(
+            "cluster_unrelayed",
+            "Publications and presence changes made here that reached this router's subscribers only: the link was down or behind (a running total)",
+            m.cluster.unrelayed.clone(),
+        );
+        registry.register(
             "at_capacity",
             "1 from reaching MAX_CONNECTIONS until back at its low-water mark (then /ready is 503)",
             m.capacity.full.clone(),
@@ -469,6 +515,16 @@ impl Metrics {
         g.tcp_open.set(c.tcp_open as i64);
         g.tcp_pending.set(c.tcp_pending as i64);
         g.descriptor_limit.set(c.descriptor_limit as i64);
+    }
+
+    /// Refreshes the cluster gauges (at scrape time).
+    pub fn set_cluster(&self, c: ClusterFigures) {
+        let g = &self.cluster;
+        g.up.set(i64::from(c.up));
+        g.members.set(c.members as i64);
+        g.relayed.set(c.relayed as i64);
+        g.received.set(c.received as i64);
+        g.unrelayed.set(c.unrelayed as i64);
     }
 
     pub fn route(&self, route: &str) -> Arc<RouteCounters> {

@@ -79,6 +79,8 @@ pub enum ServeError {
     Http(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("CLUSTER_URL: {0}")]
+    Cluster(#[from] redis::RedisError),
 }
 
 /// Runs the router until `shutdown` resolves, then drains and returns.
@@ -113,7 +115,17 @@ pub async fn run(
     };
     let tasks = TaskTracker::new();
     let stop_background = CancellationToken::new();
-    let router_id = ConnId::new().0;
+    let router_id = settings
+        .router_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| ConnId::new().0);
+    hub.set_router_id(&router_id);
+    // A bad CLUSTER_URL stops the start; an unreachable Redis does not.
+    let cluster = match settings.cluster_url.as_deref() {
+        Some(url) => Some(crate::cluster::Cluster::new(url, &router_id)?),
+        None => None,
+    };
     let (bridge, endpoints) = bridge::start(
         BridgeConfig {
             bridge_endpoint: settings.bridge_endpoint.clone(),
@@ -147,15 +159,25 @@ pub async fn run(
     let drain_timeout = settings.drain_timeout();
     let routes_path: PathBuf = settings.routes.clone();
     let edge = client_edge(&settings, metrics.clone(), tls.clone());
-    let state = Arc::new(AppState::new(
-        settings,
-        registry.clone(),
-        hub.clone(),
-        bridge,
-        endpoints.clone(),
-        metrics.clone(),
-        edge,
-    ));
+    if let Some(cluster) = &cluster {
+        tasks.spawn(
+            cluster
+                .clone()
+                .run(hub.clone(), bridge.clone(), stop_background.clone()),
+        );
+    }
+    let state = Arc::new(
+        AppState::new(
+            settings,
+            registry.clone(),
+            hub.clone(),
+            bridge,
+            endpoints.clone(),
+            metrics.clone(),
+            edge,
+        )
+        .with_cluster(cluster),
+    );
     if let Some(tls) = &tls {
         tls.spawn_reloader(&tasks, stop_background.clone());
     }

@@ -133,6 +133,16 @@ pub struct Settings {
     /// client IP (HTTP 429). `false` turns every one of them off.
     #[arg(long, env = "ENABLE_RATE_LIMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_rate_limit: bool,
+    /// Join other routers through Redis (`redis://host:port[/db]`, or
+    /// `rediss://` for TLS): publications reach subscribers on every router,
+    /// presence is cluster-wide (README, "Several routers"). Unset: this
+    /// router alone, nothing else needed.
+    #[arg(long, env = "CLUSTER_URL")]
+    pub cluster_url: Option<String>,
+    /// This router's id in the cluster (welcome, presence, `/stats`).
+    /// Default: a new random id at every start.
+    #[arg(long, env = "ROUTER_ID")]
+    pub router_id: Option<String>,
     /// Serve the console page at /console. Default: on when listening on
     /// loopback only, off otherwise.
     #[arg(long, env = "ENABLE_CONSOLE", action = clap::ArgAction::Set)]

@@ -49,6 +49,8 @@ pub struct AppState {
     pub(crate) lot: Arc<Lot<BridgeHandle>>,
     /// Event-stream sessions, for their POSTs.
     pub sse: Arc<crate::sse::SseRegistry>,
+    /// The link to the other routers (`CLUSTER_URL`), if any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Bytes live sessions keep for resumes, all together.
     pub kept: Arc<crate::resume::KeptBudget>,
     ready: AtomicBool,
@@ -92,8 +94,15 @@ impl AppState {
             lot: Arc::new(Lot::new(settings_resume_budget)),
             kept: crate::resume::KeptBudget::new(settings_resume_budget),
             sse: Arc::new(crate::sse::SseRegistry::default()),
+            cluster: None,
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// Joined to other routers through `cluster` (`CLUSTER_URL`).
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Started, not draining, and not full (README, "Capacity").

@@ -24,7 +24,7 @@ use tracing::{debug, info};
 use super::CommandQueue;
 use crate::{
     broker::Command,
-    client::{self, unix_ms, ClientMessage, OutFrame},
+    client::{self, unix_ms, ClientMessage, OutFrame, Outbound},
     hub::{ConnShared, Hub},
     metrics::Metrics,
     policy::{
@@ -47,27 +47,30 @@ pub enum RouterType {
     Cancel,
     Resume,
     Ack,
+    Presence,
 }
 
 impl RouterType {
-    pub const ALL: [RouterType; 6] = [
+    pub const ALL: [RouterType; 7] = [
         RouterType::Ping,
         RouterType::Subscribe,
         RouterType::Unsubscribe,
         RouterType::Cancel,
         RouterType::Resume,
         RouterType::Ack,
+        RouterType::Presence,
     ];
 
     /// Their `type` names, in the order of [`RouterType::ALL`] (what the
     /// routes file refuses in `allowedTypes`).
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         Self::Ping.as_str(),
         Self::Subscribe.as_str(),
         Self::Unsubscribe.as_str(),
         Self::Cancel.as_str(),
         Self::Resume.as_str(),
         Self::Ack.as_str(),
+        Self::Presence.as_str(),
     ];
 
     /// The `type` of the client frame.
@@ -79,6 +82,7 @@ impl RouterType {
             RouterType::Cancel => "cancel",
             RouterType::Resume => "resume",
             RouterType::Ack => "ack",
+            RouterType::Presence => "presence",
         }
     }
 
@@ -183,6 +187,14 @@ impl Inbound {
             route.rate_limit.messages_per_second,
             route.rate_limit.message_burst,
         );
+        if let Some(sub) = connect
+            .claims
+            .as_ref()
+            .and_then(|c| c.get("sub"))
+            .and_then(Value::as_str)
+        {
+            shared.set_user(sub);
+        }
         let route_limits = runtime.limits(&route.rate_limit);
         Self {
             shared,
@@ -225,6 +237,7 @@ impl Inbound {
                 "max_in_flight": self.route.max_in_flight,
             },
             "resume_ttl_ms": resume.map_or(0, |(_, ttl)| ttl.as_millis() as u64),
+            "router_id": self.hub.router_id(),
         });
         if let Some((token, _)) = resume {
             data["resume_token"] = json!(token);
@@ -454,6 +467,7 @@ impl Inbound {
                 self.on_topic(t, msg, out)
             }
             Some(RouterType::Cancel) => self.on_cancel(msg, bridge, out),
+            Some(RouterType::Presence) => self.on_presence(msg, out),
             None => match &self.closing {
                 Some(c) => self.refuse_while_closing(msg, c.reason, out),
                 None => self.forward(msg, text.len(), now, bridge, out),
@@ -507,7 +521,8 @@ impl Inbound {
             return;
         };
         let ack = if kind == RouterType::Subscribe {
-            if let Err(e) = self.hub.subscribe(&self.shared.id, topic) {
+            let watch = msg.data.get("presence").and_then(Value::as_bool) == Some(true);
+            if let Err(e) = self.hub.subscribe_with(&self.shared.id, topic, watch) {
                 out.frames.push(OutFrame::error(
                     msg.id,
                     None,
@@ -531,6 +546,35 @@ impl Inbound {
                 true,
             ));
         }
+    }
+
+    /// `presence`: who is subscribed to a topic, on every router of the
+    /// cluster (README, "Presence"). Answered from a task: across routers
+    /// it is a Redis query; the answer takes the outbound queue.
+    fn on_presence(&self, msg: ClientMessage, out: &mut Actions) {
+        let Some(topic) = msg.data.get("topic").and_then(Value::as_str) else {
+            out.frames.push(OutFrame::error(
+                msg.id,
+                None,
+                codes::BAD_REQUEST,
+                "data.topic must be a string",
+                None,
+            ));
+            return;
+        };
+        let (hub, shared, topic, id) = (
+            self.hub.clone(),
+            self.shared.clone(),
+            topic.to_owned(),
+            msg.id,
+        );
+        tokio::spawn(async move {
+            let clients = hub.presence(&topic).await;
+            let data = json!({ "topic": topic, "count": clients.len(), "clients": clients });
+            shared.send(Outbound::from(OutFrame::reply(
+                "presence", id, None, data, true,
+            )));
+        });
     }
 
     fn on_cancel(&self, msg: ClientMessage, bridge: &dyn CommandQueue, out: &mut Actions) {

@@ -89,7 +89,8 @@ fn router_types_are_the_documented_ones_and_the_routes_file_refuses_them() {
             "unsubscribe",
             "cancel",
             "resume",
-            "ack"
+            "ack",
+            "presence"
         ]
     );
     assert_eq!(names, RouterType::NAMES);
