@@ -42,6 +42,8 @@ fi
     || missing+=("chromium, the headless browser the TypeScript client's tests drive (Debian: apt-get install chromium; or set CHROMIUM_PATH)")
 command -v haproxy >/dev/null \
     || missing+=("haproxy, the load balancer the behind-a-proxy test runs (Debian: apt-get install haproxy)")
+command -v redis-server >/dev/null \
+    || missing+=("redis-server, the Redis that joins several routers in the cluster tests (Debian: apt-get install redis-server)")
 command -v prlimit >/dev/null \
     || missing+=("prlimit, which runs the router under a low descriptor limit (Debian: apt-get install util-linux)")
 if ((${#missing[@]})); then
