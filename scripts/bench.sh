@@ -21,6 +21,8 @@
 #                with --tls-ca (full handshakes, no resumption)
 #   router-py    router + the Python SDK's automation_worker (its `echo`
 #                handler), route /ws/automation
+#   router-py2   router-py with `--processes 2`: two worker processes under
+#                the SDK's supervisor, one pool (CPU: worker1 and worker2)
 #   fastapi      bench/fastapi_echo/app.py under uvicorn (uvloop, one process),
 #                route /ws answering like the router's JSON echo
 # The Python targets run from a virtualenv (BENCH_VENV, default
@@ -123,7 +125,7 @@ done
 
 # The Python targets' virtualenv: FastAPI/uvicorn pinned, the worker SDK from
 # this tree; installed once, checked by importing on later runs.
-if [[ " $targets " == *" fastapi "* || " $targets " == *" router-py "* ]]; then
+if [[ " $targets " == *" fastapi "* || " $targets " == *" router-py "* || " $targets " == *" router-py2 "* ]]; then
     if ! "$venv/bin/python" -c 'import fastapi, uvicorn, uvloop, bridge_worker' 2>/dev/null; then
         say "installing FastAPI/uvicorn and the Python SDK into $venv"
         { [[ -x $venv/bin/python ]] || python3 -m venv "$venv"; } || die "python3 -m venv failed"
@@ -220,7 +222,7 @@ start_target() {
             protocol=json
             watch=(--watch "server=$server_pid")
             ;;
-        router-json | router-raw | router-py | router-json-tls)
+        router-json | router-raw | router-py | router-py2 | router-json-tls)
             if [[ $target == *-tls ]]; then
                 tls_flags=(--tls-cert "$out/tls/cert.pem" --tls-key "$out/tls/key.pem")
             fi
@@ -233,9 +235,10 @@ start_target() {
             line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
             http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
             bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
-            if [[ $target == router-py ]]; then
+            if [[ $target == router-py || $target == router-py2 ]]; then
                 "$venv/bin/python" worker-sdk/python/examples/automation_worker.py \
                     --bridge-endpoint "$bridge" --capacity 1024 --log-level WARNING \
+                    $([[ $target == router-py2 ]] && echo --processes 2) \
                     >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
             else
                 env ${WORKER_THREADS:+TOKIO_WORKER_THREADS=$WORKER_THREADS} \
@@ -244,11 +247,11 @@ start_target() {
             fi
             pids+=($!)
             worker_pid=$!
-            wait_line "$out/$tag.worker.out" '"event":"registered"' "$target worker" "$worker_pid" >/dev/null
+            line=$(wait_line "$out/$tag.worker.out" '"event":"registered"' "$target worker" "$worker_pid")
             case $target in
                 router-json) url=ws://$http/ws; protocol=json ;;
                 router-raw) url=ws://$http/raw; protocol=raw ;;
-                router-py) url=ws://$http/ws/automation; protocol=json ;;
+                router-py | router-py2) url=ws://$http/ws/automation; protocol=json ;;
                 router-json-tls)
                     url=wss://$http/ws
                     protocol=json
@@ -256,6 +259,13 @@ start_target() {
                     ;;
             esac
             watch=(--watch "server=$server_pid" --watch "worker=$worker_pid")
+            if [[ $target == router-py2 ]]; then
+                # The supervisor's children do the work: watch each one.
+                local i=0 child
+                for child in $(sed -E 's/.*"pids":\[([0-9,]*)\].*/\1/' <<<"$line" | tr , ' '); do
+                    watch+=(--watch "worker$((++i))=$child")
+                done
+            fi
             ;;
         *) die "unknown target $target" ;;
     esac

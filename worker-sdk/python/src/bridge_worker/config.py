@@ -73,6 +73,10 @@ class WorkerConfig:
     """On a graceful stop, how long the socket may take to flush its last messages."""
     outbound_queue: int = 1024
     """Messages queued for the socket before senders wait (back-pressure)."""
+    outbound_bytes: int = 64 << 20
+    """Bytes queued for the socket before senders wait (back-pressure), whatever
+    the count. Terminal answers never wait, so the queue may exceed this by at
+    most one answer per request in flight."""
     connection_queue: int = 1024
     """Per-connection queue of events (binary, raw, event, connect, disconnect);
     events beyond it are dropped and logged."""
@@ -121,7 +125,7 @@ class WorkerConfig:
         for name in ("grace_period", "linger"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        for name in ("outbound_queue", "connection_queue"):
+        for name in ("outbound_queue", "outbound_bytes", "connection_queue"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if problems:

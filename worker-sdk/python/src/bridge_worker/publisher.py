@@ -76,7 +76,14 @@ class Publisher:
         if secret is not None:
             config.secret = secret
         for name, value in settings.items():
-            if name not in ("backoff_initial", "backoff_max", "handshake_timeout", "linger", "outbound_queue"):
+            if name not in (
+                "backoff_initial",
+                "backoff_max",
+                "handshake_timeout",
+                "linger",
+                "outbound_queue",
+                "outbound_bytes",
+            ):
                 raise TypeError(f"unknown publisher setting {name!r}")
             setattr(config, name, value)
         self.endpoint = config.endpoint

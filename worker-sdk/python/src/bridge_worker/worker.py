@@ -6,13 +6,15 @@ Shape of a run:
 - One *session* per DEALER socket. The worker connects, says ``hello``
   (again every backoff step until welcomed; a router with a secret answers
   ``challenge{nonce}``, and the worker answers each one with
-  ``auth{proof}``, never sending the secret itself), then serves: one task reads the
-  socket, one writes it (everything else queues frames for it), one sends
-  heartbeats. A router silent for ``heartbeat_ms * liveness``, a
+  ``auth{proof}``, never sending the secret itself), then serves: the
+  :class:`~bridge_worker.pump.Pump` reads every ready frame per wake-up of the
+  loop and writes the outbox (everything else queues frames in it) once per
+  loop turn; one task sends heartbeats. A router silent for ``heartbeat_ms * liveness``, a
   ``goodbye{reconnect: true}`` or no welcome within the handshake timeout
   ends the session; the worker waits an exponential backoff with jitter and
   starts a new one on a NEW socket (a new identity at the router).
-- Requests run as one task each and get exactly one terminal message: the
+- Requests run as one task each (eager on Python 3.12+: a handler that never
+  awaits answers inside the dispatch) and get exactly one terminal message: the
   handler's final reply or error, ``cancelled`` after the router's
   ``cancel``, ``timeout`` when the deadline passes. When a session is lost,
   its requests are abandoned without answer: the router that sent them has
@@ -40,11 +42,13 @@ import enum
 import functools
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -63,9 +67,10 @@ from .errors import (
     no_event_handler,
     no_request_handler,
 )
-from .handlers import Frame, Style, run_event, run_request, style_of
-from .outbox import Outbox, resolve_ack
+from .handlers import Frame, Partial, Reply, Style, as_final, run_event, run_request, style_of
+from .outbox import Outbox
 from .protocol import Json
+from .pump import Pump, SessionEnd
 
 __all__ = ["Worker", "State", "Status", "SDK_NAME"]
 
@@ -130,8 +135,13 @@ class _InFlight:
     timer: asyncio.TimerHandle
 
 
-class _SessionEnd(Exception):
-    """The session is over and the worker should reconnect."""
+_SessionEnd = SessionEnd
+"""Raised while dispatching: the session is over and the worker should reconnect."""
+
+# Python 3.12+: a request's task runs eagerly, inside the dispatch, until its
+# handler first suspends; one that never does finishes there, its reply in the
+# same batch as the request. Earlier versions schedule the task (one loop turn).
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
 
 class Worker:
@@ -192,6 +202,8 @@ class Worker:
         self._publisher_session = False
         # A ZeroMQ context to use instead of one of its own (not terminated here).
         self._zmq_context: zmq.asyncio.Context | None = None
+        # Packs final replies on the loop thread (never shared with other threads).
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     # ----- registration ---------------------------------------------------------
 
@@ -461,8 +473,10 @@ class Worker:
             self._set_status(state=State.STOPPED)
             log.info("worker %s stopped", self.config.worker_id)
 
-    async def _session(self, zctx: zmq.asyncio.Context, backoff: Backoff) -> None:
-        sock = zctx.socket(zmq.DEALER)
+    async def _session(self, zctx: zmq.Context[Any], backoff: Backoff) -> None:
+        # A plain (not zmq.asyncio) socket: the pump and the handshake drive it
+        # from the loop's readiness callback with non-blocking calls.
+        sock: zmq.Socket[bytes] = zmq.Socket(zctx, zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Frames from the router are bounded (above any route's maxMessageBytes
         # plus its envelope): a rogue endpoint cannot exhaust the worker's memory.
@@ -479,8 +493,9 @@ class Worker:
                 self._conns.clear()
             self._router_id = welcome.router_id
             self._set_timing(welcome)
-            outbox = self._outbox = Outbox(self.config.outbound_queue)
-            writer = asyncio.create_task(self._write(sock, outbox), name="bridge-writer")
+            outbox = self._outbox = Outbox(self.config.outbound_queue, self.config.outbound_bytes)
+            pump = Pump(sock, outbox, self._dispatch)
+            pump.start()
             beats = asyncio.create_task(self._beat(outbox), name="bridge-heartbeat")
             self._set_status(
                 state=State.REGISTERED,
@@ -495,7 +510,7 @@ class Worker:
                 welcome.max_frame_bytes,
             )
             try:
-                graceful = await self._serve(sock, writer)
+                graceful = await self._serve(pump)
                 if graceful:
                     try:
                         await asyncio.wait_for(outbox.flushed(), self.config.linger)
@@ -503,7 +518,7 @@ class Worker:
                         log.warning("could not flush the last messages within %.1f s", self.config.linger)
             finally:
                 beats.cancel()
-                writer.cancel()
+                pump.stop()
                 outbox.close()
                 self._outbox = None
                 self._abandon_all()
@@ -512,7 +527,7 @@ class Worker:
         finally:
             sock.close(linger=int(self.config.linger * 1000) if graceful else 0)
 
-    async def _handshake(self, sock: zmq.asyncio.Socket, backoff: Backoff) -> wire.Welcome | None:
+    async def _handshake(self, sock: zmq.Socket[bytes], backoff: Backoff) -> wire.Welcome | None:
         """Says hello every backoff step until welcomed; ``None``: give this socket up."""
         loop = asyncio.get_running_loop()
         hello = wire.encode_from_worker(
@@ -526,27 +541,38 @@ class Worker:
             )
         )
         give_up = loop.time() + self.config.handshake_timeout
-        recv: asyncio.Future[Any] | None = None
+        fd = cast(int, sock.getsockopt(zmq.FD))
+        readable: asyncio.Future[None] | None = None
+
+        def on_fd() -> None:
+            # Reading EVENTS re-arms the descriptor's signal: always read it.
+            if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN and readable is not None and not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, on_fd)
         try:
             while True:
                 # Again: the pipe is full of earlier hellos, the router is not there yet.
                 with contextlib.suppress(zmq.Again):
-                    await sock.send(hello, flags=zmq.NOBLOCK)
+                    sock.send(hello, zmq.NOBLOCK)
                 step_end = min(loop.time() + backoff.next_delay(), give_up)
                 while True:
-                    if recv is None:
-                        recv = asyncio.ensure_future(sock.recv())
-                    got = await _first(recv, self._stop, step_end - loop.time())
-                    if self._stop.is_set():
-                        return None
-                    if not got:
-                        break
                     try:
-                        frame = recv.result()
+                        frame = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        readable = loop.create_future()
+                        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                            continue
+                        got = await _first(readable, self._stop, step_end - loop.time())
+                        readable = None
+                        if self._stop.is_set():
+                            return None
+                        if not got:
+                            break
+                        continue
                     except zmq.ZMQError as e:
                         log.warning("receive from the router failed: %s", e)
                         return None
-                    recv = None
                     try:
                         msg: wire.ToWorker | None = wire.decode_to_worker(frame)
                     except wire.DecodeError as e:
@@ -566,7 +592,7 @@ class Worker:
                         log.debug("challenged by the router; proving the secret")
                         auth = wire.encode_from_worker(wire.Auth(proof=wire.auth_proof(self.config.secret, msg.nonce)))
                         with contextlib.suppress(zmq.Again):
-                            await sock.send(auth, flags=zmq.NOBLOCK)
+                            sock.send(auth, zmq.NOBLOCK)
                         continue
                     if isinstance(msg, wire.Goodbye):
                         if not msg.reconnect:
@@ -584,19 +610,7 @@ class Worker:
                     )
                     return None
         finally:
-            if recv is not None:
-                recv.cancel()
-
-    async def _write(self, sock: zmq.asyncio.Socket, outbox: Outbox) -> None:
-        while True:
-            frame, ack = await outbox.get()
-            try:
-                await sock.send(frame)
-            except BaseException:
-                resolve_ack(ack, False)
-                raise
-            resolve_ack(ack, True)
-            outbox.sent()
+            loop.remove_reader(fd)
 
     def _set_timing(self, welcome: wire.Welcome) -> None:
         """Heartbeat timing and frame limit from a welcome (the first or a later one)."""
@@ -613,49 +627,49 @@ class Worker:
             await asyncio.sleep(self._beat_every)
             outbox.put_nowait(frame)
 
-    async def _serve(self, sock: zmq.asyncio.Socket, writer: asyncio.Task[None]) -> bool:
-        """Reads the socket until the session ends; ``True`` after a graceful stop."""
+    async def _serve(self, pump: Pump) -> bool:
+        """Serves until the session ends; ``True`` after a graceful stop. The pump
+        reads and writes the socket; this watches the router's liveness and the stop."""
         loop = asyncio.get_running_loop()
         drained = asyncio.create_task(self._drain_on_stop(), name="bridge-drain")
-        recv: asyncio.Future[Any] | None = None
-        last_seen = loop.time()
+
+        def on_drained(task: asyncio.Task[None]) -> None:
+            if task.cancelled():
+                return
+            pump.stop_reading()
+            error = task.exception()
+            pump.end(error if error is not None else True)
+
+        drained.add_done_callback(on_drained)
+
+        # One timer per silence period, not one per frame: it re-arms itself
+        # from the time of the last frame the pump saw.
+        watchdog: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal watchdog
+            silent_until = pump.last_seen + self._silence_limit
+            if loop.time() >= silent_until:
+                log.warning("router silent for %.1f s: declaring it dead", self._silence_limit)
+                pump.end(False)
+            else:
+                watchdog = loop.call_at(silent_until, watch)
+
+        watchdog = loop.call_at(pump.last_seen + self._silence_limit, watch)
         try:
-            while True:
-                if recv is None:
-                    recv = asyncio.ensure_future(sock.recv())
-                left = last_seen + self._silence_limit - loop.time()
-                done, _ = await asyncio.wait(
-                    {recv, drained, writer}, timeout=max(left, 0), return_when="FIRST_COMPLETED"
-                )
-                if recv in done:
-                    try:
-                        frame = recv.result()
-                    except zmq.ZMQError as e:
-                        log.warning("receive from the router failed: %s", e)
-                        return False
-                    recv = None
-                    last_seen = loop.time()
-                    try:
-                        self._dispatch(frame)
-                    except _SessionEnd:
-                        return False
-                elif drained in done:
-                    drained.result()
-                    return True
-                elif writer in done:
-                    log.warning("send to the router failed: %r", writer.exception())
-                    return False
-                else:
-                    log.warning("router silent for %.1f s: declaring it dead", self._silence_limit)
-                    return False
+            return await pump.ended
         finally:
-            if recv is not None:
-                recv.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             drained.cancel()
 
     # ----- incoming messages -------------------------------------------------------
 
     def _dispatch(self, frame: bytes) -> None:
+        req = wire.decode_request_fast(frame)
+        if req is not None:
+            self._start_request(req)
+            return
         try:
             msg = wire.decode_to_worker(frame)
         except wire.DecodeError as e:
@@ -756,18 +770,30 @@ class Worker:
             log.warning("request %s beyond capacity %d: refused", req.cid, self.config.capacity)
             self._terminate(ctx, _error(req.cid, HandlerError.overloaded("the worker is at capacity")))
             return
-        task = asyncio.create_task(self._run_request(ctx, handler, req.data), name=f"request {req.cid}")
+        coro = self._run_request(ctx, handler, req.data)
+        if _EAGER_TASKS:
+            task = asyncio.Task(coro, loop=loop, name=f"request {req.cid}", eager_start=True)  # type: ignore[call-arg]
+            if task.done():
+                return  # finished without suspending: its terminal message is queued
+        else:
+            task = loop.create_task(coro, name=f"request {req.cid}")
         timer = loop.call_at(ctx.deadline, self._cancel_request, req.cid, "deadline")
         self._inflight[req.cid] = _InFlight(ctx, task, timer)
-        log.debug("request %s (%s) started", req.cid, req.msg_type)
 
     async def _run_request(self, ctx: Context, handler: _Handler, data: Json) -> None:
         assert self._executor is not None  # invariant: set by run() before any session
         try:
-            reply = await run_request(handler.fn, handler.style, ctx, data, self._executor)
-            msg: wire.FromWorker = wire.Reply(
-                cid=ctx.correlation_id, done=True, msg_type=reply.msg_type, data=reply.data
-            )
+            if handler.style is Style.ASYNC:
+                # The common case without the generic runner's extra coroutine.
+                value = await handler.fn(ctx, data)
+                if not isinstance(value, (Reply, Partial)):
+                    self._terminate_reply(ctx, None, value)
+                    return
+                reply = as_final(value)
+            else:
+                reply = await run_request(handler.fn, handler.style, ctx, data, self._executor)
+            self._terminate_reply(ctx, reply.msg_type, reply.data)
+            return
         except HandlerError as e:
             msg = _error(ctx.correlation_id, e)
         except asyncio.CancelledError:
@@ -779,6 +805,15 @@ class Worker:
             log.exception("handler of request %s (%s) failed", ctx.correlation_id, ctx.msg_type)
             msg = _error(ctx.correlation_id, HandlerError.worker_error("the worker's handler failed unexpectedly"))
         self._terminate(ctx, msg)
+
+    def _terminate_reply(self, ctx: Context, msg_type: str | None, data: Json) -> None:
+        """Sends the final reply of a request (the hot path of :meth:`_terminate`)."""
+        frame = wire.encode_reply_fast(self._packer, ctx.correlation_id, True, msg_type, data)
+        if frame is None:
+            # Not JSON, or a bad type: the generic encoder names the fault.
+            self._terminate(ctx, wire.Reply(cid=ctx.correlation_id, done=True, msg_type=msg_type, data=data))
+            return
+        self._terminate_frame(ctx, frame)
 
     def _cancel_request(self, cid: str, reason: str) -> None:
         entry = self._inflight.get(cid)
@@ -797,11 +832,8 @@ class Worker:
 
     def _terminate(self, ctx: Context, msg: wire.FromWorker) -> None:
         """Sends the request's terminal message, unless one was sent already."""
-        if not ctx._take_terminal():
+        if ctx._done:
             return
-        entry = self._inflight.pop(ctx.correlation_id, None)
-        if entry is not None:
-            entry.timer.cancel()
         try:
             encoded = wire.encode_from_worker(msg)
         except wire.EncodeError as e:
@@ -809,10 +841,20 @@ class Worker:
             encoded = wire.encode_from_worker(
                 _error(ctx.correlation_id, HandlerError.worker_error("the worker produced a reply that is not JSON"))
             )
+        self._terminate_frame(ctx, encoded)
+
+    def _terminate_frame(self, ctx: Context, encoded: bytes) -> None:
+        """Queues ``encoded``, the request's terminal message, unless one was sent already."""
+        if not ctx._take_terminal():
+            return
+        entry = self._inflight.pop(ctx.correlation_id, None)
+        if entry is not None:
+            entry.timer.cancel()
         frame = self._within_limit(ctx.correlation_id, encoded)
         if frame is not None:
             self._send_nowait(frame)
-        self._wake.set()
+        if self._stop.is_set():
+            self._wake.set()
 
     def _queue_event(
         self, kind: str, conn: str, payload: Any, route: str, service: str, msg_type: str | None = None
