@@ -10,14 +10,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{error::DecodeError, messages::*, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-#[derive(Serialize)]
-struct Wire<'a, B: Serialize> {
-    v: u8,
-    kind: &'a str,
-    #[serde(flatten)]
-    body: &'a B,
-}
-
 /// An empty body, for messages with no fields.
 #[derive(Serialize, Deserialize)]
 struct Empty {}
@@ -28,12 +20,47 @@ struct Header {
     kind: String,
 }
 
+/// Room for the message's own map header, `v` and `kind`, before the body.
+const PREFIX_MAX: usize = 5 + 2 + 9 + 5;
+
+/// The message: the body's map with `v` and `kind` in front. The body is
+/// encoded once, after room left for the prefix; the prefix then takes the
+/// place of the body's map header, one entry larger. (A flattened struct
+/// would make rmp-serde buffer the whole message as a map of unknown
+/// length and copy it.)
 fn encode<B: Serialize>(v: u8, kind: &str, body: &B) -> Vec<u8> {
-    let wire = Wire { v, kind, body };
+    let room = PREFIX_MAX + kind.len();
+    let mut out = vec![0u8; room];
     // Invariant: every message type is a struct of maps, strings, numbers,
     // booleans, byte strings and JSON values with string keys, all of which
     // rmp-serde can encode into a Vec (which cannot fail to grow).
-    rmp_serde::to_vec_named(&wire).expect("bridge messages are always encodable")
+    body.serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
+        .expect("bridge messages are always encodable");
+    let (entries, header) = map_len(&out[room..]).expect("a struct body is encoded as a map");
+    let mut prefix = Vec::with_capacity(room);
+    // Writes into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(&mut prefix, entries + 2);
+    let _ = rmp::encode::write_str(&mut prefix, "v");
+    let _ = rmp::encode::write_uint(&mut prefix, u64::from(v));
+    let _ = rmp::encode::write_str(&mut prefix, "kind");
+    let _ = rmp::encode::write_str(&mut prefix, kind);
+    let start = room + header - prefix.len();
+    out[start..room + header].copy_from_slice(&prefix);
+    out.drain(..start);
+    out
+}
+
+/// The entry count and header length of a MessagePack map at the start of `b`.
+fn map_len(b: &[u8]) -> Option<(u32, usize)> {
+    match *b.first()? {
+        m @ 0x80..=0x8f => Some((u32::from(m & 0x0f), 1)),
+        0xde => Some((u32::from(u16::from_be_bytes([*b.get(1)?, *b.get(2)?])), 3)),
+        0xdf => Some((
+            u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]),
+            5,
+        )),
+        _ => None,
+    }
 }
 
 /// Deepest nesting a decoder accepts (maps and arrays inside `data`). The
@@ -54,9 +81,39 @@ pub fn decode_header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
     header(bytes)
 }
 
+/// `v` and `kind` when they are the map's first two entries, as every
+/// encoder of this crate writes them: read in place, without walking the
+/// rest of the message. `None`: anything else (the full decode decides).
+fn quick_header(bytes: &[u8]) -> Option<(u64, &str)> {
+    let (_, header) = map_len(bytes)?;
+    let mut rd = bytes.get(header..)?;
+    fn text<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = rmp::decode::read_str_len(rd).ok()? as usize;
+        let (s, rest) = (rd.get(..len)?, rd.get(len..)?);
+        *rd = rest;
+        Some(s)
+    }
+    if text(&mut rd)? != b"v" {
+        return None;
+    }
+    let v: u64 = rmp::decode::read_int(&mut rd).ok()?;
+    if text(&mut rd)? != b"kind" {
+        return None;
+    }
+    std::str::from_utf8(text(&mut rd)?)
+        .ok()
+        .map(|kind| (v, kind))
+}
+
 /// Reads `v` and `kind`; `v` must be a version this crate speaks.
 fn header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
-    let header: Header = from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
+    let header = match quick_header(bytes) {
+        Some((v, kind)) => Header {
+            v,
+            kind: kind.to_owned(),
+        },
+        None => from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?,
+    };
     match u8::try_from(header.v) {
         Ok(v) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) => Ok((v, header.kind)),
         _ => Err(DecodeError::Version {
@@ -67,9 +124,15 @@ fn header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
 }
 
 fn body<B: DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<B, DecodeError> {
-    from_slice(bytes).map_err(|e| DecodeError::Body {
-        kind: kind.to_owned(),
-        detail: e.to_string(),
+    from_slice(bytes).map_err(|e| match from_slice::<Header>(bytes) {
+        // The quick header read stops after `kind`: a message broken past
+        // it (truncated, say) is a header error all the same, as the full
+        // read would have said.
+        Err(h) => DecodeError::Header(h.to_string()),
+        Ok(_) => DecodeError::Body {
+            kind: kind.to_owned(),
+            detail: e.to_string(),
+        },
     })
 }
 
@@ -209,6 +272,28 @@ mod tests {
         expected.extend_from_slice(b"heartbeat");
         assert_eq!(bytes, expected);
         assert_eq!(decode_to_worker(&bytes).unwrap(), ToWorker::Heartbeat);
+    }
+
+    #[test]
+    fn the_quick_header_read_agrees_with_the_full_one() {
+        let bytes = encode_to_worker(&ToWorker::Heartbeat);
+        assert_eq!(quick_header(&bytes), Some((2, "heartbeat")));
+        // Other orders, other keys, other types: left to the full read.
+        for v in [
+            json!({"kind": "heartbeat", "v": 2}),
+            json!({"vv": 2, "kind": "heartbeat"}),
+            json!({"v": 2, "kindx": "heartbeat"}),
+            json!({"v": "2", "kind": "heartbeat"}),
+            json!({"v": 2, "kind": 7}),
+        ] {
+            let bytes = rmp_serde::to_vec_named(&v).unwrap();
+            assert_eq!(quick_header(&bytes), None, "{v}");
+        }
+        let reordered = rmp_serde::to_vec_named(&json!({"kind": "heartbeat", "v": 2})).unwrap();
+        assert_eq!(decode_to_worker(&reordered).unwrap(), ToWorker::Heartbeat);
+        for cut in 0..bytes.len() {
+            assert!(decode_to_worker(&bytes[..cut]).is_err());
+        }
     }
 
     #[test]

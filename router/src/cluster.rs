@@ -258,8 +258,11 @@ impl Cluster {
         *lock(&self.con) = Some(con.clone());
         self.up.store(true, Ordering::Relaxed);
         info!(url = %self.shown_url, router.id = %self.router_id, "cluster link up");
-        let mut tick = tokio::time::interval(REFRESH);
-        tick.reset();
+        // The first refresh comes soon: routers that reconnect together
+        // (Redis restarted) each announced before the others, and would
+        // otherwise list only themselves for a whole period.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + REFRESH / 10, REFRESH);
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
