@@ -450,7 +450,37 @@ impl WorkerProc {
         services: &[&str],
         extra_args: &[&str],
     ) -> WorkerProc {
-        let mut proc = Self::spawn(example, bridge, publish, services, extra_args);
+        let proc = Self::spawn(example, bridge, publish, services, extra_args);
+        Self::registered(example, proc).await
+    }
+
+    /// Starts `example` with `BRIDGE_ENDPOINT` set to the bridge endpoints of
+    /// `routers`, comma-separated in this order (the worker serves them all,
+    /// one session each), and waits for its `registered` line, printed when
+    /// the first of them welcomes it. Empty `services` keeps the example's
+    /// defaults.
+    pub async fn start_on_routers(
+        example: &str,
+        routers: &[&RouterProc],
+        services: &[&str],
+        extra_args: &[&str],
+    ) -> WorkerProc {
+        let list: Vec<&str> = routers.iter().map(|r| r.bridge.as_str()).collect();
+        let mut cmd = Command::new(example_bin(example));
+        for k in STACK_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.current_dir(workspace_root())
+            .env("BRIDGE_ENDPOINT", list.join(","));
+        for s in services {
+            cmd.arg("--service").arg(s);
+        }
+        cmd.args(extra_args);
+        Self::registered(example, Proc::spawn(example, cmd)).await
+    }
+
+    /// Waits for `proc`'s `{"event":"registered"}` line.
+    async fn registered(example: &str, mut proc: Proc) -> WorkerProc {
         let line = proc
             .wait_stdout(
                 &format!("{example}'s registered line"),

@@ -38,10 +38,13 @@ use crate::worker::{Worker, WorkerBuilder};
 /// The flags every worker binary accepts.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// ZeroMQ endpoint of the router's bridge (its ROUTER socket).
+    /// ZeroMQ endpoint of the router's bridge (its ROUTER socket), or a
+    /// comma-separated list of several routers' endpoints: the worker then
+    /// serves every one of them, with one session each.
     #[arg(long, env = ENV_BRIDGE_ENDPOINT, default_value = DEFAULT_BRIDGE_ENDPOINT)]
     pub bridge_endpoint: String,
-    /// ZeroMQ endpoint of the router's publication SUB socket.
+    /// ZeroMQ endpoint of the router's publication SUB socket (one router;
+    /// the SDK publishes over the bridge sessions instead).
     #[arg(long, env = ENV_PUBLISH_ENDPOINT, default_value = DEFAULT_PUBLISH_ENDPOINT)]
     pub publish_endpoint: String,
     /// Service to serve; repeat for several. Replaces the worker's defaults.
@@ -239,6 +242,20 @@ mod tests {
         assert_eq!(a.services, ["a", "b"]);
         assert_eq!(a.capacity, 4);
         assert_eq!(a.id.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn an_endpoint_list_reaches_the_worker_as_given() {
+        let a = parse(&["--bridge-endpoint", "ipc:///tmp/a.sock, ipc:///tmp/b.sock"]);
+        let c = Worker::builder()
+            .env(crate::config::EnvDefaults::default())
+            .service("s")
+            .endpoint(&a.bridge_endpoint)
+            .config();
+        assert_eq!(
+            c.endpoints().unwrap(),
+            ["ipc:///tmp/a.sock", "ipc:///tmp/b.sock"]
+        );
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //!
 //! Environment lookups go through a function argument so tests feed them from
 //! a map instead of mutating the process environment.
+//!
+//! The bridge endpoint may be a comma-separated list: one router session per
+//! entry ([`parse_endpoint_list`]; PROTOCOL.md, "Several routers").
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,7 +34,9 @@ pub const ENV_BRIDGE_SECRET: &str = "BRIDGE_SECRET";
 /// defaults that match the team contract and rarely need changing.
 #[derive(Clone)]
 pub struct WorkerConfig {
-    /// ZeroMQ endpoint of the router's ROUTER socket.
+    /// ZeroMQ endpoint of the router's ROUTER socket, or a comma-separated
+    /// list of them: the worker then keeps one session with each router
+    /// (see [`parse_endpoint_list`]).
     pub endpoint: String,
     /// Name announced in `hello` (for logs and `/routes`; need not be unique).
     pub worker_id: String,
@@ -115,13 +120,16 @@ impl WorkerConfig {
         self.check(Role::Publisher)
     }
 
+    /// The router endpoints, in list order: one for a plain endpoint, several
+    /// for a comma-separated list. Checked by [`validate`](Self::validate).
+    pub fn endpoints(&self) -> Result<Vec<String>, ConfigError> {
+        parse_endpoint_list(&self.endpoint).map_err(|problems| ConfigError { problems })
+    }
+
     fn check(&self, role: Role) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if let Err(e) = zeromq::Endpoint::from_str(&self.endpoint) {
-            problems.push(format!(
-                "endpoint {:?} is not a ZeroMQ endpoint: {e}",
-                self.endpoint
-            ));
+        if let Err(e) = self.endpoints() {
+            problems.extend(e.problems);
         }
         if self.worker_id.trim().is_empty() {
             problems.push("worker_id is empty".to_owned());
@@ -176,6 +184,53 @@ impl WorkerConfig {
         } else {
             Err(ConfigError { problems })
         }
+    }
+}
+
+/// Splits a bridge endpoint setting into the routers it names, in order.
+///
+/// `"tcp://a:5555"` is one router; `"tcp://a:5555, tcp://b:5555"` two (each
+/// entry trimmed). Every problem is reported, each naming its entry: an empty
+/// entry (`"a,,b"`, a trailing comma), an entry that is not a ZeroMQ
+/// endpoint, and an entry listed twice (compared as parsed, so
+/// `tcp://127.0.0.1:5555` and ` tcp://127.0.0.1:5555` are the same router).
+/// A router listed twice would get two sessions of one worker, and with them
+/// twice its capacity.
+pub fn parse_endpoint_list(list: &str) -> Result<Vec<String>, Vec<String>> {
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    let several = entries.len() > 1;
+    let mut problems = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut endpoints = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let position = i + 1;
+        if entry.is_empty() {
+            problems.push(if several {
+                format!("endpoint list {list:?}: entry {position} is empty")
+            } else {
+                format!("endpoint {list:?} is empty")
+            });
+            continue;
+        }
+        match zeromq::Endpoint::from_str(entry) {
+            Err(e) => problems.push(format!("endpoint {entry:?} is not a ZeroMQ endpoint: {e}")),
+            Ok(parsed) => {
+                let canonical = parsed.to_string();
+                if seen.contains(&canonical) {
+                    problems.push(format!(
+                        "endpoint list {list:?}: entry {position} ({entry:?}) names a router already listed"
+                    ));
+                } else {
+                    seen.push(canonical);
+                    endpoints.push((*entry).to_owned());
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(endpoints)
+    } else {
+        Err(problems)
     }
 }
 
@@ -293,6 +348,74 @@ mod tests {
         for needle in ["endpoint", "capacity", "services", "worker_id"] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
+    }
+
+    #[test]
+    fn endpoint_lists_are_parsed_in_order() {
+        for (input, expected) in [
+            ("tcp://127.0.0.1:5555", vec!["tcp://127.0.0.1:5555"]),
+            (" ipc:///tmp/a.sock ", vec!["ipc:///tmp/a.sock"]),
+            (
+                "tcp://127.0.0.1:5555,tcp://127.0.0.1:5556",
+                vec!["tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556"],
+            ),
+            (
+                " ipc:///tmp/b.sock , tcp://10.0.0.1:1 ,ipc:///tmp/a.sock",
+                vec!["ipc:///tmp/b.sock", "tcp://10.0.0.1:1", "ipc:///tmp/a.sock"],
+            ),
+        ] {
+            assert_eq!(parse_endpoint_list(input).unwrap(), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn bad_endpoint_lists_name_every_bad_entry() {
+        for (input, needles) in [
+            ("", vec![r#"endpoint "" is empty"#]),
+            (
+                "nonsense",
+                vec![r#"endpoint "nonsense" is not a ZeroMQ endpoint"#],
+            ),
+            ("tcp://127.0.0.1:1,", vec!["entry 2 is empty"]),
+            (",tcp://127.0.0.1:1", vec!["entry 1 is empty"]),
+            (
+                "tcp://127.0.0.1:1, ,tcp://127.0.0.1:2",
+                vec!["entry 2 is empty"],
+            ),
+            (
+                "tcp://127.0.0.1:1,tcp://127.0.0.1:2, tcp://127.0.0.1:1",
+                vec![r#"entry 3 ("tcp://127.0.0.1:1") names a router already listed"#],
+            ),
+            (
+                "tcp://127.0.0.1:1,udp://x:1,,tcp://127.0.0.1:1",
+                vec![
+                    r#"endpoint "udp://x:1" is not a ZeroMQ endpoint"#,
+                    "entry 3 is empty",
+                    "entry 4",
+                ],
+            ),
+        ] {
+            let problems = parse_endpoint_list(input).unwrap_err();
+            assert_eq!(problems.len(), needles.len(), "{input:?}: {problems:?}");
+            for (problem, needle) in problems.iter().zip(&needles) {
+                assert!(
+                    problem.contains(needle),
+                    "{input:?}: {problem:?} lacks {needle:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn validate_reports_bad_entries_of_an_endpoint_list() {
+        let mut c = WorkerConfig::new(vec!["echo".into()]);
+        c.endpoint = "tcp://127.0.0.1:1, ipc:///tmp/x.sock".into();
+        c.validate().unwrap();
+        assert_eq!(c.endpoints().unwrap().len(), 2);
+        c.endpoint = "tcp://127.0.0.1:1,,bogus".into();
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.to_string().contains(r#""bogus""#), "{err}");
     }
 
     #[test]

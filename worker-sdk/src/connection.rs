@@ -1,4 +1,6 @@
-//! The socket task: the only code that touches the worker's DEALER socket.
+//! The socket task: the only code that touches the worker's DEALER socket
+//! (one task per router when the worker serves several; each runs this life
+//! cycle on its own, and a lost router abandons only its own requests).
 //!
 //! It runs the connection life cycle of the team contract:
 //!
@@ -44,7 +46,7 @@ use bridge_proto::{
 };
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,10 +61,11 @@ use crate::config::WorkerConfig;
 use crate::context::{Context, EventContext};
 use crate::dispatch::{run_request, terminal, ConnQueues, Job, Outcome};
 use crate::error::{HandlerError, SendError, WorkerError};
-use crate::handle::{State, Status, WorkerHandle};
+use crate::handle::{State, WorkerHandle};
 use crate::handler::{error_push_data, no_binary_handler, Frame, Handlers};
 use crate::outgoing::{too_large_error, ForRequest, Outgoing};
 use crate::salvage;
+use crate::sessions::{ConnDirectory, StatusBoard};
 
 /// SDK name and version announced in `hello`.
 pub(crate) const SDK: &str = concat!("worker-sdk-rust/", env!("CARGO_PKG_VERSION"));
@@ -224,13 +227,31 @@ struct ConnInfo {
     claims: Option<Arc<Value>>,
 }
 
+/// Which router session a socket task runs, and what it shares with the
+/// worker's other sessions.
+pub(crate) struct SessionSpec {
+    /// Its place in the endpoint list.
+    pub(crate) index: usize,
+    /// The router's bridge endpoint.
+    pub(crate) endpoint: String,
+    /// Whether the worker serves several routers (logs name the router then).
+    pub(crate) several: bool,
+    pub(crate) board: Arc<StatusBoard>,
+    /// Which router each connection lives on (several routers only).
+    pub(crate) directory: Option<Arc<ConnDirectory>>,
+    /// The worker's capacity, shared by its sessions (several routers only:
+    /// one router's credits already bound the handlers it starts).
+    pub(crate) permits: Option<Arc<Semaphore>>,
+}
+
 /// The state the socket task owns.
 pub(crate) struct Owner {
     cfg: Arc<WorkerConfig>,
     handlers: Arc<Handlers>,
+    /// Homed on this session: replies of its requests come back here.
     handle: WorkerHandle,
     outbound: mpsc::Receiver<Outgoing>,
-    status: watch::Sender<Status>,
+    spec: SessionSpec,
     /// Fires when the grace period is over (or the worker is rejected):
     /// every handler still running is dropped.
     hard_stop: CancellationToken,
@@ -251,7 +272,7 @@ impl Owner {
         handlers: Arc<Handlers>,
         handle: WorkerHandle,
         outbound: mpsc::Receiver<Outgoing>,
-        status: watch::Sender<Status>,
+        spec: SessionSpec,
     ) -> Self {
         Self {
             backoff: Backoff::new(cfg.backoff_initial, cfg.backoff_max),
@@ -260,7 +281,7 @@ impl Owner {
             handlers,
             handle,
             outbound,
-            status,
+            spec,
             hard_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             inflight: HashMap::new(),
@@ -273,7 +294,11 @@ impl Owner {
 
     /// Runs until stopped (`Ok`) or refused by the router (`Err`).
     pub(crate) async fn run(mut self) -> Result<(), WorkerError> {
-        let span = info_span!("worker", worker.id = %self.cfg.worker_id);
+        let span = if self.spec.several {
+            info_span!("worker", worker.id = %self.cfg.worker_id, router.endpoint = %self.spec.endpoint)
+        } else {
+            info_span!("worker", worker.id = %self.cfg.worker_id)
+        };
         let result = self.sessions().instrument(span).await;
         // Whatever is left now is abandoned: a graceful stop has already
         // waited for it as long as it was allowed to.
@@ -298,11 +323,11 @@ impl Owner {
                 return Ok(());
             }
             self.set_state(State::Connecting);
-            debug!(endpoint = %self.cfg.endpoint, "connecting");
+            debug!(endpoint = %self.spec.endpoint, "connecting");
             let link = match self.open_link().await {
                 Some(Ok(link)) => link,
                 Some(Err(e)) => {
-                    warn!(endpoint = %self.cfg.endpoint, error = %e, "cannot connect to the router");
+                    warn!(endpoint = %self.spec.endpoint, error = %e, "cannot connect to the router");
                     if !self.wait_backoff().await {
                         return Ok(());
                     }
@@ -319,7 +344,7 @@ impl Owner {
             match end {
                 End::Stopped => return Ok(()),
                 End::Lost(reason) => {
-                    warn!(endpoint = %self.cfg.endpoint, %reason, "lost the router; reconnecting");
+                    warn!(endpoint = %self.spec.endpoint, %reason, "lost the router; reconnecting");
                 }
                 End::Goodbye {
                     reason,
@@ -330,17 +355,18 @@ impl Owner {
                     reconnect: false,
                 } => {
                     return Err(WorkerError::Rejected {
-                        endpoint: self.cfg.endpoint.clone(),
+                        endpoint: self.spec.endpoint.clone(),
                         reason,
                     })
                 }
                 End::SecretRequired => {
                     return Err(WorkerError::SecretRequired {
-                        endpoint: self.cfg.endpoint.clone(),
+                        endpoint: self.spec.endpoint.clone(),
                     })
                 }
             }
             self.abandon_inflight();
+            self.forget_connections();
             if self.handle.stop.is_cancelled() || !self.wait_backoff().await {
                 return Ok(());
             }
@@ -350,7 +376,7 @@ impl Owner {
     /// Opens a socket; `None` when a stop came first.
     async fn open_link(&mut self) -> Option<Result<Link, ZmqError>> {
         let attempt = Link::open(
-            self.cfg.endpoint.clone(),
+            self.spec.endpoint.clone(),
             self.cfg.connect_timeout,
             self.cfg.handshake_timeout,
         );
@@ -367,7 +393,7 @@ impl Owner {
     /// Waits one backoff step; `false` when a stop came first.
     async fn wait_backoff(&mut self) -> bool {
         let delay = self.backoff.next_delay();
-        info!(delay_ms = delay.as_millis() as u64, endpoint = %self.cfg.endpoint, "reconnecting after backoff");
+        info!(delay_ms = delay.as_millis() as u64, endpoint = %self.spec.endpoint, "reconnecting after backoff");
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -588,16 +614,18 @@ impl Owner {
         if self.router_id.as_ref().is_some_and(|id| *id != w.router_id) {
             // A different router process: the connections we knew are gone.
             self.conns.clear();
+            self.forget_connections();
         }
         let (every, dead_after) = liveness(&w);
         self.router_id = Some(w.router_id.clone());
         self.set_frame_limit(w.max_frame_bytes);
         let mut registrations = 0;
-        self.status.send_modify(|s| {
+        self.spec.board.modify(self.spec.index, |s| {
             s.registrations += 1;
             s.state = State::Registered;
             s.router_id = Some(w.router_id.clone());
             registrations = s.registrations;
+            true
         });
         info!(
             router.id = %w.router_id,
@@ -646,6 +674,7 @@ impl Owner {
             return Ok(());
         };
 
+        self.note_connection(&req.conn);
         let token = self.hard_stop.child_token();
         self.inflight.insert(
             req.cid.clone(),
@@ -681,8 +710,9 @@ impl Owner {
             claims,
             handle: self.handle.clone(),
         };
+        let permits = self.spec.permits.clone();
         self.tracker
-            .spawn(run_request(handler, ctx, req.data).instrument(span));
+            .spawn(run_request(handler, ctx, req.data, permits).instrument(span));
         Ok(())
     }
 
@@ -824,7 +854,7 @@ impl Owner {
 
     fn set_frame_limit(&mut self, limit: Option<u64>) {
         self.frame_limit = limit;
-        self.status.send_if_modified(|s| {
+        self.spec.board.modify(self.spec.index, |s| {
             let changed = s.max_frame_bytes != limit;
             s.max_frame_bytes = limit;
             changed
@@ -863,6 +893,7 @@ impl Owner {
     }
 
     fn on_event(&mut self, e: Event) {
+        self.note_connection(&e.conn);
         let Some(handler) = self.handlers.events.get(&e.msg_type).cloned() else {
             info!(session.id = %e.conn, msg.type = %e.msg_type, "no handler for this fire-and-forget message: answering unknown_type");
             let error = self.handlers.no_event_handler(&e.msg_type);
@@ -878,6 +909,7 @@ impl Owner {
     }
 
     fn on_binary(&mut self, b: bridge_proto::Binary) {
+        self.note_connection(&b.conn);
         let Some(handler) = self.handlers.binary.clone() else {
             info!(session.id = %b.conn, bytes = b.data.len(), "no binary handler: answering unknown_type");
             return self.answer_without_id(b.conn, "binary", no_binary_handler());
@@ -911,6 +943,7 @@ impl Owner {
     }
 
     fn on_raw(&mut self, r: RawFrame) {
+        self.note_connection(&r.conn);
         let Some(handler) = self.handlers.raw.clone() else {
             debug!(session.id = %r.conn, bytes = r.payload.len(), "no raw handler; frame dropped");
             return;
@@ -928,6 +961,7 @@ impl Owner {
     }
 
     fn on_connect(&mut self, c: Connect) {
+        self.note_connection(&c.conn);
         if self.conns.len() < MAX_KNOWN_CONNECTIONS || self.conns.contains_key(&c.conn) {
             self.conns.insert(
                 c.conn.clone(),
@@ -963,6 +997,24 @@ impl Owner {
         // The queue runs what it holds (the disconnect last) and then ends.
         self.queues.finish(&conn);
         self.conns.remove(&conn);
+        if let Some(d) = &self.spec.directory {
+            d.forget(&conn, self.spec.index);
+        }
+    }
+
+    /// Messages for `conn` go to this session's router (several routers).
+    fn note_connection(&self, conn: &str) {
+        if let Some(d) = &self.spec.directory {
+            d.note(conn, self.spec.index);
+        }
+    }
+
+    /// This session's router is gone, or is another process now: its
+    /// connections are gone with it.
+    fn forget_connections(&self) {
+        if let Some(d) = &self.spec.directory {
+            d.forget_session(self.spec.index);
+        }
     }
 
     /// Forgets every request in flight without answering it (the router
@@ -1019,7 +1071,7 @@ impl Owner {
     }
 
     fn set_state(&self, state: State) {
-        self.status.send_if_modified(|s| {
+        self.spec.board.modify(self.spec.index, |s| {
             let changed = s.state != state;
             s.state = state;
             changed
@@ -1050,15 +1102,30 @@ mod tests {
     fn owner() -> (Owner, mpsc::Sender<Outgoing>) {
         let cfg = Arc::new(WorkerConfig::new(vec!["svc".into()]));
         let (tx, rx) = mpsc::channel(8);
-        let (status_tx, status_rx) = watch::channel(Status::initial());
+        let (board, mut statuses, status_rx) = StatusBoard::new(1);
         let handle = WorkerHandle {
-            tx: tx.clone(),
+            sessions: vec![crate::sessions::SessionLink {
+                endpoint: cfg.endpoint.as_str().into(),
+                tx: tx.clone(),
+                status: statuses.remove(0),
+            }]
+            .into(),
+            home: Some(0),
+            directory: None,
             stop: CancellationToken::new(),
             status: status_rx,
             worker_id: "w".into(),
             services: vec!["svc".to_owned()].into(),
         };
-        let owner = Owner::new(cfg, Arc::new(Handlers::default()), handle, rx, status_tx);
+        let spec = SessionSpec {
+            index: 0,
+            endpoint: cfg.endpoint.clone(),
+            several: false,
+            board,
+            directory: None,
+            permits: None,
+        };
+        let owner = Owner::new(cfg, Arc::new(Handlers::default()), handle, rx, spec);
         (owner, tx)
     }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bridge_proto::{codes, ErrorReply, FromWorker, Reply as WireReply};
@@ -12,6 +13,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn, Instrument};
@@ -34,7 +36,18 @@ pub(crate) enum Outcome {
 ///
 /// The handler's future is dropped as soon as the token fires or the deadline
 /// passes, so a handler that never looks at its token still stops.
-pub(crate) async fn run_request(handler: RequestFn, ctx: Context, data: Value) {
+///
+/// With `permits` (a worker serving several routers shares its capacity
+/// among them), the handler starts only once it holds a permit; the wait
+/// counts against the deadline and ends with a cancel like the handler
+/// would. The permit is given back before the terminal message is queued,
+/// so the next request a router sends for the credit finds it free.
+pub(crate) async fn run_request(
+    handler: RequestFn,
+    ctx: Context,
+    data: Value,
+    permits: Option<Arc<Semaphore>>,
+) {
     let cid = ctx.cid.to_string();
     let token = ctx.token.clone();
     let deadline = ctx.deadline;
@@ -42,7 +55,19 @@ pub(crate) async fn run_request(handler: RequestFn, ctx: Context, data: Value) {
     let started = tokio::time::Instant::now();
     // The call happens inside the async block so a handler that panics before
     // returning its future is caught like one that panics while polled.
-    let work = AssertUnwindSafe(async move { handler(ctx, data).await }).catch_unwind();
+    let work = AssertUnwindSafe(async move {
+        let _permit = match permits {
+            None => None,
+            Some(permits) => match permits.acquire_owned().await {
+                Ok(permit) => Some(permit),
+                // Invariant: the semaphore is never closed; answer as a
+                // worker that cannot take the request rather than panic.
+                Err(_) => return Err(HandlerError::overloaded("the worker is at capacity")),
+            },
+        };
+        handler(ctx, data).await
+    })
+    .catch_unwind();
 
     let outcome = tokio::select! {
         biased;
@@ -309,6 +334,103 @@ mod tests {
         // Capacity 4: the blocking job was taken off the queue, so 4 of the 6
         // fit and 2 were dropped; the survivors ran in order despite the panic.
         assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    /// A request context whose messages land in the returned receiver.
+    fn request_ctx(
+        deadline: tokio::time::Instant,
+    ) -> (Context, mpsc::Receiver<crate::outgoing::Outgoing>) {
+        let (tx, rx) = mpsc::channel(8);
+        let (_board, mut statuses, status) = crate::sessions::StatusBoard::new(1);
+        let handle = crate::handle::WorkerHandle {
+            sessions: vec![crate::sessions::SessionLink {
+                endpoint: "ipc:///tmp/test".into(),
+                tx,
+                status: statuses.remove(0),
+            }]
+            .into(),
+            home: Some(0),
+            directory: None,
+            stop: CancellationToken::new(),
+            status,
+            worker_id: "w".into(),
+            services: vec!["svc".to_owned()].into(),
+        };
+        let ctx = Context {
+            cid: "c1".into(),
+            conn: "k1".into(),
+            route: "/r".into(),
+            service: "svc".into(),
+            msg_type: "t".into(),
+            client_id: Value::Null,
+            deadline,
+            attempt: 1,
+            token: CancellationToken::new(),
+            claims: None,
+            handle,
+        };
+        (ctx, rx)
+    }
+
+    fn sent(out: crate::outgoing::Outgoing) -> FromWorker {
+        bridge_proto::decode_from_worker(&out.frame).expect("valid frame")
+    }
+
+    /// A handler that records that it ran and answers at once.
+    fn recording(ran: Arc<Mutex<bool>>) -> RequestFn {
+        crate::handler::request_fn(move |_ctx, _data| {
+            let ran = ran.clone();
+            async move {
+                *ran.lock().unwrap() = true;
+                Ok(Value::from("done"))
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_a_shared_permit_times_out_at_its_deadline() {
+        let permits = Arc::new(Semaphore::new(1));
+        let _held = permits.clone().acquire_owned().await.unwrap();
+        let start = tokio::time::Instant::now();
+        let (ctx, mut rx) = request_ctx(start + Duration::from_millis(100));
+        let ran = Arc::new(Mutex::new(false));
+        tokio::spawn(run_request(
+            recording(ran.clone()),
+            ctx,
+            Value::Null,
+            Some(permits),
+        ));
+        match sent(rx.recv().await.unwrap()) {
+            FromWorker::Error(e) => assert_eq!(e.code, "timeout"),
+            other => panic!("expected timeout, got {other:?}"),
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert!(!*ran.lock().unwrap(), "the handler ran without a permit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_starts_when_a_shared_permit_frees_and_gives_it_back() {
+        let permits = Arc::new(Semaphore::new(1));
+        let held = permits.clone().acquire_owned().await.unwrap();
+        let start = tokio::time::Instant::now();
+        let (ctx, mut rx) = request_ctx(start + Duration::from_millis(100));
+        let ran = Arc::new(Mutex::new(false));
+        tokio::spawn(run_request(
+            recording(ran.clone()),
+            ctx,
+            Value::Null,
+            Some(permits.clone()),
+        ));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(!*ran.lock().unwrap());
+        drop(held);
+        match sent(rx.recv().await.unwrap()) {
+            FromWorker::Reply(r) => assert!(r.done),
+            other => panic!("expected the final reply, got {other:?}"),
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(40));
+        // The permit is back for the next request.
+        assert_eq!(permits.available_permits(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,17 +9,25 @@
 //! session). A message bigger than the router's frame limit
 //! (`max_frame_bytes` of its welcome) is refused with
 //! [`SendError::TooLarge`] instead of being sent.
+//!
+//! With several routers (a list of bridge endpoints), each message goes to
+//! one router session: replies to the session their request came from; a
+//! push, close, raw frame or (un)subscription to the router its connection
+//! lives on (the one that brought the connection's messages; to every
+//! session when the worker has never seen the connection); a publication to
+//! the first router session that is live, in list order.
 
 use std::sync::Arc;
 
 use bridge_proto::{Close, FromWorker, Publish, Push, PushBinary, RawFrame, TopicChange};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::SendError;
 use crate::handler::Frame;
 use crate::outgoing::Outgoing;
+use crate::sessions::{publication_target, ConnDirectory, SessionLink, Target};
 
 /// Longest close reason a WebSocket close frame carries (125 - 2 code bytes).
 const MAX_CLOSE_REASON: usize = 123;
@@ -48,6 +56,11 @@ pub enum State {
 }
 
 /// A snapshot of the worker's state, published on every change.
+///
+/// With several routers, [`WorkerHandle::status`] sums them up: registered
+/// while any router session is, welcomes of all sessions counted, the
+/// smallest frame limit any router announced;
+/// [`WorkerHandle::router_statuses`] has each session's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     /// Current state.
@@ -76,7 +89,14 @@ impl Status {
 /// A cloneable handle to a worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    pub(crate) tx: mpsc::Sender<Outgoing>,
+    /// One per router, in endpoint order (one for a single endpoint).
+    pub(crate) sessions: Arc<[SessionLink]>,
+    /// The session whose request or event this handle was given for
+    /// (handles in a [`Context`](crate::Context) or an
+    /// [`EventContext`](crate::EventContext)): replies go there.
+    pub(crate) home: Option<usize>,
+    /// Which router each connection lives on; `None` with a single router.
+    pub(crate) directory: Option<Arc<ConnDirectory>>,
     pub(crate) stop: CancellationToken,
     pub(crate) status: watch::Receiver<Status>,
     pub(crate) worker_id: Arc<str>,
@@ -226,6 +246,15 @@ impl WorkerHandle {
         self.status.clone()
     }
 
+    /// Each router session's endpoint and status, in endpoint order (one
+    /// entry for a single endpoint).
+    pub fn router_statuses(&self) -> Vec<(String, Status)> {
+        self.sessions
+            .iter()
+            .map(|s| (s.endpoint.to_string(), s.status.borrow().clone()))
+            .collect()
+    }
+
     /// Waits until the worker has been welcomed at least `registrations`
     /// times; fails if it stops first.
     pub async fn wait_registrations(&self, registrations: u64) -> Result<Status, SendError> {
@@ -245,14 +274,59 @@ impl WorkerHandle {
         self.wait_registrations(1).await
     }
 
+    /// This handle, for messages of session `home` (given to handlers).
+    pub(crate) fn homed(&self, home: usize) -> WorkerHandle {
+        WorkerHandle {
+            home: Some(home),
+            ..self.clone()
+        }
+    }
+
+    /// Where `msg` goes (see the module docs).
+    fn target(&self, msg: &FromWorker) -> Target {
+        if self.sessions.len() == 1 {
+            return Target::One(0);
+        }
+        let conn = match msg {
+            FromWorker::Publish(_) => return Target::One(publication_target(&self.sessions)),
+            FromWorker::Push(Push { conn, .. })
+            | FromWorker::PushBinary(PushBinary { conn, .. })
+            | FromWorker::Raw(RawFrame { conn, .. })
+            | FromWorker::Close(Close { conn, .. })
+            | FromWorker::Subscribe(TopicChange { conn, .. })
+            | FromWorker::Unsubscribe(TopicChange { conn, .. }) => conn,
+            _ => return Target::One(self.home.unwrap_or(0)),
+        };
+        let known = self.directory.as_ref().and_then(|d| d.get(conn));
+        match known.or(self.home) {
+            Some(i) => Target::One(i),
+            None => Target::All,
+        }
+    }
+
     /// Queues a message that is not a reply. One over the router's frame
     /// limit is refused here, so its caller knows.
     pub(crate) async fn send(&self, msg: FromWorker) -> Result<(), SendError> {
+        let target = self.target(&msg);
         let out = Outgoing::new(msg);
-        if let Some(e) = out.over(self.frame_limit()) {
+        if let Some(e) = out.over(self.frame_limit(target)) {
             return Err(e);
         }
-        self.queue(out).await
+        match target {
+            Target::One(i) => self.queue(i, out).await,
+            Target::All => {
+                let mut queued = false;
+                for i in 0..self.sessions.len() {
+                    let copy = Outgoing::frame(out.kind, out.frame.clone());
+                    queued |= self.queue(i, copy).await.is_ok();
+                }
+                if queued {
+                    Ok(())
+                } else {
+                    Err(SendError::Stopped)
+                }
+            }
+        }
     }
 
     /// Queues a reply or error of a request: the socket task vets it (and
@@ -260,31 +334,43 @@ impl WorkerHandle {
     /// `payload_too_large`). Also reports a frame over the limit to the
     /// caller, so a handler learns that its request has ended.
     pub(crate) async fn send_for_request(&self, msg: FromWorker) -> Result<(), SendError> {
+        let home = self.home.unwrap_or(0);
         let out = Outgoing::new(msg);
-        let too_large = out.over(self.frame_limit());
-        self.queue(out).await?;
+        let too_large = out.over(self.frame_limit(Target::One(home)));
+        self.queue(home, out).await?;
         too_large.map_or(Ok(()), Err)
     }
 
-    /// Like [`send`](Self::send), and waits until the socket task has
-    /// written the message to a registered session's socket
-    /// ([`SendError::NotConnected`] when it had none).
-    pub(crate) async fn send_confirmed(&self, mut out: Outgoing) -> Result<(), SendError> {
-        if let Some(e) = out.over(self.frame_limit()) {
+    /// Queues an encoded publication for the session publications go to,
+    /// and waits until that session's task has written it to a registered
+    /// session's socket ([`SendError::NotConnected`] when it had none).
+    pub(crate) async fn publish_confirmed(&self, mut out: Outgoing) -> Result<(), SendError> {
+        let target = publication_target(&self.sessions);
+        if let Some(e) = out.over(self.frame_limit(Target::One(target))) {
             return Err(e);
         }
         let (tx, rx) = oneshot::channel();
         out.ack = Some(tx);
-        self.queue(out).await?;
+        self.queue(target, out).await?;
         rx.await.unwrap_or(Err(SendError::Stopped))
     }
 
-    async fn queue(&self, out: Outgoing) -> Result<(), SendError> {
-        self.tx.send(out).await.map_err(|_| SendError::Stopped)
+    async fn queue(&self, session: usize, out: Outgoing) -> Result<(), SendError> {
+        let Some(link) = self.sessions.get(session) else {
+            return Err(SendError::Stopped);
+        };
+        link.tx.send(out).await.map_err(|_| SendError::Stopped)
     }
 
-    fn frame_limit(&self) -> Option<u64> {
-        self.status.borrow().max_frame_bytes
+    /// The frame limit of the router(s) a message goes to.
+    fn frame_limit(&self, target: Target) -> Option<u64> {
+        match target {
+            Target::One(i) if self.sessions.len() > 1 => self
+                .sessions
+                .get(i)
+                .and_then(|s| s.status.borrow().max_frame_bytes),
+            _ => self.status.borrow().max_frame_bytes,
+        }
     }
 }
 

@@ -43,6 +43,9 @@
 //!   hello, challenge/auth, heartbeats, dead-router detection, reconnect with
 //!   backoff, the in-flight table that guarantees one terminal message per
 //!   request, the router's frame limit.
+//! - `sessions` (private): several routers (a comma-separated endpoint
+//!   list): one socket task per router, the status they add up to, which
+//!   router a connection lives on, where a message from a handle goes.
 //! - `dispatch` (private): one task per request (cancel, deadline and panic
 //!   handling) and one ordered queue per client connection for events.
 //! - [`publisher`]: [`Publisher`], a publisher session for backends that
@@ -60,6 +63,14 @@
 //!   request after its terminal are dropped.
 //! - At most `capacity` request handlers run at once. A request beyond that
 //!   (a router that ignores credits) is answered `overloaded`, retryable.
+//! - With several routers (`BRIDGE_ENDPOINT=a,b`), one session per router,
+//!   each registered, heartbeating and reconnecting on its own. A request is
+//!   answered through the router it came from; losing a router abandons
+//!   only its requests. Messages for a client connection go to that
+//!   connection's router; a publication goes through the first live router
+//!   in list order. Each router is told the whole `capacity`, and the
+//!   sessions share it: a request waits for a free slot rather than run
+//!   beyond it.
 //! - The types of the registered request and event handlers are announced
 //!   to the router in `hello` (`msg_types`), so its `/routes` shows what a
 //!   route accepts. A message the worker has no handler for is answered
@@ -111,6 +122,7 @@ mod connection;
 mod dispatch;
 mod outgoing;
 mod salvage;
+mod sessions;
 
 pub use bridge_proto;
 pub use config::WorkerConfig;

@@ -20,6 +20,10 @@
 //!   of its welcome) is refused with [`PublishError::TooLarge`].
 //! - The router does not acknowledge publications: one written just before
 //!   the router died is lost with it.
+//! - With several routers (a comma-separated `BRIDGE_ENDPOINT`), the
+//!   publisher keeps a session with each, and every publication goes through
+//!   one of them: the first registered one in list order. It waits (as
+//!   above) only while none is registered.
 //! - Publications of one publisher reach the router in order. A worker that
 //!   subscribes a connection and then publishes should use
 //!   [`WorkerHandle::publish`](crate::WorkerHandle::publish), which is
@@ -107,7 +111,8 @@ impl std::fmt::Debug for PublisherBuilder {
 
 impl PublisherBuilder {
     /// The router's bridge endpoint (default: `BRIDGE_ENDPOINT`, then
-    /// `tcp://127.0.0.1:5555`).
+    /// `tcp://127.0.0.1:5555`), or a comma-separated list of several
+    /// routers' endpoints.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.session.endpoint = Some(endpoint.into());
         self
@@ -297,7 +302,7 @@ impl Publisher {
         loop {
             self.wait_registered(deadline).await?;
             let attempt = Outgoing::frame(first.kind, frame.clone());
-            match self.handle.send_confirmed(attempt).await {
+            match self.handle.publish_confirmed(attempt).await {
                 Ok(()) => {
                     debug!(topic, msg.type = msg_type, bytes = frame.len(), "published");
                     return Ok(());

@@ -4,6 +4,15 @@
 //! `run*` drive the socket task on the caller's task; handlers run on tasks
 //! of their own, so the caller needs a Tokio runtime with the `rt` and
 //! `time` drivers (any `#[tokio::main]` has them).
+//!
+//! With a list of bridge endpoints, `run` drives one socket task per router
+//! (see [`crate::sessions`] for what they share). Capacity is the worker's,
+//! not each router's: every router is told the full `capacity` (so any one
+//! of them can use all of it when the others send nothing), and one
+//! semaphore shared by the sessions keeps at most `capacity` handlers
+//! running at once. A request that arrives while the others hold every
+//! permit waits for one, with its deadline and cancellation running; the
+//! routers' credits bound that wait queue to (routers − 1) × capacity.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,17 +20,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{EnvDefaults, WorkerConfig};
-use crate::connection::Owner;
+use crate::connection::{Owner, SessionSpec};
 use crate::context::{Context, EventContext};
 use crate::error::{ConfigError, HandlerError, WorkerError};
-use crate::handle::{Status, WorkerHandle};
+use crate::handle::WorkerHandle;
 use crate::handler::{event_fn, request_fn, Frame, Handlers, Reply};
 use crate::outgoing::Outgoing;
+use crate::sessions::{ConnDirectory, SessionLink, StatusBoard};
 use crate::signal::ShutdownSignals;
 
 /// A configured worker, ready to run.
@@ -29,8 +40,9 @@ pub struct Worker {
     config: Arc<WorkerConfig>,
     handlers: Arc<Handlers>,
     handle: WorkerHandle,
-    outbound: mpsc::Receiver<Outgoing>,
-    status: watch::Sender<Status>,
+    /// One per router, in endpoint order.
+    outbound: Vec<mpsc::Receiver<Outgoing>>,
+    board: Arc<StatusBoard>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -62,22 +74,62 @@ impl Worker {
     /// stops gracefully and returns `Ok`) or until the router refuses the
     /// worker for good (`Err`). Losing the router is not an error: the
     /// worker reconnects on its own.
+    ///
+    /// With several routers, each session connects, registers, reconnects
+    /// and stops on its own; losing one router touches only its session. A
+    /// router that refuses the worker for good (a wrong secret, another
+    /// protocol version) stops the whole worker, gracefully on the other
+    /// routers, and `run` returns that refusal: the same configuration goes
+    /// to every router, so a refusal is a mistake to fix, not a router to
+    /// skip.
     pub async fn run(self) -> Result<(), WorkerError> {
-        let owner = Owner::new(
-            self.config,
-            self.handlers,
-            self.handle,
-            self.outbound,
-            self.status,
-        );
-        // The socket task runs on the runtime rather than inside the
+        let several = self.outbound.len() > 1;
+        let permits = several.then(|| Arc::new(Semaphore::new(self.config.capacity as usize)));
+        let owners: Vec<Owner> = self
+            .outbound
+            .into_iter()
+            .enumerate()
+            .map(|(index, outbound)| {
+                let handle = self.handle.homed(index);
+                let spec = SessionSpec {
+                    index,
+                    endpoint: handle.sessions[index].endpoint.to_string(),
+                    several,
+                    board: self.board.clone(),
+                    directory: self.handle.directory.clone(),
+                    permits: permits.clone(),
+                };
+                Owner::new(
+                    self.config.clone(),
+                    self.handlers.clone(),
+                    handle,
+                    outbound,
+                    spec,
+                )
+            })
+            .collect();
+        // Each socket task runs on the runtime rather than inside the
         // caller's future (often `block_on` on the main thread): handler
         // tasks it spawns then start on its own worker thread, without a
         // cross-thread wake-up per request.
-        match tokio::spawn(owner.run()).await {
-            Ok(result) => result,
-            Err(e) => Err(WorkerError::Internal(e.to_string())),
+        let mut tasks = JoinSet::new();
+        for owner in owners {
+            tasks.spawn(owner.run());
         }
+        let mut refusal = None;
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.unwrap_or_else(|e| Err(WorkerError::Internal(e.to_string())));
+            if let Err(e) = result {
+                if refusal.is_none() {
+                    if several {
+                        warn!(error = %e, "a router session failed; stopping the others");
+                        self.handle.stop();
+                    }
+                    refusal = Some(e);
+                }
+            }
+        }
+        refusal.map_or(Ok(()), Err)
     }
 
     /// Like [`run`](Self::run), and stops gracefully when `shutdown` completes.
@@ -175,7 +227,8 @@ impl WorkerBuilder {
     }
 
     /// The router's bridge endpoint (default: `BRIDGE_ENDPOINT`, then
-    /// `tcp://127.0.0.1:5555`).
+    /// `tcp://127.0.0.1:5555`), or a comma-separated list of them: the
+    /// worker then serves every router listed, with one session each.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.session.endpoint = Some(endpoint.into());
         self
@@ -343,10 +396,28 @@ impl WorkerBuilder {
 impl Worker {
     /// A worker from a configuration already validated.
     pub(crate) fn assemble(config: WorkerConfig, handlers: Handlers) -> Worker {
-        let (tx, outbound) = mpsc::channel(config.outbound_queue);
-        let (status, status_rx) = watch::channel(Status::initial());
+        // A validated configuration always parses; the fallback (one
+        // session, which then cannot connect and says so) is never taken.
+        let endpoints = config
+            .endpoints()
+            .unwrap_or_else(|_| vec![config.endpoint.clone()]);
+        let (board, statuses, status_rx) = StatusBoard::new(endpoints.len());
+        let mut sessions = Vec::with_capacity(endpoints.len());
+        let mut outbound = Vec::with_capacity(endpoints.len());
+        for (endpoint, status) in endpoints.into_iter().zip(statuses) {
+            let (tx, rx) = mpsc::channel(config.outbound_queue);
+            sessions.push(SessionLink {
+                endpoint: endpoint.into(),
+                tx,
+                status,
+            });
+            outbound.push(rx);
+        }
+        let directory = (sessions.len() > 1).then(|| Arc::new(ConnDirectory::default()));
         let handle = WorkerHandle {
-            tx,
+            sessions: sessions.into(),
+            home: None,
+            directory,
             stop: CancellationToken::new(),
             status: status_rx,
             worker_id: config.worker_id.as_str().into(),
@@ -357,7 +428,7 @@ impl Worker {
             handlers: Arc::new(handlers),
             handle,
             outbound,
-            status,
+            board,
         }
     }
 }
