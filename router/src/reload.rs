@@ -29,6 +29,17 @@ pub fn reload(path: &Path, registry: &RouteRegistry, metrics: &Metrics) -> bool 
         Ok(table) => {
             let routes = table.routes().len();
             let changes = registry.replace_file(table);
+            // The status first: whoever reads the log line then finds
+            // `/stats` saying the same.
+            metrics.config_reloaded(ConfigStatus {
+                ok: true,
+                path: path.display().to_string(),
+                loaded_at_unix_ms: unix_ms(),
+                routes,
+                error: None,
+                reloads: 0,
+                failed_reloads: 0,
+            });
             match (changes.is_empty(), was_rejected) {
                 (true, false) => debug!("routes file reloaded: no change"),
                 (true, true) => info!(
@@ -42,19 +53,9 @@ pub fn reload(path: &Path, registry: &RouteRegistry, metrics: &Metrics) -> bool 
                     info!(added = ?changes.added, removed = ?changes.removed, modified = ?changes.modified, "routes file valid again after a rejected edit: routes reloaded")
                 }
             }
-            metrics.config_reloaded(ConfigStatus {
-                ok: true,
-                path: path.display().to_string(),
-                loaded_at_unix_ms: unix_ms(),
-                routes,
-                error: None,
-                reloads: 0,
-                failed_reloads: 0,
-            });
             true
         }
         Err(e) => {
-            error!(file = %path.display(), problems = %e, "routes file rejected; the running routes stay");
             metrics.config_reloaded(ConfigStatus {
                 ok: false,
                 path: path.display().to_string(),
@@ -64,6 +65,7 @@ pub fn reload(path: &Path, registry: &RouteRegistry, metrics: &Metrics) -> bool 
                 reloads: 0,
                 failed_reloads: 0,
             });
+            error!(file = %path.display(), problems = %e, "routes file rejected; the running routes stay");
             false
         }
     }
