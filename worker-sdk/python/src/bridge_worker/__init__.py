@@ -16,13 +16,14 @@ the messages of one or more *services* (routes). A minimal worker::
 
 Layout:
 
-- :mod:`~bridge_worker.worker`: :class:`Worker` (handlers, session, reconnects, stop)
+- :mod:`~bridge_worker.worker`: :class:`Worker` (handlers, its router sessions, what goes where, stop)
+- :mod:`~bridge_worker.session`: one router session (hello, heartbeats, reconnects, requests)
 - :mod:`~bridge_worker.context`: :class:`Context` / :class:`EventContext` given to handlers
 - :mod:`~bridge_worker.handlers`: :class:`Reply`, :class:`Partial`, :class:`Frame`
 - :mod:`~bridge_worker.publisher`: :class:`Publisher` (a publisher session for topic publications)
 - :mod:`~bridge_worker.protocol`: the wire messages and their MessagePack codec
 - :mod:`~bridge_worker.cli`: the command line of example workers
-- :mod:`~bridge_worker.config`, :mod:`~bridge_worker.errors`, :mod:`~bridge_worker.codes`
+- :mod:`~bridge_worker.config`, :mod:`~bridge_worker.status`, :mod:`~bridge_worker.errors`, :mod:`~bridge_worker.codes`
 """
 
 from . import codes, protocol

@@ -3,7 +3,8 @@
 ``main(worker)`` parses ``--bridge-endpoint``, ``--publish-endpoint``,
 ``--service`` (repeatable; replaces the worker's services), ``--capacity``,
 ``--id``, ``--grace-period``, ``--log-level`` (defaults from
-``BRIDGE_ENDPOINT``, ``PUBLISH_ENDPOINT`` and ``LOG_LEVEL``), ``--processes``
+``BRIDGE_ENDPOINT``, ``PUBLISH_ENDPOINT`` and ``LOG_LEVEL``; the bridge
+endpoint may be a comma-separated list of several routers'), ``--processes``
 and ``--loop``, logs to stderr, runs the worker until SIGTERM/SIGINT
 (graceful stop, exit 0), and prints one line to stdout when a router first
 welcomes it::
@@ -55,7 +56,9 @@ def build_parser(worker: Worker, description: str | None = None) -> argparse.Arg
     # Like the Rust examples: `<program>-<pid>` unless the worker was given an id.
     default_id = f"{Path(p.prog).stem}-{os.getpid()}" if c.worker_id == default_worker_id() else c.worker_id
     p.add_argument(
-        "--bridge-endpoint", default=c.endpoint, help="router bridge endpoint [BRIDGE_ENDPOINT] (%(default)s)"
+        "--bridge-endpoint",
+        default=c.endpoint,
+        help="router bridge endpoint, or a comma-separated list of several routers' [BRIDGE_ENDPOINT] (%(default)s)",
     )
     p.add_argument(
         "--publish-endpoint",

@@ -2,6 +2,9 @@
 
 Environment lookups go through a mapping argument so tests can pass a dict
 instead of changing the process environment.
+
+The bridge endpoint may be a comma-separated list of routers' endpoints: the
+worker then keeps one session with each (:func:`parse_endpoints`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,45 @@ def _env(env: Mapping[str, str], key: str) -> str | None:
     return value if value.strip() else None
 
 
+def parse_endpoints(value: str) -> list[str]:
+    """The router endpoints a bridge endpoint setting names, in order.
+
+    ``"tcp://a:5555"`` is one router; ``"tcp://a:5555, tcp://b:5555"`` two (each
+    entry trimmed). Raises :class:`ConfigError` listing every bad entry: an
+    empty one (``"a,,b"``, a trailing comma), one that is not a ZeroMQ
+    endpoint, one listed twice (a router listed twice would get two sessions
+    of this worker, and twice its capacity).
+    """
+    problems = _endpoint_problems(value)
+    if problems:
+        raise ConfigError(problems)
+    return [entry.strip() for entry in value.split(",")]
+
+
+def _endpoint_problems(value: str) -> list[str]:
+    """What :func:`parse_endpoints` would refuse in ``value``, each naming its entry."""
+    entries = [entry.strip() for entry in value.split(",")]
+    if len(entries) == 1:
+        if not _ENDPOINT.fullmatch(entries[0]):
+            return [f"endpoint {value!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)"]
+        return []
+    problems = []
+    seen: set[str] = set()
+    for position, entry in enumerate(entries, start=1):
+        if not entry:
+            problems.append(f"endpoint list {value!r}: entry {position} is empty")
+        elif not _ENDPOINT.fullmatch(entry):
+            problems.append(
+                f"endpoint list {value!r}: entry {position} ({entry!r}) is not a ZeroMQ endpoint"
+                " (tcp://, ipc:// or inproc://)"
+            )
+        elif entry in seen:
+            problems.append(f"endpoint list {value!r}: entry {position} ({entry!r}) names a router already listed")
+        else:
+            seen.add(entry)
+    return problems
+
+
 def default_worker_id() -> str:
     """A worker id distinct per process on one host."""
     return f"python-worker-{os.getpid()}"
@@ -50,7 +92,9 @@ class WorkerConfig:
     services: list[str]
     """Services (route names) this worker serves."""
     endpoint: str = DEFAULT_BRIDGE_ENDPOINT
-    """ZeroMQ endpoint of the router's ROUTER socket (``BRIDGE_ENDPOINT``)."""
+    """ZeroMQ endpoint of the router's ROUTER socket (``BRIDGE_ENDPOINT``), or a
+    comma-separated list of several routers' endpoints: the worker then keeps one
+    session with each (see :meth:`endpoints`)."""
     publish_endpoint: str = DEFAULT_PUBLISH_ENDPOINT
     """ZeroMQ endpoint of the router's SUB socket (``PUBLISH_ENDPOINT``), which only a router
     without a secret binds. Kept for the command line; :class:`Publisher` uses ``endpoint``."""
@@ -92,6 +136,11 @@ class WorkerConfig:
             secret=_env(env, ENV_BRIDGE_SECRET),
         )
 
+    def endpoints(self) -> list[str]:
+        """The routers' endpoints, in list order (one for a plain endpoint); raises
+        :class:`ConfigError` naming each bad entry."""
+        return parse_endpoints(self.endpoint)
+
     def validate(self) -> None:
         """Raises :class:`ConfigError` listing every problem at once."""
         self._check(publisher=False)
@@ -101,10 +150,11 @@ class WorkerConfig:
         self._check(publisher=True)
 
     def _check(self, *, publisher: bool) -> None:
-        problems = []
-        for name, ep in (("endpoint", self.endpoint), ("publish_endpoint", self.publish_endpoint)):
-            if not _ENDPOINT.fullmatch(ep):
-                problems.append(f"{name} {ep!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)")
+        problems = _endpoint_problems(self.endpoint)
+        if not _ENDPOINT.fullmatch(self.publish_endpoint):
+            problems.append(
+                f"publish_endpoint {self.publish_endpoint!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)"
+            )
         if not self.worker_id.strip():
             problems.append("worker_id is empty")
         if publisher:

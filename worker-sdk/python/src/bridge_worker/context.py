@@ -18,22 +18,24 @@ from .handlers import Frame, Partial
 from .protocol import Json
 
 if TYPE_CHECKING:
+    from .session import Session
     from .worker import Worker
 
 
 class _ConnectionOps:
-    """The worker's operations, bound to one connection."""
+    """The worker's operations, bound to one connection and to the router
+    session its message came from: what they send goes to that router."""
 
-    __slots__ = ("_worker", "_conn")
+    __slots__ = ("_session", "_conn")
 
-    def __init__(self, worker: Worker, conn: str) -> None:
-        self._worker = worker
+    def __init__(self, session: Session, conn: str) -> None:
+        self._session = session
         self._conn = conn
 
     @property
     def worker(self) -> Worker:
         """The worker, to reach other connections."""
-        return self._worker
+        return self._session.worker
 
     @property
     def connection_id(self) -> str:
@@ -42,27 +44,27 @@ class _ConnectionOps:
 
     async def push(self, msg_type: str, data: Json = None) -> None:
         """Pushes a JSON message ``{"type": msg_type, "data": data}`` to this connection."""
-        await self._worker.push(self._conn, msg_type, data)
+        await self._session.send(wire.Push(conn=self._conn, msg_type=msg_type, data=data))
 
     async def push_binary(self, data: bytes) -> None:
         """Pushes a binary frame to this connection."""
-        await self._worker.push_binary(self._conn, data)
+        await self._session.send(wire.PushBinary(conn=self._conn, data=bytes(data)))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Closes this connection (code 1000, or 3000-4999 for applications)."""
-        await self._worker.close(self._conn, code, reason)
+        await self._session.send(wire.Close(conn=self._conn, code=code, reason=reason))
 
     async def subscribe(self, topic: str) -> None:
         """Subscribes this connection to a topic."""
-        await self._worker.subscribe(self._conn, topic)
+        await self._session.send(wire.Subscribe(conn=self._conn, topic=topic))
 
     async def unsubscribe(self, topic: str) -> None:
         """Unsubscribes this connection from a topic."""
-        await self._worker.unsubscribe(self._conn, topic)
+        await self._session.send(wire.Unsubscribe(conn=self._conn, topic=topic))
 
     async def publish(self, topic: str, msg_type: str, data: Json = None) -> None:
         """Publishes to every client subscribed to ``topic`` (see :meth:`Worker.publish`)."""
-        await self._worker.publish(topic, msg_type, data)
+        await self._session.worker.publish(topic, msg_type, data)
 
 
 class Context(_ConnectionOps):
@@ -83,8 +85,8 @@ class Context(_ConnectionOps):
 
     __slots__ = ("_req", "_deadline", "_claims", "_cancel_event", "_cancel_reason", "_done")
 
-    def __init__(self, worker: Worker, request: wire.Request, deadline: float, claims: Json | None) -> None:
-        self._worker = worker
+    def __init__(self, session: Session, request: wire.Request, deadline: float, claims: Json | None) -> None:
+        self._session = session
         self._conn = request.conn
         self._req = request
         self._deadline = deadline
@@ -195,7 +197,7 @@ class Context(_ConnectionOps):
         """
         if isinstance(data, Partial):
             data, msg_type = data.data, data.msg_type
-        await self._worker._send_partial(
+        await self._session.send_partial(
             self, wire.Reply(cid=self.correlation_id, done=False, msg_type=msg_type, data=data)
         )
 
@@ -226,9 +228,9 @@ class EventContext(_ConnectionOps):
     __slots__ = ("_route", "_service", "_msg_type", "_claims")
 
     def __init__(
-        self, worker: Worker, conn: str, route: str, service: str, msg_type: str | None, claims: Json | None
+        self, session: Session, conn: str, route: str, service: str, msg_type: str | None, claims: Json | None
     ) -> None:
-        super().__init__(worker, conn)
+        super().__init__(session, conn)
         self._route = route
         self._service = service
         self._msg_type = msg_type
@@ -260,7 +262,7 @@ class EventContext(_ConnectionOps):
 
     async def send_raw(self, frame: Frame) -> None:
         """Sends a frame unchanged to this connection (raw routes)."""
-        await self._worker.send_raw(self.connection_id, frame)
+        await self._session.send(wire.Raw(conn=self._conn, binary=frame.binary, payload=frame.payload))
 
     async def send_error(self, error: HandlerError) -> None:
         """Tells the client that the message being handled failed, since it has no
@@ -268,4 +270,6 @@ class EventContext(_ConnectionOps):
         ``error``'s code and message (a ``push`` of type ``error``, PROTOCOL.md §5).
         A fire-and-forget message or a binary frame that cannot be acted on should
         get one rather than be dropped silently."""
-        await self._worker.push(self.connection_id, "error", {"code": error.code, "message": error.message})
+        await self._session.send(
+            wire.Push(conn=self._conn, msg_type="error", data={"code": error.code, "message": error.message})
+        )

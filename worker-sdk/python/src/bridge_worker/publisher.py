@@ -19,6 +19,11 @@ publications: one written just before the router died is lost with it.
 Publications of one publisher reach the router in order; for messages that
 must follow a ``subscribe`` of a worker in order, publish over that worker's
 socket with :meth:`Worker.publish`.
+
+With a comma-separated list of endpoints the publisher keeps a session with
+each router and sends each publication through ONE of them: the first live
+one in list order (routers joined by ``CLUSTER_URL`` relay it to the others'
+subscribers). With none live it waits, as with a single router that is down.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ class Publisher:
         async with Publisher() as pub:
             await pub.publish("prices", "price_update", {"symbol": "ACME", "price": 101.25})
 
-    ``endpoint`` defaults to ``BRIDGE_ENDPOINT`` (``tcp://127.0.0.1:5555``) and
+    ``endpoint`` (one router, or a comma-separated list of several: each
+    publication then goes through the first live one in list order) defaults
+    to ``BRIDGE_ENDPOINT`` (``tcp://127.0.0.1:5555``) and
     ``secret`` to ``BRIDGE_SECRET``, as for a worker. ``settings`` are other
     :class:`WorkerConfig` timing fields (``backoff_initial``, ``backoff_max``,
     ``handshake_timeout``, ``linger``). Without the context manager, the first
@@ -121,8 +128,9 @@ class Publisher:
         deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
             await self._wait_registered(deadline)
-            self._worker._check_size(wire.Publish.KIND, frame)
-            if await self._worker._send_confirmed(frame):
+            session = self._worker._publication_session()
+            session.check_size(wire.Publish.KIND, frame)
+            if await session.send_confirmed(frame):
                 return
             # The session ended as the frame was handed over: wait for the next one.
 

@@ -1,93 +1,67 @@
-"""The :class:`Worker`: handler registry, the socket session with the router
-(hello, heartbeats, liveness, reconnects), request dispatch and graceful stop.
+"""The :class:`Worker`: handler registry, its sessions with one or several
+routers, the operations on connections and topics, status and graceful stop.
 
-Shape of a run:
+The work of one router session (hello, heartbeats, liveness, reconnects,
+request dispatch, event queues) is in :mod:`~bridge_worker.session`. A worker
+has one :class:`~bridge_worker.session.Session` per endpoint of its
+``endpoint`` setting (a comma-separated list names several routers), and
+this module decides what they share and where a message goes:
 
-- One *session* per DEALER socket. The worker connects, says ``hello``
-  (again every backoff step until welcomed; a router with a secret answers
-  ``challenge{nonce}``, and the worker answers each one with
-  ``auth{proof}``, never sending the secret itself), then serves: the
-  :class:`~bridge_worker.pump.Pump` reads every ready frame per wake-up of the
-  loop and writes the outbox (everything else queues frames in it) once per
-  loop turn; one task sends heartbeats. A router silent for ``heartbeat_ms * liveness``, a
-  ``goodbye{reconnect: true}`` or no welcome within the handshake timeout
-  ends the session; the worker waits an exponential backoff with jitter and
-  starts a new one on a NEW socket (a new identity at the router).
-- Requests run as one task each (eager on Python 3.12+: a handler that never
-  awaits answers inside the dispatch) and get exactly one terminal message: the
-  handler's final reply or error, ``cancelled`` after the router's
-  ``cancel``, ``timeout`` when the deadline passes. When a session is lost,
-  its requests are abandoned without answer: the router that sent them has
-  already failed them (or is gone), and a new socket could not answer them.
-- Messages without an answer (event, binary, raw, connect, disconnect) run in
-  one sequential queue per connection, so their order is kept.
-- No frame bigger than the router's limit (``max_frame_bytes`` of its
-  welcome) is sent: a final or partial reply over it becomes the request's
-  terminal ``payload_too_large`` error; any other message over it raises
-  :class:`PayloadTooLarge` to its sender.
-- A request that does not decode but whose ``cid`` can be read is answered
-  ``bad_request``, so its credit comes back.
-- A stop sends ``bye``, lets in-flight work finish within the grace period,
-  answers whatever is left with ``worker_error`` (retryable, so the router
-  may retry it elsewhere), flushes and closes. Requests that cross the
-  ``bye`` are refused the same way.
+- A reply, partial reply or error goes to the session its request came from;
+  so does anything a handler sends through its context (``ctx.push``,
+  ``ctx.subscribe``, ...) for its own connection.
+- :meth:`Worker.push`, :meth:`Worker.subscribe` and the other operations on a
+  connection go to the router the connection lives on: the session that
+  brought its ``connect``, events or frames. A connection the worker has only
+  seen in requests, or not at all, gets the message on every live session:
+  connection ids are unique across routers, and a router drops a message for
+  a connection it does not have.
+- A publication goes to the first live session in list order (none live: to
+  the first session, which drops it like a single router that is down).
+- Capacity is the worker's, not each router's: every router is told the whole
+  ``capacity``, and with several routers one semaphore shared by the sessions
+  keeps at most ``capacity`` handlers running. Why: ``capacity`` sizes what
+  this process can do at once (its thread pool, a model, memory), which does
+  not grow with the number of routers; announcing it whole to each router
+  lets any one of them use all of it while the others are quiet, where a
+  split would strand it. A request that arrives while the other routers'
+  requests hold every slot waits for one, with its deadline and cancellation
+  running; the routers' credits bound that wait to (routers - 1) x capacity
+  requests. The Rust SDK does the same.
+- The worker's :attr:`Worker.status` sums up its sessions': registered while
+  any is, welcomes counted over all of them, the smallest frame limit any
+  router announced. :attr:`Worker.router_statuses` has each session's own.
+- A router that refuses the worker for good (a wrong secret, another protocol
+  version) stops the whole worker, gracefully on the other routers, and
+  :meth:`Worker.run` raises that refusal: the same configuration goes to
+  every router, so a refusal is a mistake to fix, not a router to skip.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import enum
-import functools
 import logging
 import signal
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from . import codes
 from . import protocol as wire
-from .backoff import Backoff
 from .config import WorkerConfig
-from .context import Context, EventContext
-from .errors import (
-    HandlerError,
-    PayloadTooLarge,
-    SecretRequired,
-    WorkerRejected,
-    WorkerStopped,
-    no_binary_handler,
-    no_event_handler,
-    no_request_handler,
-)
-from .handlers import Frame, Partial, Reply, Style, as_final, run_event, run_request, style_of
-from .outbox import Outbox
+from .errors import WorkerStopped
+from .handlers import Frame, Style, style_of
 from .protocol import Json
-from .pump import Pump, SessionEnd
+from .session import MAX_KNOWN_CONNECTIONS, SDK_NAME, SDK_VERSION, Session
+from .status import State, Status
 
-__all__ = ["Worker", "State", "Status", "SDK_NAME"]
-
-SDK_VERSION = "0.1.0"
-SDK_NAME = f"worker-sdk-python/{SDK_VERSION}"
-"""Announced in ``hello`` as ``sdk``."""
+__all__ = ["Worker", "State", "Status", "SDK_NAME", "SDK_VERSION"]
 
 log = logging.getLogger("bridge_worker")
-
-MAX_KNOWN_CONNECTIONS = 100_000
-# Largest frame accepted from a router (ZMQ_MAXMSGSIZE): above any route's
-# maxMessageBytes (at most 64 MiB) plus its envelope.
-MAX_INBOUND_FRAME = 128 << 20
-"""Connections whose ``connect`` is remembered (claims, route of raw frames);
-beyond this, new ones are not cached."""
-MAX_TIMEOUT = 7 * 24 * 3600.0
-"""Upper bound on a request's timeout, in seconds (a hostile ``timeout_ms`` stays harmless)."""
 
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -97,55 +71,14 @@ MAX_MSG_TYPE_LEN = 128
 """Longest message type a client may send, in bytes: a handler for a longer one could never be called."""
 
 
-class State(enum.Enum):
-    """Where the worker is in its life."""
-
-    CONNECTING = "connecting"
-    """Connecting or saying hello; no router has welcomed the current socket."""
-    REGISTERED = "registered"
-    """Welcomed by the router and serving."""
-    STOPPING = "stopping"
-    """``bye`` sent; finishing in-flight requests."""
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class Status:
-    """A snapshot of the worker's state."""
-
-    state: State
-    registrations: int
-    """How many times a router has welcomed this worker (2 after the first re-registration)."""
-    router_id: str | None
-    """The ``router_id`` of the last welcome."""
-    max_frame_bytes: int | None = None
-    """The largest frame the router of the last welcome accepts, if it said; bigger messages are not sent."""
-
-
 @dataclass(frozen=True, slots=True)
 class _Handler:
     fn: Callable[..., Any]
     style: Style
 
 
-@dataclass(slots=True)
-class _InFlight:
-    ctx: Context
-    task: asyncio.Task[None]
-    timer: asyncio.TimerHandle
-
-
-_SessionEnd = SessionEnd
-"""Raised while dispatching: the session is over and the worker should reconnect."""
-
-# Python 3.12+: a request's task runs eagerly, inside the dispatch, until its
-# handler first suspends; one that never does finishes there, its reply in the
-# same batch as the request. Earlier versions schedule the task (one loop turn).
-_EAGER_TASKS = sys.version_info >= (3, 12)
-
-
 class Worker:
-    """A worker serving one or more services of the router.
+    """A worker serving one or more services of the router, or of several routers.
 
     Register handlers with the decorators, then ``await worker.run()`` (or use
     :func:`bridge_worker.cli.main` for a ready-made command line). A worker
@@ -162,6 +95,9 @@ class Worker:
     ``services`` and keyword settings override :class:`WorkerConfig` fields
     (``capacity``, ``worker_id``, ``endpoint``, ...); endpoints and the secret
     default to ``BRIDGE_ENDPOINT``, ``PUBLISH_ENDPOINT`` and ``BRIDGE_SECRET``.
+    An ``endpoint`` that lists several routers, comma-separated, makes the
+    worker serve each of them, with one session per router (see the module
+    documentation for what goes where).
     """
 
     def __init__(
@@ -184,20 +120,12 @@ class Worker:
         self._status = Status(State.CONNECTING, 0, None)
         self._status_waiters: list[asyncio.Future[None]] = []
         self._started = False
-        self._outbox: Outbox | None = None
-        self._inflight: dict[str, _InFlight] = {}
-        self._conns: dict[str, wire.Connect] = {}
-        self._queues: dict[str, collections.deque[Callable[[], Awaitable[None]]]] = {}
-        self._queue_tasks: dict[str, asyncio.Task[None]] = {}
+        self._sessions: list[Session] = []
+        # Which session each connection lives on; None with a single router.
+        self._directory: dict[str, Session] | None = None
         self._stop = asyncio.Event()
         self._stop_deadline: float | None = None
-        self._wake = asyncio.Event()  # progress while draining (work finished, stop shortened)
         self._executor: ThreadPoolExecutor | None = None
-        self._router_id: str | None = None
-        # Timing and frame limit of the current session, from its (latest) welcome.
-        self._beat_every = 1.0
-        self._silence_limit = 3.0
-        self._max_frame: int | None = None
         # Set by Publisher: registers with no services and capacity 0.
         self._publisher_session = False
         # A ZeroMQ context to use instead of one of its own (not terminated here).
@@ -281,29 +209,30 @@ class Worker:
         the queue is full): it returns before the router has it, and
         messages queued while the worker is reconnecting are dropped (the
         connections they address belonged to the lost router session).
+        With several routers it goes to the router the connection lives on.
         Raises :class:`WorkerStopped` when the worker is not running.
         """
-        await self._send(wire.Push(conn=conn, msg_type=msg_type, data=data))
+        await self._send(wire.Push(conn=conn, msg_type=msg_type, data=data), conn)
 
     async def push_binary(self, conn: str, data: bytes) -> None:
         """Sends a binary frame to one client connection."""
-        await self._send(wire.PushBinary(conn=conn, data=bytes(data)))
+        await self._send(wire.PushBinary(conn=conn, data=bytes(data)), conn)
 
     async def send_raw(self, conn: str, frame: Frame) -> None:
         """Sends a frame unchanged to a client of a raw route."""
-        await self._send(wire.Raw(conn=conn, binary=frame.binary, payload=frame.payload))
+        await self._send(wire.Raw(conn=conn, binary=frame.binary, payload=frame.payload), conn)
 
     async def close(self, conn: str, code: int = 1000, reason: str = "") -> None:
         """Closes a client connection (code 1000, or 3000-4999 for applications)."""
-        await self._send(wire.Close(conn=conn, code=code, reason=reason))
+        await self._send(wire.Close(conn=conn, code=code, reason=reason), conn)
 
     async def subscribe(self, conn: str, topic: str) -> None:
-        """Subscribes a client connection to a topic."""
-        await self._send(wire.Subscribe(conn=conn, topic=topic))
+        """Subscribes a client connection to a topic (at the router it lives on)."""
+        await self._send(wire.Subscribe(conn=conn, topic=topic), conn)
 
     async def unsubscribe(self, conn: str, topic: str) -> None:
         """Unsubscribes a client connection from a topic."""
-        await self._send(wire.Unsubscribe(conn=conn, topic=topic))
+        await self._send(wire.Unsubscribe(conn=conn, topic=topic), conn)
 
     async def publish(self, topic: str, msg_type: str, data: Json = None) -> None:
         """Publishes to every client subscribed to ``topic``.
@@ -311,74 +240,81 @@ class Worker:
         This goes over the worker's own socket, so it is ordered with the
         worker's other messages (a ``subscribe`` sent before it takes effect
         first); a :class:`~bridge_worker.Publisher` has no such ordering.
+        With several routers it goes to ONE of them, the first live one in
+        list order (routers joined by ``CLUSTER_URL`` relay it to the
+        others): the ordering holds for messages that went to that router.
         """
-        await self._send(wire.Publish(topic=topic, msg_type=msg_type, data=data))
+        await self._send(wire.Publish(topic=topic, msg_type=msg_type, data=data), None)
 
-    async def _send(self, msg: wire.FromWorker) -> None:
-        frame = wire.encode_from_worker(msg)
+    def _check_running(self) -> None:
         if self._status.state is State.STOPPED or not self._started:
             raise WorkerStopped()
-        self._check_size(msg.KIND, frame)
-        if self._outbox is None:
-            log.debug("not registered: %s message dropped", msg.KIND)
-            return
-        await self._outbox.put(frame)
 
-    def _check_size(self, kind: str, frame: bytes) -> None:
-        """Raises :class:`PayloadTooLarge` for a frame the router would not accept."""
-        limit = self._max_frame
-        if limit is not None and len(frame) > limit:
-            raise PayloadTooLarge(kind, len(frame), limit)
-
-    async def _send_partial(self, ctx: Context, msg: wire.Reply) -> None:
-        """A partial reply of request ``ctx``; one over the frame limit ends the request."""
-        if ctx.done:
-            log.debug("request %s already ended: partial reply dropped", ctx.correlation_id)
-            return
+    async def _send(self, msg: wire.FromWorker, conn: str | None) -> None:
+        """Queues ``msg``: about connection ``conn``, or a publication (``None``)."""
         frame = wire.encode_from_worker(msg)
-        if self._status.state is State.STOPPED or not self._started:
-            raise WorkerStopped()
-        limit = self._max_frame
-        if limit is not None and len(frame) > limit:
-            log.warning(
-                "request %s: partial reply of %d bytes exceeds the frame limit of %d; answering payload_too_large",
-                ctx.correlation_id,
-                len(frame),
-                limit,
-            )
-            entry = self._inflight.get(ctx.correlation_id)
-            self._terminate(ctx, _too_large(ctx.correlation_id, len(frame), limit))
-            if entry is not None:
-                entry.task.cancel()
-            raise PayloadTooLarge("reply", len(frame), limit)
-        if self._outbox is None:
-            log.debug("not registered: partial reply dropped")
+        self._check_running()
+        sessions = self._sessions
+        if len(sessions) == 1:
+            await sessions[0].send_frame(msg.KIND, frame)
             return
-        await self._outbox.put(frame)
+        directory = self._directory
+        target = self._publication_session() if conn is None else directory.get(conn) if directory else None
+        if target is not None:
+            await target.send_frame(msg.KIND, frame)
+            return
+        # A connection seen only in requests, or not at all: every live router
+        # (the ones that do not have it drop it).
+        live = [s for s in sessions if s.live] or sessions[:1]
+        for s in live:
+            s.check_size(msg.KIND, frame)
+        for s in live:
+            await s.send_frame(msg.KIND, frame)
 
-    async def _send_confirmed(self, frame: bytes) -> bool:
-        """Queues ``frame`` and waits until the writer has handed it to the socket of a
-        registered session (``True``), or the session ended first (``False``)."""
-        outbox = self._outbox
-        if outbox is None:
-            return False
-        ack: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await outbox.put(frame, ack)
-        return await ack
+    def _publication_session(self) -> Session:
+        """The session a publication goes through: the first live one in list order,
+        else the first (which drops it, like a single router that is down)."""
+        sessions = self._sessions
+        for s in sessions:
+            if s.live:
+                return s
+        return sessions[0]
 
-    def _send_nowait(self, frame: bytes) -> None:
-        if self._outbox is not None:
-            self._outbox.put_nowait(frame)
+    # ----- which router a connection lives on (several routers) ---------------------
+
+    def _note_connection(self, conn: str, session: Session) -> None:
+        directory = self._directory
+        if directory is not None and (len(directory) < MAX_KNOWN_CONNECTIONS or conn in directory):
+            directory[conn] = session
+
+    def _forget_connection(self, conn: str, session: Session) -> None:
+        directory = self._directory
+        if directory is not None and directory.get(conn) is session:
+            del directory[conn]
+
+    def _forget_connections(self, session: Session) -> None:
+        """``session`` lost its router: the connections it brought are gone."""
+        directory = self._directory
+        if directory:
+            for conn in [c for c, s in directory.items() if s is session]:
+                del directory[conn]
 
     # ----- status and stop -------------------------------------------------------
 
     @property
     def status(self) -> Status:
-        """The worker's current status."""
+        """The worker's current status. With several routers it sums up their
+        sessions': registered while any of them is, ``registrations`` counted over
+        all of them, ``router_id`` of the last welcome, the smallest frame limit."""
         return self._status
 
+    @property
+    def router_statuses(self) -> list[tuple[str, Status]]:
+        """Each router session's endpoint and status, in list order (empty before :meth:`run`)."""
+        return [(s.endpoint, s.status) for s in self._sessions]
+
     async def wait_registered(self, registrations: int = 1) -> Status:
-        """Waits until a router has welcomed the worker ``registrations`` times
+        """Waits until routers have welcomed the worker ``registrations`` times
         in total; raises :class:`WorkerStopped` if it stops first."""
         while True:
             if self._status.registrations >= registrations:
@@ -389,12 +325,33 @@ class Worker:
             self._status_waiters.append(waiter)
             await waiter
 
-    def _set_status(self, **changes: Any) -> None:
-        self._status = replace(self._status, **changes)
+    def _set_status(self, status: Status) -> None:
+        if status == self._status:
+            return
+        self._status = status
         waiters, self._status_waiters = self._status_waiters, []
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+    def _session_changed(self, changed: Session) -> None:
+        """Derives the worker's status from its sessions' after ``changed``'s changed."""
+        sessions = self._sessions
+        if len(sessions) == 1:
+            self._set_status(changed.status)
+            return
+        states = {s.status.state for s in sessions}
+        if State.STOPPING in states:
+            state = State.STOPPING
+        elif State.REGISTERED in states:
+            state = State.REGISTERED
+        else:
+            state = State.CONNECTING
+        registrations = sum(s.status.registrations for s in sessions)
+        # A new welcome names the router; otherwise the last welcome's stays.
+        router_id = changed.status.router_id if registrations != self._status.registrations else self._status.router_id
+        limits = [s.status.max_frame_bytes for s in sessions if s.status.max_frame_bytes is not None]
+        self._set_status(Status(state, registrations, router_id, min(limits) if limits else None))
 
     def stop(self, grace: float | None = None) -> None:
         """Asks the worker to stop gracefully: ``bye``, finish in-flight work
@@ -409,7 +366,8 @@ class Worker:
         if self._stop_deadline is None or deadline < self._stop_deadline:
             self._stop_deadline = deadline
         self._stop.set()
-        self._wake.set()
+        for s in self._sessions:
+            s.wake()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
@@ -424,10 +382,10 @@ class Worker:
     async def run(self, *, handle_signals: bool = False) -> None:
         """Connects, registers and serves until :meth:`stop` (or SIGTERM/SIGINT
         with ``handle_signals``: the first stops gracefully, a second one
-        abandons in-flight work). Reconnects on its own.
+        abandons in-flight work). Reconnects on its own, to each router on its own.
 
         Raises :class:`ConfigError` for an unusable configuration and
-        :class:`WorkerRejected` when the router refuses the worker for good.
+        :class:`WorkerRejected` when a router refuses the worker for good.
         """
         if self._publisher_session:
             self.config._validate_publisher()
@@ -435,558 +393,64 @@ class Worker:
             self.config.validate()
         if self._started:
             raise RuntimeError("a Worker runs once; create a new one")
+        endpoints = self.config.endpoints()
+        several = len(endpoints) > 1
+        # The worker's capacity, shared by its routers' sessions (see the module docs).
+        slots = asyncio.Semaphore(self.config.capacity) if several and self.config.capacity > 0 else None
         self._started = True
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.capacity + 4, thread_name_prefix="bridge-worker-handler"
+        )
+        self._sessions = [Session(self, endpoint, slots) for endpoint in endpoints]
+        self._directory = {} if several else None
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.config.capacity + 4, thread_name_prefix="bridge-worker-handler"
-        )
         zctx = self._zmq_context or zmq.asyncio.Context()
-        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         log.info(
-            "worker %s starting: services %s, capacity %d, router %s",
+            "worker %s starting: services %s, capacity %d, router%s %s",
             self.config.worker_id,
             self.config.services,
             self.config.capacity,
-            self.config.endpoint,
+            "s" if several else "",
+            ", ".join(endpoints),
         )
         try:
-            first = True
-            while not self._stop.is_set():
-                if not first:
-                    delay = backoff.next_delay()
-                    log.info("reconnecting in %.0f ms", delay * 1000)
-                    if await _wait_event(self._stop, delay):
-                        break
-                first = False
-                await self._session(zctx, backoff)
+            if several:
+                await self._run_sessions(zctx)
+            else:
+                await self._sessions[0].run(zctx)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-            self._abandon_all()
+            for s in self._sessions:
+                s.abandon_all()
             self._executor.shutdown(wait=False, cancel_futures=True)
             if self._zmq_context is None:
                 # term() waits for lingering sockets to flush: keep it off the loop.
                 await asyncio.to_thread(zctx.term)
-            self._set_status(state=State.STOPPED)
+            for s in self._sessions:
+                s.status = replace(s.status, state=State.STOPPED)
+            self._set_status(replace(self._status, state=State.STOPPED))
             log.info("worker %s stopped", self.config.worker_id)
 
-    async def _session(self, zctx: zmq.Context[Any], backoff: Backoff) -> None:
-        # A plain (not zmq.asyncio) socket: the pump and the handshake drive it
-        # from the loop's readiness callback with non-blocking calls.
-        sock: zmq.Socket[bytes] = zmq.Socket(zctx, zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # Frames from the router are bounded (above any route's maxMessageBytes
-        # plus its envelope): a rogue endpoint cannot exhaust the worker's memory.
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_FRAME)
-        sock.connect(self.config.endpoint)
-        graceful = False
+    async def _run_sessions(self, zctx: zmq.Context[Any]) -> None:
+        """Runs every router's session until all have ended; the first refusal stops the others."""
+        tasks = [asyncio.create_task(s.run(zctx), name=f"bridge-session {s.endpoint}") for s in self._sessions]
+        refusal: BaseException | None = None
         try:
-            welcome = await self._handshake(sock, backoff)
-            if welcome is None:
-                return
-            backoff.reset()
-            if self._router_id is not None and self._router_id != welcome.router_id:
-                # Another router process: the connections we knew are gone.
-                self._conns.clear()
-            self._router_id = welcome.router_id
-            self._set_timing(welcome)
-            outbox = self._outbox = Outbox(self.config.outbound_queue, self.config.outbound_bytes)
-            pump = Pump(sock, outbox, self._dispatch)
-            pump.start()
-            beats = asyncio.create_task(self._beat(outbox), name="bridge-heartbeat")
-            self._set_status(
-                state=State.REGISTERED,
-                registrations=self._status.registrations + 1,
-                router_id=welcome.router_id,
-            )
-            log.info(
-                "registered with router %s (heartbeat %d ms, liveness %d, frame limit %s)",
-                welcome.router_id,
-                welcome.heartbeat_ms,
-                welcome.liveness,
-                welcome.max_frame_bytes,
-            )
-            try:
-                graceful = await self._serve(pump)
-                if graceful:
-                    try:
-                        await asyncio.wait_for(outbox.flushed(), self.config.linger)
-                    except asyncio.TimeoutError:
-                        log.warning("could not flush the last messages within %.1f s", self.config.linger)
-            finally:
-                beats.cancel()
-                pump.stop()
-                outbox.close()
-                self._outbox = None
-                self._abandon_all()
-                if not self._stop.is_set():
-                    self._set_status(state=State.CONNECTING)
-        finally:
-            sock.close(linger=int(self.config.linger * 1000) if graceful else 0)
-
-    async def _handshake(self, sock: zmq.Socket[bytes], backoff: Backoff) -> wire.Welcome | None:
-        """Says hello every backoff step until welcomed; ``None``: give this socket up."""
-        loop = asyncio.get_running_loop()
-        hello = wire.encode_from_worker(
-            wire.Hello(
-                worker_id=self.config.worker_id,
-                services=list(self.config.services),
-                capacity=self.config.capacity,
-                sdk=SDK_NAME,
-                # What the router shows its routes accept; a publisher session has no types.
-                msg_types=None if self._publisher_session else self.msg_types,
-            )
-        )
-        give_up = loop.time() + self.config.handshake_timeout
-        fd = cast(int, sock.getsockopt(zmq.FD))
-        readable: asyncio.Future[None] | None = None
-
-        def on_fd() -> None:
-            # Reading EVENTS re-arms the descriptor's signal: always read it.
-            if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN and readable is not None and not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(fd, on_fd)
-        try:
-            while True:
-                # Again: the pipe is full of earlier hellos, the router is not there yet.
-                with contextlib.suppress(zmq.Again):
-                    sock.send(hello, zmq.NOBLOCK)
-                step_end = min(loop.time() + backoff.next_delay(), give_up)
-                while True:
-                    try:
-                        frame = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        readable = loop.create_future()
-                        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                            continue
-                        got = await _first(readable, self._stop, step_end - loop.time())
-                        readable = None
-                        if self._stop.is_set():
-                            return None
-                        if not got:
-                            break
-                        continue
-                    except zmq.ZMQError as e:
-                        log.warning("receive from the router failed: %s", e)
-                        return None
-                    try:
-                        msg: wire.ToWorker | None = wire.decode_to_worker(frame)
-                    except wire.DecodeError as e:
-                        log.warning("undecodable answer to hello (%d bytes): %s", len(frame), e)
-                        if e.rejection == "version":
-                            # The router speaks another version: retrying would only repeat it.
-                            raise WorkerRejected(self.config.endpoint, str(e)) from None
-                        msg = None
-                    if isinstance(msg, wire.Welcome):
-                        return msg
-                    if isinstance(msg, wire.Challenge):
-                        # Answered every time: the router repeats its challenge when
-                        # our hello was resent before the auth arrived.
-                        if not self.config.secret:
-                            log.error("the router requires a bridge secret: set BRIDGE_SECRET")
-                            raise SecretRequired(self.config.endpoint)
-                        log.debug("challenged by the router; proving the secret")
-                        auth = wire.encode_from_worker(wire.Auth(proof=wire.auth_proof(self.config.secret, msg.nonce)))
-                        with contextlib.suppress(zmq.Again):
-                            sock.send(auth, zmq.NOBLOCK)
-                        continue
-                    if isinstance(msg, wire.Goodbye):
-                        if not msg.reconnect:
-                            log.error("router refused this worker: %s", msg.reason)
-                            raise WorkerRejected(self.config.endpoint, msg.reason)
-                        log.info("router said goodbye before welcoming: %s", msg.reason)
-                        return None
-                    if msg is not None:
-                        log.debug("ignoring a %s message that came before the welcome", msg.KIND)
-                if loop.time() >= give_up:
-                    log.warning(
-                        "no welcome from %s within %.1f s; re-creating the socket",
-                        self.config.endpoint,
-                        self.config.handshake_timeout,
-                    )
-                    return None
-        finally:
-            loop.remove_reader(fd)
-
-    def _set_timing(self, welcome: wire.Welcome) -> None:
-        """Heartbeat timing and frame limit from a welcome (the first or a later one)."""
-        # A heartbeat_ms of 0 would spin; 1 ms is already absurd but harmless.
-        self._beat_every = max(welcome.heartbeat_ms, 1) / 1000
-        self._silence_limit = self._beat_every * max(welcome.liveness, 1)
-        self._max_frame = welcome.max_frame_bytes
-        if self._status.max_frame_bytes != welcome.max_frame_bytes:
-            self._set_status(max_frame_bytes=welcome.max_frame_bytes)
-
-    async def _beat(self, outbox: Outbox) -> None:
-        frame = wire.encode_from_worker(wire.Heartbeat())
-        while True:
-            await asyncio.sleep(self._beat_every)
-            outbox.put_nowait(frame)
-
-    async def _serve(self, pump: Pump) -> bool:
-        """Serves until the session ends; ``True`` after a graceful stop. The pump
-        reads and writes the socket; this watches the router's liveness and the stop."""
-        loop = asyncio.get_running_loop()
-        drained = asyncio.create_task(self._drain_on_stop(), name="bridge-drain")
-
-        def on_drained(task: asyncio.Task[None]) -> None:
-            if task.cancelled():
-                return
-            pump.stop_reading()
-            error = task.exception()
-            pump.end(error if error is not None else True)
-
-        drained.add_done_callback(on_drained)
-
-        # One timer per silence period, not one per frame: it re-arms itself
-        # from the time of the last frame the pump saw.
-        watchdog: asyncio.TimerHandle | None = None
-
-        def watch() -> None:
-            nonlocal watchdog
-            silent_until = pump.last_seen + self._silence_limit
-            if loop.time() >= silent_until:
-                log.warning("router silent for %.1f s: declaring it dead", self._silence_limit)
-                pump.end(False)
-            else:
-                watchdog = loop.call_at(silent_until, watch)
-
-        watchdog = loop.call_at(pump.last_seen + self._silence_limit, watch)
-        try:
-            return await pump.ended
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            drained.cancel()
-
-    # ----- incoming messages -------------------------------------------------------
-
-    def _dispatch(self, frame: bytes) -> None:
-        req = wire.decode_request_fast(frame)
-        if req is not None:
-            self._start_request(req)
-            return
-        try:
-            msg = wire.decode_to_worker(frame)
-        except wire.DecodeError as e:
-            self._undecodable(frame, e)
-            return
-        if isinstance(msg, wire.Heartbeat):
-            return
-        if isinstance(msg, wire.Welcome):
-            # The answer to a resent hello: only the timing may change.
-            self._set_timing(msg)
-        elif isinstance(msg, wire.Request):
-            self._start_request(msg)
-        elif isinstance(msg, wire.Cancel):
-            self._cancel_request(msg.cid, msg.reason)
-        elif isinstance(msg, wire.Goodbye):
-            if not msg.reconnect:
-                log.error("router refused this worker: %s", msg.reason)
-                raise WorkerRejected(self.config.endpoint, msg.reason)
-            log.info("router said goodbye: %s; reconnecting", msg.reason)
-            raise _SessionEnd()
-        elif isinstance(msg, wire.Challenge):
-            log.debug("ignoring a challenge after the welcome")
-        elif isinstance(msg, wire.Connect):
-            if len(self._conns) < MAX_KNOWN_CONNECTIONS or msg.conn in self._conns:
-                self._conns[msg.conn] = msg
-            self._queue_event("connect", msg.conn, msg, msg.route, msg.service)
-        elif isinstance(msg, wire.Disconnect):
-            self._queue_event("disconnect", msg.conn, msg, msg.route, msg.service)
-            self._conns.pop(msg.conn, None)
-        elif isinstance(msg, wire.Event):
-            self._queue_event("event", msg.conn, msg.data, msg.route, msg.service, msg.msg_type)
-        elif isinstance(msg, wire.Binary):
-            self._queue_event("binary", msg.conn, msg.data, msg.route, msg.service)
-        elif isinstance(msg, wire.Raw):
-            # A raw frame does not say its route: the connection's `connect` did, if we got it.
-            known = self._conns.get(msg.conn)
-            route, service = (known.route, known.service) if known else ("", "")
-            self._queue_event("raw", msg.conn, Frame(msg.binary, msg.payload), route, service)
-
-    def _undecodable(self, frame: bytes, e: wire.DecodeError) -> None:
-        """Logs a frame that does not decode; answers ``bad_request`` to a request whose ``cid`` is readable."""
-        cid = wire.request_cid(frame) if e.rejection != "version" else None
-        if cid is None:
-            log.warning("undecodable message from the router (%d bytes): %s", len(frame), e)
-            return
-        if cid in self._inflight:
-            log.warning("undecodable duplicate of request %s, which is in flight: ignored", cid)
-            return
-        log.warning("request %s does not decode (%d bytes): answering bad_request: %s", cid, len(frame), e)
-        err = wire.ErrorReply(
-            cid=cid,
-            code=codes.BAD_REQUEST,
-            message=f"the request could not be decoded: {e}",
-            retryable=False,
-        )
-        answer = self._within_limit(cid, wire.encode_from_worker(err))
-        if answer is not None:
-            self._send_nowait(answer)
-
-    def _within_limit(self, cid: str, frame: bytes) -> bytes | None:
-        """``frame`` (a terminal message of request ``cid``) if the router accepts its
-        size, else the ``payload_too_large`` error that replaces it (``None``: not even that fits)."""
-        limit = self._max_frame
-        if limit is None or len(frame) <= limit:
-            return frame
-        log.warning(
-            "request %s: reply of %d bytes exceeds the frame limit of %d; answering payload_too_large",
-            cid,
-            len(frame),
-            limit,
-        )
-        replacement = wire.encode_from_worker(_too_large(cid, len(frame), limit))
-        if len(replacement) > limit:
-            log.warning("request %s: even the payload_too_large answer exceeds the frame limit; dropped", cid)
-            return None
-        return replacement
-
-    def _start_request(self, req: wire.Request) -> None:
-        loop = asyncio.get_running_loop()
-        if req.cid in self._inflight:
-            log.warning("request %s is already in flight here: duplicate ignored", req.cid)
-            return
-        connect = self._conns.get(req.conn)
-        deadline = loop.time() + min(req.timeout_ms / 1000, MAX_TIMEOUT)
-        claims = req.claims if req.claims is not None else connect.claims if connect else None
-        ctx = Context(self, req, deadline, claims)
-        handler = self._requests.get(req.msg_type)
-        if handler is None:
-            log.debug("request %s: no handler for its type", req.cid)
-            self._terminate(ctx, _error(req.cid, no_request_handler(req.msg_type, self._requests, self._events)))
-            return
-        if self._stop.is_set():
-            # Crossed our bye: retryable, so the router can send it elsewhere.
-            self._terminate(ctx, _error(req.cid, HandlerError.transient("the worker is stopping")))
-            return
-        if len(self._inflight) >= self.config.capacity:
-            # The router keeps to the announced capacity; this only guards against a confused one.
-            log.warning("request %s beyond capacity %d: refused", req.cid, self.config.capacity)
-            self._terminate(ctx, _error(req.cid, HandlerError.overloaded("the worker is at capacity")))
-            return
-        coro = self._run_request(ctx, handler, req.data)
-        if _EAGER_TASKS:
-            task = asyncio.Task(coro, loop=loop, name=f"request {req.cid}", eager_start=True)  # type: ignore[call-arg]
-            if task.done():
-                return  # finished without suspending: its terminal message is queued
-        else:
-            task = loop.create_task(coro, name=f"request {req.cid}")
-        timer = loop.call_at(ctx.deadline, self._cancel_request, req.cid, "deadline")
-        self._inflight[req.cid] = _InFlight(ctx, task, timer)
-
-    async def _run_request(self, ctx: Context, handler: _Handler, data: Json) -> None:
-        assert self._executor is not None  # invariant: set by run() before any session
-        try:
-            if handler.style is Style.ASYNC:
-                # The common case without the generic runner's extra coroutine.
-                value = await handler.fn(ctx, data)
-                if not isinstance(value, (Reply, Partial)):
-                    self._terminate_reply(ctx, None, value)
-                    return
-                reply = as_final(value)
-            else:
-                reply = await run_request(handler.fn, handler.style, ctx, data, self._executor)
-            self._terminate_reply(ctx, reply.msg_type, reply.data)
-            return
-        except HandlerError as e:
-            msg = _error(ctx.correlation_id, e)
-        except asyncio.CancelledError:
-            # Whoever cancelled the task has answered for it, except when the
-            # handler's own code raised CancelledError: answer that here.
-            self._terminate(ctx, _error(ctx.correlation_id, HandlerError.cancelled("the handler was cancelled")))
-            raise
-        except Exception:
-            log.exception("handler of request %s (%s) failed", ctx.correlation_id, ctx.msg_type)
-            msg = _error(ctx.correlation_id, HandlerError.worker_error("the worker's handler failed unexpectedly"))
-        self._terminate(ctx, msg)
-
-    def _terminate_reply(self, ctx: Context, msg_type: str | None, data: Json) -> None:
-        """Sends the final reply of a request (the hot path of :meth:`_terminate`)."""
-        frame = wire.encode_reply_fast(self._packer, ctx.correlation_id, True, msg_type, data)
-        if frame is None:
-            # Not JSON, or a bad type: the generic encoder names the fault.
-            self._terminate(ctx, wire.Reply(cid=ctx.correlation_id, done=True, msg_type=msg_type, data=data))
-            return
-        self._terminate_frame(ctx, frame)
-
-    def _cancel_request(self, cid: str, reason: str) -> None:
-        entry = self._inflight.get(cid)
-        if entry is None:
-            log.debug("cancel for request %s, which is not in flight here", cid)
-            return
-        entry.ctx._mark_cancelled(reason)
-        if reason == "deadline":
-            log.warning("request %s passed its deadline", cid)
-            err = HandlerError.timeout("the request's deadline passed before the worker finished")
-        else:
-            log.debug("request %s cancelled (%s)", cid, reason)
-            err = HandlerError.cancelled(f"request cancelled ({reason})")
-        self._terminate(entry.ctx, _error(cid, err))
-        entry.task.cancel()
-
-    def _terminate(self, ctx: Context, msg: wire.FromWorker) -> None:
-        """Sends the request's terminal message, unless one was sent already."""
-        if ctx._done:
-            return
-        try:
-            encoded = wire.encode_from_worker(msg)
-        except wire.EncodeError as e:
-            log.error("request %s: final reply cannot be encoded: %s", ctx.correlation_id, e)
-            encoded = wire.encode_from_worker(
-                _error(ctx.correlation_id, HandlerError.worker_error("the worker produced a reply that is not JSON"))
-            )
-        self._terminate_frame(ctx, encoded)
-
-    def _terminate_frame(self, ctx: Context, encoded: bytes) -> None:
-        """Queues ``encoded``, the request's terminal message, unless one was sent already."""
-        if not ctx._take_terminal():
-            return
-        entry = self._inflight.pop(ctx.correlation_id, None)
-        if entry is not None:
-            entry.timer.cancel()
-        frame = self._within_limit(ctx.correlation_id, encoded)
-        if frame is not None:
-            self._send_nowait(frame)
-        if self._stop.is_set():
-            self._wake.set()
-
-    def _queue_event(
-        self, kind: str, conn: str, payload: Any, route: str, service: str, msg_type: str | None = None
-    ) -> None:
-        """Queues the handler of a message that gets no answer behind the connection's earlier ones."""
-        handler = self._events.get(msg_type) if msg_type is not None else self._kinds.get(kind)
-        job: Callable[[], Awaitable[None]]
-        if handler is not None:
-            known = self._conns.get(conn)
-            ectx = EventContext(self, conn, route, service, msg_type, known.claims if known else None)
-            executor = self._executor
-            assert executor is not None  # invariant: set by run() before any session
-            job = functools.partial(run_event, handler.fn, handler.style, (ectx, payload), executor)
-        elif msg_type is not None or kind == "binary":
-            # The client would never learn that its message went nowhere: answer it.
-            what = f"{kind} of type {msg_type}" if msg_type is not None else kind
-            log.info("no handler for %s on connection %s: answering unknown_type", what, conn)
-            if msg_type is not None:
-                error = no_event_handler(msg_type, self._requests, self._events)
-            else:
-                error = no_binary_handler()
-            job = functools.partial(self._answer_without_id, conn, error)
-        else:
-            log.debug("no handler for %s on connection %s: dropped", kind, conn)
-            return
-
-        queue = self._queues.get(conn)
-        if queue is None:
-            queue = self._queues[conn] = collections.deque([job])
-            self._queue_tasks[conn] = asyncio.create_task(self._drain_queue(conn, queue), name=f"connection {conn}")
-        elif len(queue) >= self.config.connection_queue:
-            log.warning("event queue of connection %s full: %s dropped", conn, kind)
-        else:
-            queue.append(job)
-
-    async def _answer_without_id(self, conn: str, error: HandlerError) -> None:
-        """Tells the client that a message without request id failed: a ``push`` of
-        type ``error``, which the router turns into an error frame without ``id``
-        (PROTOCOL.md, ``push``). Runs in the connection's queue, in order."""
-        with contextlib.suppress(WorkerStopped):
-            await self.push(conn, "error", {"code": error.code, "message": error.message})
-
-    async def _drain_queue(self, conn: str, queue: collections.deque[Callable[[], Awaitable[None]]]) -> None:
-        try:
-            while queue:
-                job = queue.popleft()
+            for next_done in asyncio.as_completed(tasks):
                 try:
-                    await job()
-                except Exception:
-                    log.exception("event handler for connection %s failed; the worker carries on", conn)
+                    await next_done
+                except Exception as e:
+                    if refusal is None:
+                        refusal = e
+                        log.error("a router session failed (%s): stopping the others", e)
+                        self.stop()
         finally:
-            # No await between the last emptiness check and this: a job queued meanwhile is impossible.
-            if self._queues.get(conn) is queue:
-                del self._queues[conn]
-                del self._queue_tasks[conn]
-            self._wake.set()
-
-    # ----- stop and loss -------------------------------------------------------------
-
-    async def _drain_on_stop(self) -> None:
-        """After a stop: ``bye``, wait for in-flight work within the grace period, answer the rest."""
-        await self._stop.wait()
-        loop = asyncio.get_running_loop()
-        self._set_status(state=State.STOPPING)
-        self._send_nowait(wire.encode_from_worker(wire.Bye(reason="worker stopping")))
-        log.info("stopping: %d request(s) in flight", len(self._inflight))
-        while self._inflight or self._queue_tasks:
-            assert self._stop_deadline is not None  # invariant: set by stop() with the event
-            left = self._stop_deadline - loop.time()
-            if left <= 0:
-                break
-            self._wake.clear()
-            await _wait_event(self._wake, left)
-        if self._inflight:
-            log.warning("grace period over: abandoning %d request(s)", len(self._inflight))
-        for cid, entry in list(self._inflight.items()):
-            entry.ctx._mark_cancelled("shutdown")
-            err = HandlerError.transient("the worker stopped before finishing the request")
-            self._terminate(entry.ctx, _error(cid, err))
-            entry.task.cancel()
-        for task in self._queue_tasks.values():
-            task.cancel()
-
-    def _abandon_all(self) -> None:
-        """Drops every request and event queue without answering (the session is gone)."""
-        if self._inflight:
-            log.warning("connection to the router lost: %d request(s) abandoned", len(self._inflight))
-        for entry in self._inflight.values():
-            entry.ctx._mark_cancelled("lost")
-            entry.ctx._take_terminal()
-            entry.timer.cancel()
-            entry.task.cancel()
-        self._inflight.clear()
-        for task in self._queue_tasks.values():
-            task.cancel()
-        self._queues.clear()
-        self._queue_tasks.clear()
-
-
-def _error(cid: str, e: HandlerError) -> wire.ErrorReply:
-    code = e.code
-    if not codes.is_valid_code(code):
-        log.warning("handler error code %r is not snake_case; sending worker_error", code)
-        code = codes.WORKER_ERROR
-    return wire.ErrorReply(
-        cid=cid, code=code, message=e.message, retryable=e.retryable, retry_after_ms=e.retry_after_ms
-    )
-
-
-def _too_large(cid: str, size: int, limit: int) -> wire.ErrorReply:
-    """The terminal error that replaces a reply of ``size`` bytes the router would not accept."""
-    return wire.ErrorReply(
-        cid=cid,
-        code=codes.PAYLOAD_TOO_LARGE,
-        message=f"reply of {size} bytes exceeds the router's frame limit of {limit} bytes",
-        retryable=False,
-    )
-
-
-async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Waits up to ``timeout`` seconds for ``event``; returns whether it is set."""
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(event.wait(), max(timeout, 0))
-    return event.is_set()
-
-
-async def _first(fut: asyncio.Future[Any], event: asyncio.Event, timeout: float) -> bool:
-    """Waits up to ``timeout`` for ``fut`` or ``event``; returns whether ``fut`` is done."""
-    if not fut.done() and not event.is_set():
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({fut, waiter}, timeout=max(timeout, 0), return_when="FIRST_COMPLETED")
-        finally:
-            waiter.cancel()
-    return fut.done()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if refusal is not None:
+            raise refusal
