@@ -42,6 +42,10 @@ fi
     || missing+=("chromium, the headless browser the TypeScript client's tests drive (Debian: apt-get install chromium; or set CHROMIUM_PATH)")
 command -v haproxy >/dev/null \
     || missing+=("haproxy, the load balancer the behind-a-proxy test runs (Debian: apt-get install haproxy)")
+command -v ip >/dev/null \
+    || missing+=("ip from iproute2, which makes the cluster test's hosts (network namespaces; Debian: apt-get install iproute2)")
+((EUID == 0)) \
+    || missing+=("root: the cluster test makes network namespaces as hosts (run the tests as root, e.g. sudo scripts/test.sh)")
 command -v redis-server >/dev/null \
     || missing+=("redis-server, the Redis that joins several routers in the cluster tests (Debian: apt-get install redis-server)")
 command -v prlimit >/dev/null \
@@ -92,6 +96,12 @@ BRIDGE_WORKER_REQUIRE_ROUTER=1 "$VENV/bin/python" -m pytest worker-sdk/python -q
 # streamed requests.
 echo "==> clients/js: npm ci && npm test"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && ROUTER_TEST_PYTHON="$VENV/bin/python" npm test)
+
+# Several routers on separate hosts (README, "Several routers"): network
+# namespaces as hosts, Redis, haproxy, two routers and one worker serving
+# both, driven by the TypeScript client built above. Needs root.
+echo "==> scripts/cluster_test.sh (several routers, network namespaces)"
+BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug" scripts/cluster_test.sh
 
 # WebSocket conformance (README, tests): Autobahn's fuzzing client through a raw
 # route served by the echo worker; fails on any FAILED case. Uses the debug
