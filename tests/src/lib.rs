@@ -15,6 +15,8 @@
 //!   bounded polls on `/routes` ([`wait_live_workers`]).
 //! - [`tls`]: a throwaway CA (the `openssl` command), certificates for
 //!   `localhost`, and a rustls client that trusts them.
+//! - [`fanout`]: what the fan-out benchmark's publisher, broadcast baseline
+//!   and load generator share (the clock, the publication, the frames).
 //!
 //! Every test owns its processes: the router listens on port 0 and binds
 //! fresh `ipc://` endpoints, so tests run in parallel and never collide with
@@ -23,6 +25,7 @@
 //!
 //! The binaries must be built first: `scripts/test.sh` does it.
 
+pub mod fanout;
 pub mod http;
 pub mod process;
 pub mod tls;
