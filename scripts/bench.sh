@@ -25,6 +25,19 @@
 #                the SDK's supervisor, one pool (CPU: worker1 and worker2)
 #   fastapi      bench/fastapi_echo/app.py under uvicorn (uvloop, one process),
 #                route /ws answering like the router's JSON echo
+#   condure      condure (Pushpin's connection manager, `apt-get install
+#                condure`) with zhttp_echo, a ZHTTP echo handler
+#                (tests/src/bin/zhttp_echo/), loadgen --protocol raw: the
+#                closest peer design to the router (scenarios rt-1, rt-100,
+#                idle, open-*); CONDURE_WORKERS (2, condure's default)
+# Fan-out targets (scenario fanout only):
+#   baseline     broadcast_baseline: tokio-tungstenite, publications made
+#                in-process at FANOUT_RATE and written to every subscriber
+#   router       router + fanout_publisher (a worker-sdk publisher session)
+#                publishing at FANOUT_RATE to the topic of route /fanout
+#   router-noresume  the same on route /fanout-noresume, resume off
+#                (`"resume": {"ttlMs": 0}`): what keeping every delivery
+#                for a resume costs
 # The Python targets run from a virtualenv (BENCH_VENV, default
 # <target>/bench-venv) created on first use with bench/fastapi_echo/requirements.txt
 # and worker-sdk/python installed; `pip freeze` goes to $BENCH_OUT.
@@ -34,6 +47,13 @@
 #   idle         RSS of the server at 0, 10 000 and 19 000 idle connections
 #   open-1k      open loop, 1 000 connections at RATE_1K msgs/s in all: p50, p99
 #   open-10k     open loop, 10 000 connections at RATE_10K msgs/s: p50, p99
+#   fanout       FANOUT_CONNECTIONS (10 000) subscribers to one topic,
+#                publications at FANOUT_RATE (10/s) for WARMUP_S + DURATION_S:
+#                deliveries/s, p50/p99/max publish-to-receive latency
+#                (CLOCK_MONOTONIC, shared by publisher and loadgen), missing,
+#                duplicate and out-of-order deliveries (loadgen --mode
+#                fanout); the publisher starts once every subscription is
+#                acknowledged; FANOUT_GRACE (5 s) to drain after the last
 #   open-check   the load generator's own check, baseline only: closed loop
 #                at 1 connection, then open loop at 100, 1 000 and 10 000
 #                connections at low rates; each open run must have 0 errors,
@@ -87,6 +107,9 @@ depth_100=${DEPTH_100:-1}
 idle_stages=${IDLE_STAGES:-10000,19000}
 rate_1k=${RATE_1K:-2000}
 rate_10k=${RATE_10K:-2000}
+fanout_connections=${FANOUT_CONNECTIONS:-10000}
+fanout_rate=${FANOUT_RATE:-10}
+fanout_grace=${FANOUT_GRACE:-5}
 check_tolerance_us=${CHECK_TOLERANCE_US:-500}
 scenarios=${SCENARIOS:-rt-1 rt-100 idle}
 targets=${TARGETS:-baseline router-json router-raw}
@@ -122,6 +145,16 @@ fi
 for b in router examples/echo_worker loadgen baseline_echo; do
     [[ -x $bin/$b ]] || die "missing $bin/$b (build without --no-build)"
 done
+for b in broadcast_baseline fanout_publisher zhttp_echo; do
+    [[ -x $bin/$b ]] || die "missing $bin/$b (build without --no-build)"
+done
+if [[ " $targets " == *" condure "* ]]; then
+    command -v condure >/dev/null ||
+        die "target condure needs condure on PATH (Debian/Ubuntu: apt-get install condure; CI installs it)"
+fi
+if [[ $fd_limit != unlimited && " $scenarios " == *" fanout "* ]] && ((fanout_connections + 200 > fd_limit)); then
+    die "FANOUT_CONNECTIONS=$fanout_connections needs more than the descriptor limit $fd_limit"
+fi
 
 # The Python targets' virtualenv: FastAPI/uvicorn pinned, the worker SDK from
 # this tree; installed once, checked by importing on later runs.
@@ -163,11 +196,25 @@ cat >"$out/routes.json" <<'EOF'
 }
 EOF
 
+# The fan-out scenario's route: no worker serves it (subscribe is handled by
+# the router itself), the publisher is a publisher session on the bridge.
+cat >"$out/routes-fanout.json" <<'EOF'
+{
+  "description": "Fan-out benchmark: subscribers on /fanout, publications from fanout_publisher.",
+  "defaults": { "maxConnections": 20000, "maxInFlight": 10000 },
+  "routes": [
+    { "path": "/fanout", "service": "fanout" },
+    { "path": "/fanout-noresume", "service": "fanout", "resume": { "ttlMs": 0 } }
+  ]
+}
+EOF
+
 # ---------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------
 pids=()
 tls=()
+zhttp_dirs=()  # condure's IPC directories, removed at the end
 stop_all() {
     local pid
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -267,6 +314,32 @@ start_target() {
                 done
             fi
             ;;
+        condure)
+            # condure needs a port of its own (no port 0); IPC paths stay
+            # short (108-byte limit) in a directory of their own.
+            local port zdir
+            port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+            zdir=$(mktemp -d "${TMPDIR:-/tmp}/bench-zhttp.XXXXXX")
+            zhttp_dirs+=("$zdir")
+            condure --listen "127.0.0.1:$port,stream" --zclient-stream "ipc://$zdir/client" \
+                --workers "${CONDURE_WORKERS:-2}" --stream-maxconn 20000 \
+                >"$out/$tag.condure.out" 2>"$out/$tag.condure.err" &
+            pids+=($!)
+            server_pid=$!
+            "$bin/zhttp_echo" --base "ipc://$zdir/client" >"$out/$tag.handler.out" 2>"$out/$tag.handler.err" &
+            pids+=($!)
+            worker_pid=$!
+            wait_line "$out/$tag.handler.out" '"event":"ready"' zhttp_echo "$worker_pid" >/dev/null
+            local deadline=$((SECONDS + 30))
+            until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+                kill -0 "$server_pid" 2>/dev/null || { tail -5 "$out/$tag.condure.err" >&2; die "condure exited early"; }
+                ((SECONDS < deadline)) || die "condure did not listen on $port within 30 s"
+                sleep 0.05
+            done
+            url=ws://127.0.0.1:$port/
+            protocol=raw
+            watch=(--watch "server=$server_pid" --watch "worker=$worker_pid")
+            ;;
         *) die "unknown target $target" ;;
     esac
 }
@@ -327,11 +400,82 @@ open_load() {
         --sources 32 --timeout 10 --grace 2
 }
 
+# The fan-out scenario for target $1 (baseline or router), run $2: starts
+# the server, loadgen --mode fanout in the background, and once every
+# subscription is acknowledged (loadgen's --ready-file) the publisher
+# (router: fanout_publisher; baseline: its own, started by the count of
+# subscribers); appends loadgen's summary.
+fanout_run() {
+    local target=$1 run=$2 tag=$3 line http bridge lg publish_s deadline
+    local ready=$out/$tag.ready
+    rm -f "$out/$tag".*
+    publish_s=$(awk -v w="$warmup" -v d="$duration" 'BEGIN { print w + d }')
+    case $target in
+        baseline)
+            "$bin/broadcast_baseline" --subscribers "$fanout_connections" --rate "$fanout_rate" \
+                --duration "$publish_s" >"$out/$tag.baseline.out" 2>"$out/$tag.baseline.err" &
+            pids+=($!)
+            server_pid=$!
+            line=$(wait_line "$out/$tag.baseline.out" '"event":"listening"' broadcast_baseline "$server_pid")
+            http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
+            url=ws://$http/
+            protocol=raw
+            ;;
+        router | router-noresume)
+            env ${ROUTER_THREADS:+TOKIO_WORKER_THREADS=$ROUTER_THREADS} \
+                ENABLE_RATE_LIMIT=false "$bin/router" --port 0 --routes "$out/routes-fanout.json" \
+                --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
+                >"$out/$tag.router.out" 2>"$out/$tag.router.err" &
+            pids+=($!)
+            server_pid=$!
+            line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
+            http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
+            bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
+            url=ws://$http/fanout
+            [[ $target != router-noresume ]] || url=ws://$http/fanout-noresume
+            protocol=json
+            ;;
+        *) die "unknown fan-out target $target" ;;
+    esac
+    timeout $((load_bound + 240)) "$bin/loadgen" --mode fanout --url "$url" --protocol "$protocol" \
+        --connections "$fanout_connections" --rate "$fanout_rate" --warmup "$warmup" \
+        --duration "$duration" --grace "$fanout_grace" --topic bench --ready-file "$ready" \
+        --sources 32 --timeout 20 --watch "server=$server_pid" --label "fanout/$target/$run" \
+        >"$out/$tag.loadgen.out" 2>>"$out/loadgen.err" &
+    lg=$!
+    deadline=$((SECONDS + 240))
+    until [[ -s $ready ]]; do
+        kill -0 "$lg" 2>/dev/null || { tail -5 "$out/loadgen.err" >&2; die "loadgen failed before subscribing: fanout $target run $run"; }
+        ((SECONDS < deadline)) || die "loadgen did not subscribe within 240 s"
+        sleep 0.05
+    done
+    if [[ $target == router* ]]; then
+        "$bin/fanout_publisher" --bridge-endpoint "$bridge" --rate "$fanout_rate" --duration "$publish_s" \
+            >"$out/$tag.publisher.out" 2>"$out/$tag.publisher.err" &
+        pids+=($!)
+    fi
+    wait "$lg" || say "loadgen reported a failure: fanout $target run $run (kept in the results)"
+    line=$(head -1 "$out/$tag.loadgen.out")
+    [[ $line == '{'* ]] || { tail -5 "$out/loadgen.err" >&2; die "loadgen gave no summary: fanout $target run $run"; }
+    printf '{"scenario":"fanout","target":"%s","run":%d,"result":%s}\n' "$target" "$run" "$line" >>"$results"
+}
+
 run_scenario() {
     local scenario=$1 target=$2 run=$3 tag="$1.$2.$3"
     if [[ $scenario == open-check && $target != baseline ]]; then
         return 0
     fi
+    # The fan-out has its own targets (baseline, router, router-noresume);
+    # `router` and `router-noresume` exist only there, and condure does not
+    # publish.
+    if [[ $scenario == fanout ]]; then
+        [[ $target == baseline || $target == router || $target == router-noresume ]] || return 0
+        wait_quiet
+        fanout_run "$target" "$run" "$tag"
+        stop_all
+        return 0
+    fi
+    [[ $target != router && $target != router-noresume ]] || return 0
     [[ $scenario == idle ]] || wait_quiet
     start_target "$target" "$tag"
     case "$scenario" in
@@ -448,6 +592,23 @@ for r in rows:
             cpu[(s, t, "other")].append(max(0.0, cores["machine"] - ours))
     elif s == "open-check":
         checks.append((r["run"], res))
+    elif s == "fanout":
+        tag = "fanout %dx@%g/s" % (res["connections"], res["target_rate"])
+        add("%s deliveries/s" % tag, t, res["deliveries_per_s"])
+        lat = res["latency_us"] or {}
+        add("%s p50 us" % tag, t, lat.get("p50"))
+        add("%s p99 us" % tag, t, lat.get("p99"))
+        add("%s max us" % tag, t, lat.get("max"))
+        add("%s missing" % tag, t, res["missing"])
+        add("%s duplicates" % tag, t, res["duplicates"])
+        add("%s out of order" % tag, t, res["out_of_order"])
+        cores = res["cpu_cores"]
+        for proc, c in cores.items():
+            if c is not None:
+                cpu[(s, t, proc)].append(c)
+        if cores.get("machine") is not None:
+            ours = sum(c for p, c in cores.items() if p != "machine" and c is not None)
+            cpu[(s, t, "other")].append(max(0.0, cores["machine"] - ours))
     elif s == "idle":
         for st in res["stages"]:
             rss = st["rss_kib"].get("server")
@@ -534,5 +695,6 @@ if checks:
                       r["in_flight_at_end"], late, "FAIL: " + "; ".join(problems) if problems else "PASS"))
 sys.exit(1 if failed else 0)
 EOF
+((${#zhttp_dirs[@]} == 0)) || rm -rf "${zhttp_dirs[@]}"
 say "done: $out"
 exit "$status"

@@ -16,6 +16,8 @@
 //! - [`sse`]: a client of the HTTP fallback (event stream and POSTs).
 //! - [`tls`]: a throwaway CA (the `openssl` command), certificates for
 //!   `localhost`, and a rustls client that trusts them.
+//! - [`fanout`]: what the fan-out benchmark's publisher, broadcast baseline
+//!   and load generator share (the clock, the publication, the frames).
 //!
 //! Every test owns its processes: the router listens on port 0 and binds
 //! fresh `ipc://` endpoints, so tests run in parallel and never collide with
@@ -24,6 +26,7 @@
 //!
 //! The binaries must be built first: `scripts/test.sh` does it.
 
+pub mod fanout;
 pub mod http;
 pub mod process;
 pub mod sse;

@@ -22,6 +22,11 @@
 //!   holds them, and samples the RSS of watched processes at each stage:
 //!   bytes per idle connection. Connections that fail (a server at its cap
 //!   refuses some) are counted by error message (`failed_by_error`).
+//! - `fanout`: C connections subscribe to `--topic` (spread over the URLs
+//!   of a comma-separated `--url`), then receive a publisher's fixed-rate
+//!   publications: deliveries/s, publish-to-receive latency, and every
+//!   missing, duplicate or out-of-order delivery per subscriber. See
+//!   [`fanout`].
 //!
 //! # Protocols
 //! - `json`: the router's client protocol. Each request is
@@ -51,10 +56,12 @@
 //! - [`requests`]: the request frames and how replies are matched to them;
 //! - [`schedule`]: the open loop's schedule and its pacer;
 //! - [`open_loop`]: one open-loop connection (its bookkeeping and driver);
+//! - [`fanout`]: the fan-out mode (subscribers, sequence checks);
 //! - [`stats`]: the measured window, per-connection outcomes, percentiles;
 //! - [`procstat`]: CPU and memory of watched processes;
 //! - [`target`]: the URL, the address, and TLS for `wss://`.
 
+mod fanout;
 mod open_loop;
 mod procstat;
 mod requests;
@@ -94,6 +101,7 @@ enum Mode {
     Closed,
     Open,
     Idle,
+    Fanout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,7 +118,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "closed")]
     mode: Mode,
     /// WebSocket URL, e.g. ws://127.0.0.1:8001/ws or wss://localhost:8001/ws
-    /// (a name is resolved once, IPv4 first).
+    /// (a name is resolved once, IPv4 first). Fanout mode: a comma-separated
+    /// list, the subscribers spread round-robin over it.
     #[arg(long)]
     url: String,
     /// wss:// only: PEM file with the CA certificate(s) to trust.
@@ -129,7 +138,8 @@ struct Args {
     /// Requests in flight per connection (closed mode).
     #[arg(long, default_value_t = 1)]
     depth: usize,
-    /// Total target rate in messages per second (open mode).
+    /// Total target rate in messages per second (open mode); fanout mode:
+    /// the publisher's publications per second.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
     /// Bytes of `data` per message (the frame adds a ~35-byte envelope).
@@ -171,6 +181,13 @@ struct Args {
     /// Process to report CPU and RSS of, as NAME=PID (repeatable).
     #[arg(long = "watch", value_parser = parse_watch)]
     watch: Vec<Watched>,
+    /// Fanout mode: the topic to subscribe to.
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Fanout mode: file to write one line to once every subscriber is
+    /// acknowledged (the driver starts the publisher then).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Free-form label copied into the summary.
     #[arg(long, default_value = "")]
     label: String,
@@ -203,6 +220,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
+    if args.mode == Mode::Fanout {
+        if args.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        return fanout::run(&args).await;
+    }
     let target = Target::new(
         &args.url,
         args.tls_ca.as_deref(),
@@ -221,6 +244,8 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     match args.mode {
         Mode::Closed | Mode::Open => load(&args, &target).await,
         Mode::Idle => idle(&args, &target).await,
+        // Handled before the single target is parsed (its --url is a list).
+        Mode::Fanout => fanout::run(&args).await,
     }
 }
 
@@ -515,6 +540,7 @@ fn mode_name(m: Mode) -> &'static str {
         Mode::Closed => "closed",
         Mode::Open => "open",
         Mode::Idle => "idle",
+        Mode::Fanout => "fanout",
     }
 }
 
