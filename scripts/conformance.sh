@@ -69,7 +69,10 @@ PINS=(
 )
 venv=$cache/wstest-venv
 stamp=$venv/.pins
-if [[ ! -x $venv/bin/wstest || $(cat "$stamp" 2>/dev/null) != "${PINS[*]}" ]]; then
+# A virtualenv's scripts name its interpreter by absolute path: one that was
+# moved with its target directory is made again.
+if [[ ! -x $venv/bin/wstest || $(cat "$stamp" 2>/dev/null) != "${PINS[*]}" ||
+    $(head -n 1 "$venv/bin/wstest") != "#!$venv/bin/python"* ]]; then
     command -v pyenv >/dev/null || die "pyenv not found: Python 2.7.18 from pyenv is needed"
     py2=$(pyenv root)/versions/2.7.18/bin/python
     [[ -x $py2 ]] || die "no Python 2.7.18 at $py2 (pyenv install 2.7.18)"
