@@ -46,6 +46,7 @@ import {
   type BinaryData,
   type Frame,
   type Id,
+  type Presence,
   type Reply,
   type Resumed,
   type Welcome,
@@ -279,17 +280,24 @@ export class Client extends Emitter<ClientEvents> {
   /**
    * Calls `handler` with each frame published to `topic`; subscribes the
    * session now, and again after every reconnect that starts a fresh
-   * session. Returns the function that unsubscribes this handler.
+   * session. With `presence: true` the handler also gets the topic's
+   * `presence` pushes (`frame.type === 'presence'`, `data.event` `join` or
+   * `leave`). Returns the function that unsubscribes this handler.
    */
-  subscribe<T = unknown>(topic: string, handler: TopicHandler<T>): () => void {
+  subscribe<T = unknown>(topic: string, handler: TopicHandler<T>, options: { presence?: boolean } = {}): () => void {
     if (this._state === 'closed') return noop;
     const h = handler as TopicHandler;
-    this.subs.add(topic, h);
+    this.subs.add(topic, h, options.presence === true);
     this.syncTopics();
     return () => {
       this.subs.remove(topic, h);
       this.syncTopics();
     };
+  }
+
+  /** Who is subscribed to `topic`, on every router of a cluster: `{topic, count, clients: [{session_id, user?, router_id}]}`. */
+  async presence(topic: string, options: RequestOptions = {}): Promise<Presence> {
+    return (await this.request<Presence>('presence', { topic }, options)).data;
   }
 
   /** Measures a round trip now (also updates `latency`); rejects when not open. */
@@ -817,8 +825,10 @@ export class Client extends Emitter<ClientEvents> {
         }
         this.syncTopics();
       };
-      if (!this.internal(encode(op, id, { topic }), id, false, answered, () => this.subs.unsent(topic))) return;
-      this.subs.sent(op, topic);
+      const presence = op === 'subscribe' && this.subs.watches(topic);
+      const data = presence ? { topic, presence: true } : { topic };
+      if (!this.internal(encode(op, id, data), id, false, answered, () => this.subs.unsent(topic))) return;
+      this.subs.sent(op, topic, presence);
     }
   }
 

@@ -37,6 +37,13 @@ export interface Frame<T = unknown> {
 }
 
 /** A reply to a request: partial (`done: false`) or final (`done: true`). */
+/** The answer to `presence` (README of this package, `presence`). */
+export interface Presence {
+  topic: string;
+  count: number;
+  clients: Array<{ session_id: string; user?: string; router_id: string }>;
+}
+
 export interface Reply<T = unknown> extends Frame<T> {
   id: Id;
   done: boolean;

@@ -36,7 +36,7 @@ export type {
   StreamOptions,
 } from './options.js';
 export { RouterError, type ClientErrorCode, type RouterErrorInit } from './errors.js';
-export type { BinaryData, Frame, Id, Reply, Resumed, Welcome, WireError } from './frames.js';
+export type { BinaryData, Frame, Id, Presence, Reply, Resumed, Welcome, WireError } from './frames.js';
 export { fullJitter } from './backoff.js';
 export type { FrameStream } from './stream.js';
 export type { TopicHandler } from './subscriptions.js';

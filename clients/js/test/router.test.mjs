@@ -158,6 +158,22 @@ describe('topics, binary, latency', () => {
     assert.deepEqual(a, [1]);
   });
 
+  test('presence: a watcher sees another client join and leave; presence() lists both', async () => {
+    const w = await open('/ws/echo');
+    const other = await open('/ws/echo');
+    const seen = [];
+    w.subscribe('js-room', (data, frame) => frame.type === 'presence' && seen.push(data), { presence: true });
+    await until("the watcher's subscription", () => w.stats.pending === 0);
+    other.subscribe('js-room', () => {});
+    await until('the join', () => seen.some((d) => d.event === 'join' && d.session_id === other.sessionId));
+    const who = await w.presence('js-room');
+    assert.equal(who.count, 2);
+    assert.deepEqual(who.clients.map((c) => c.session_id).sort(), [w.sessionId, other.sessionId].sort());
+    other.close();
+    await until('the leave', () => seen.some((d) => d.event === 'leave' && d.session_id === other.sessionId));
+    assert.equal((await w.presence('js-room')).count, 1);
+  });
+
   test('binary frames go to the worker and come back', async () => {
     const c = await open('/ws/echo');
     const got = new Promise((res) => c.on('binary', res));

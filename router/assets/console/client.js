@@ -403,25 +403,44 @@ var Subscriptions = class {
     this.held = /* @__PURE__ */ new Set();
     /** Operations sent and not yet answered, by topic. */
     this.inFlight = /* @__PURE__ */ new Map();
+    /** The handlers that asked for a topic's presence pushes, by topic. */
+    this.watchers = /* @__PURE__ */ new Map();
+    /** Held topics the router sends presence pushes for. */
+    this.heldWatched = /* @__PURE__ */ new Set();
+    /** Subscriptions in flight that asked for presence. */
+    this.inFlightWatched = /* @__PURE__ */ new Set();
   }
-  /** Registers a handler. */
-  add(topic, h) {
+  /** Registers a handler; `presence`: it wants the topic's joins and leaves too. */
+  add(topic, h, presence = false) {
     let set = this.handlers.get(topic);
     if (!set) this.handlers.set(topic, set = /* @__PURE__ */ new Set());
     set.add(h);
+    if (presence) {
+      let w = this.watchers.get(topic);
+      if (!w) this.watchers.set(topic, w = /* @__PURE__ */ new Set());
+      w.add(h);
+    }
+  }
+  /** Whether the topic's subscription asks for presence pushes. */
+  watches(topic) {
+    return this.watchers.has(topic);
   }
   /** Unregisters a handler. */
   remove(topic, h) {
     const set = this.handlers.get(topic);
     if (set?.delete(h) && set.size === 0) this.handlers.delete(topic);
+    const w = this.watchers.get(topic);
+    if (w?.delete(h) && w.size === 0) this.watchers.delete(topic);
   }
   /** Drops every handler of `topic` (the router refused it). */
   drop(topic) {
     this.handlers.delete(topic);
+    this.watchers.delete(topic);
   }
   /** Hands a topic frame to its handlers; `false` when none wants it. */
   deliver(frame) {
-    const set = frame.topic === void 0 ? void 0 : this.handlers.get(frame.topic);
+    const by = frame.type === "presence" ? this.watchers : this.handlers;
+    const set = frame.topic === void 0 ? void 0 : by.get(frame.topic);
     if (!set) return false;
     for (const h of [...set]) call((f) => h(f.data, f), frame);
     return true;
@@ -430,7 +449,8 @@ var Subscriptions = class {
   plan() {
     const out = [];
     for (const t of this.handlers.keys()) {
-      if (!this.held.has(t) && !this.inFlight.has(t)) out.push(["subscribe", t]);
+      const wanted = !this.held.has(t) || this.watchers.has(t) && !this.heldWatched.has(t);
+      if (wanted && !this.inFlight.has(t)) out.push(["subscribe", t]);
     }
     for (const t of this.held) {
       if (!this.handlers.has(t) && !this.inFlight.has(t)) out.push(["unsubscribe", t]);
@@ -438,24 +458,34 @@ var Subscriptions = class {
     return out;
   }
   /** An operation went out. */
-  sent(op, topic) {
+  sent(op, topic, presence = false) {
     this.inFlight.set(topic, op);
+    if (presence) this.inFlightWatched.add(topic);
   }
   /** The router answered an operation (`ok`: acknowledged, otherwise refused). */
   answered(op, topic, ok) {
     this.inFlight.delete(topic);
+    const presence = this.inFlightWatched.delete(topic);
     if (!ok) return;
-    if (op === "subscribe") this.held.add(topic);
-    else this.held.delete(topic);
+    if (op === "subscribe") {
+      this.held.add(topic);
+      if (presence) this.heldWatched.add(topic);
+    } else {
+      this.held.delete(topic);
+      this.heldWatched.delete(topic);
+    }
   }
   /** An operation never reached the router (its connection dropped and the session did not have it). */
   unsent(topic) {
     this.inFlight.delete(topic);
+    this.inFlightWatched.delete(topic);
   }
   /** The session is new: the router holds nothing for it. */
   reset() {
     this.held.clear();
+    this.heldWatched.clear();
     this.inFlight.clear();
+    this.inFlightWatched.clear();
   }
   /** Topics with handlers. */
   get topics() {
@@ -1177,17 +1207,23 @@ var Client = class extends Emitter {
   /**
    * Calls `handler` with each frame published to `topic`; subscribes the
    * session now, and again after every reconnect that starts a fresh
-   * session. Returns the function that unsubscribes this handler.
+   * session. With `presence: true` the handler also gets the topic's
+   * `presence` pushes (`frame.type === 'presence'`, `data.event` `join` or
+   * `leave`). Returns the function that unsubscribes this handler.
    */
-  subscribe(topic, handler) {
+  subscribe(topic, handler, options = {}) {
     if (this._state === "closed") return noop3;
     const h = handler;
-    this.subs.add(topic, h);
+    this.subs.add(topic, h, options.presence === true);
     this.syncTopics();
     return () => {
       this.subs.remove(topic, h);
       this.syncTopics();
     };
+  }
+  /** Who is subscribed to `topic`, on every router of a cluster: `{topic, count, clients: [{session_id, user?, router_id}]}`. */
+  async presence(topic, options = {}) {
+    return (await this.request("presence", { topic }, options)).data;
   }
   /** Measures a round trip now (also updates `latency`); rejects when not open. */
   ping() {
@@ -1652,8 +1688,10 @@ var Client = class extends Emitter {
         }
         this.syncTopics();
       };
-      if (!this.internal(encode(op, id, { topic }), id, false, answered, () => this.subs.unsent(topic))) return;
-      this.subs.sent(op, topic);
+      const presence = op === "subscribe" && this.subs.watches(topic);
+      const data = presence ? { topic, presence: true } : { topic };
+      if (!this.internal(encode(op, id, data), id, false, answered, () => this.subs.unsent(topic))) return;
+      this.subs.sent(op, topic, presence);
     }
   }
   // ---------------------------------------------------------------- liveness

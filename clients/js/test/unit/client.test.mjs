@@ -743,3 +743,32 @@ test('browser sockets given up while a resume is possible linger unheard, at mos
   ws.push({ type: 'resumed', id: ws.frames()[0].id, done: true, data: { session_id: 's1', resume_token: 't9', replayed: 0, in_flight: [] } });
   assert.ok(given.every((g) => g.closedByClient), 'all closed once the session was taken back');
 });
+
+test('presence: subscribe with presence asks for the pushes (again for a topic held without them), the handler gets them, presence() answers the data', async (t) => {
+  const { client } = setup(t);
+  const ws = FakeSocket.last;
+  ws.accept(RESUMABLE);
+  const plain = [];
+  const watcher = [];
+  client.subscribe('room', (data) => plain.push(data));
+  const first = ws.framesOf('subscribe')[0];
+  assert.deepEqual(first.data, { topic: 'room' }, 'no presence asked');
+  ws.push({ type: 'subscribed', id: first.id, data: { topic: 'room' }, done: true, seq: 1 });
+  client.subscribe('room', (data, frame) => watcher.push([frame.type, data]), { presence: true });
+  const again = ws.framesOf('subscribe')[1];
+  assert.deepEqual(again.data, { topic: 'room', presence: true }, 'subscribed again, with presence');
+  ws.push({ type: 'subscribed', id: again.id, data: { topic: 'room' }, done: true, seq: 2 });
+  client.subscribe('room', () => {}, { presence: true });
+  assert.equal(ws.framesOf('subscribe').length, 2, 'held with presence: nothing more to send');
+  ws.push({ type: 'presence', topic: 'room', data: { event: 'join', session_id: 's9' }, seq: 3 });
+  assert.deepEqual(watcher, [['presence', { event: 'join', session_id: 's9' }]]);
+  assert.deepEqual(plain, [], 'a handler that did not ask gets no presence pushes');
+  ws.push({ type: 'say', topic: 'room', data: 'hi', seq: 4 });
+  assert.deepEqual(plain, ['hi']);
+  const who = client.presence('room');
+  const req = ws.framesOf('presence')[0];
+  assert.deepEqual(req.data, { topic: 'room' });
+  const answer = { topic: 'room', count: 1, clients: [{ session_id: 's9', router_id: 'A' }] };
+  ws.push({ type: 'presence', id: req.id, data: answer, done: true, seq: 5 });
+  assert.deepEqual(await who, answer);
+});
