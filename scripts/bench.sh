@@ -38,6 +38,22 @@
 #   router-noresume  the same on route /fanout-noresume, resume off
 #                (`"resume": {"ttlMs": 0}`): what keeping every delivery
 #                for a resume costs
+#   router-redis `router` with CLUSTER_URL pointing at a redis-server that
+#                bench.sh starts for the run (a free port on 127.0.0.1,
+#                `--save '' --appendonly no`, log in $BENCH_OUT, stopped
+#                with the run): the router also PUBLISHes every publication
+#                (and every subscriber's presence) to Redis, where no other
+#                router reads it: the cost of Redis alone
+#   router-2     two routers (ROUTER_ID A and B) joined by such a Redis:
+#                fanout_publisher on A's bridge only, subscribers split
+#                evenly over A and B (loadgen with both URLs, A first, so
+#                `by_url` in the summary tells A's subscribers from those
+#                reached through the Redis relay); subscribing starts once
+#                both routers' /stats show `cluster.up` and members [A, B]
+#                (bounded by 30 s); CPU watched for both routers (server-a,
+#                server-b) and Redis; each router's /stats at the end of the
+#                run in $BENCH_OUT
+#                The Redis targets need redis-server on PATH.
 # The Python targets run from a virtualenv (BENCH_VENV, default
 # <target>/bench-venv) created on first use with bench/fastapi_echo/requirements.txt
 # and worker-sdk/python installed; `pip freeze` goes to $BENCH_OUT.
@@ -68,14 +84,17 @@
 #   IDLE_STAGES (10000,19000), RATE_1K (2000), RATE_10K (2000),
 #   SCENARIOS ("rt-1 rt-100 idle"), TARGETS ("baseline router-json router-raw"),
 #   BENCH_OUT (a new directory under ${CARGO_TARGET_DIR:-<repo>/target}/bench),
+#   FANOUT_CONNECTIONS (10000), FANOUT_RATE (10), FANOUT_GRACE (5),
 #   QUIET_MAX_CORES (0.3) and QUIET_WAIT_S (120): before each load run, wait
 #   up to QUIET_WAIT_S for the machine's other processes to use at most
 #   QUIET_MAX_CORES.
 #   ROUTER_THREADS, WORKER_THREADS: tokio worker threads of the router and the
 #   echo worker (TOKIO_WORKER_THREADS for that process only; unset: one per core).
 #
-# Output: a table on stdout (ratios of medians against baseline, and for a
-# *-tls target against the same target without TLS, "x plain"); every loadgen
+# Output: a table on stdout (ratios of medians against baseline, and in
+# "x plain" for a *-tls target against the same target without TLS, for
+# router-redis and router-2 against router; fan-out rows include CPU per
+# delivery, in all servers (server*) and per process); every loadgen
 # summary line in $BENCH_OUT/results.jsonl, process logs beside it. Router settings: ENABLE_RATE_LIMIT=false, routes with
 # maxConnections 20000 and maxInFlight 10000 (generated in $BENCH_OUT), default
 # log level (info); the workers announce capacity 1024.
@@ -151,6 +170,10 @@ done
 if [[ " $targets " == *" condure "* ]]; then
     command -v condure >/dev/null ||
         die "target condure needs condure on PATH (Debian/Ubuntu: apt-get install condure; CI installs it)"
+fi
+if [[ " $scenarios " == *" fanout "* && ( " $targets " == *" router-redis "* || " $targets " == *" router-2 "* ) ]]; then
+    command -v redis-server >/dev/null ||
+        die "targets router-redis and router-2 need redis-server on PATH (Debian/Ubuntu: apt-get install redis-server)"
 fi
 if [[ $fd_limit != unlimited && " $scenarios " == *" fanout "* ]] && ((fanout_connections + 200 > fd_limit)); then
     die "FANOUT_CONNECTIONS=$fanout_connections needs more than the descriptor limit $fd_limit"
@@ -239,6 +262,74 @@ wait_line() {
     die "$what did not start within 30 s"
 }
 
+# A TCP port free on 127.0.0.1 (for servers that cannot take port 0).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Starts a router for the fan-out scenario (routes-fanout.json) with the
+# environment assignments after $2 (CLUSTER_URL=..., ROUTER_ID=...); logs in
+# $out/$1.$2.{out,err}. Sets router_pid, router_http and router_bridge.
+start_fanout_router() {
+    local tag=$1 name=$2 line
+    shift 2
+    env ${ROUTER_THREADS:+TOKIO_WORKER_THREADS=$ROUTER_THREADS} ENABLE_RATE_LIMIT=false "$@" \
+        "$bin/router" --port 0 --routes "$out/routes-fanout.json" \
+        --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
+        >"$out/$tag.$name.out" 2>"$out/$tag.$name.err" &
+    pids+=($!)
+    router_pid=$!
+    line=$(wait_line "$out/$tag.$name.out" '"event":"listening"' "$name" "$router_pid")
+    router_http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
+    router_bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
+}
+
+# Starts a redis-server of its own for fan-out run $1: a free port on
+# 127.0.0.1, nothing saved, log in $out/$1.redis.out; stopped by stop_all.
+# Sets redis_url and redis_pid.
+start_redis() {
+    local tag=$1 port
+    port=$(free_port)
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$out" \
+        >"$out/$tag.redis.out" 2>"$out/$tag.redis.err" &
+    pids+=($!)
+    redis_pid=$!
+    wait_line "$out/$tag.redis.out" 'Ready to accept connections' redis-server "$redis_pid" >/dev/null
+    redis_url=redis://127.0.0.1:$port
+}
+
+# The `cluster` block of the /stats of the router at host:port $1, printed
+# as "up A B" (members sorted), "down", or "unreachable".
+cluster_state() {
+    python3 -c 'import json, sys, urllib.request
+c = json.load(urllib.request.urlopen("http://%s/stats" % sys.argv[1], timeout=2)).get("cluster") or {}
+print(" ".join(["up" if c.get("up") else "down"] + sorted(c.get("members") or [])))' "$1" 2>/dev/null ||
+        echo unreachable
+}
+
+# The /stats of the router at host:port $1 (an error line if it does not answer).
+router_stats() {
+    python3 -c 'import sys, urllib.request
+sys.stdout.write(urllib.request.urlopen("http://%s/stats" % sys.argv[1], timeout=5).read().decode())' "$1" ||
+        echo '{"error":"no answer from /stats"}'
+}
+
+# Waits (bounded) until every router at the host:ports after $1 reports the
+# cluster up with exactly the members named in $1 (sorted, space-separated).
+wait_cluster() {
+    local want="up $1" deadline=$((SECONDS + 30)) hp state
+    shift
+    while :; do
+        for hp in "$@"; do
+            state=$(cluster_state "$hp")
+            [[ $state == "$want" ]] || break
+        done
+        [[ $state == "$want" ]] && return 0
+        ((SECONDS < deadline)) || die "the cluster did not form within 30 s: the router at $hp says \"$state\", want \"$want\""
+        sleep 0.2
+    done
+}
+
 # Starts the server side of target $1 for run label $2; sets url, protocol,
 # watch, and tls (loadgen's TLS flags, empty for ws://).
 start_target() {
@@ -283,10 +374,11 @@ start_target() {
             http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
             bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
             if [[ $target == router-py || $target == router-py2 ]]; then
+                local py_flags=()
+                [[ $target != router-py2 ]] || py_flags=(--processes 2)
                 "$venv/bin/python" worker-sdk/python/examples/automation_worker.py \
                     --bridge-endpoint "$bridge" --capacity 1024 --log-level WARNING \
-                    $([[ $target == router-py2 ]] && echo --processes 2) \
-                    >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
+                    "${py_flags[@]}" >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
             else
                 env ${WORKER_THREADS:+TOKIO_WORKER_THREADS=$WORKER_THREADS} \
                     "$bin/examples/echo_worker" --bridge-endpoint "$bridge" --service echo --capacity 1024 \
@@ -318,7 +410,7 @@ start_target() {
             # condure needs a port of its own (no port 0); IPC paths stay
             # short (108-byte limit) in a directory of their own.
             local port zdir
-            port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+            port=$(free_port)
             zdir=$(mktemp -d "${TMPDIR:-/tmp}/bench-zhttp.XXXXXX")
             zhttp_dirs+=("$zdir")
             condure --listen "127.0.0.1:$port,stream" --zclient-stream "ipc://$zdir/client" \
@@ -400,14 +492,16 @@ open_load() {
         --sources 32 --timeout 10 --grace 2
 }
 
-# The fan-out scenario for target $1 (baseline or router), run $2: starts
-# the server, loadgen --mode fanout in the background, and once every
-# subscription is acknowledged (loadgen's --ready-file) the publisher
-# (router: fanout_publisher; baseline: its own, started by the count of
-# subscribers); appends loadgen's summary.
+# The fan-out scenario for target $1 (baseline, router, router-noresume,
+# router-redis, router-2), run $2: starts the server side, loadgen --mode
+# fanout in the background, and once every subscription is acknowledged
+# (loadgen's --ready-file) the publisher (router targets: fanout_publisher
+# on the (first) router's bridge; baseline: its own, started by the count
+# of subscribers); appends loadgen's summary.
 fanout_run() {
-    local target=$1 run=$2 tag=$3 line http bridge lg publish_s deadline
+    local target=$1 run=$2 tag=$3 line http bridge lg publish_s deadline router_a router_b
     local ready=$out/$tag.ready
+    local fwatch=()
     rm -f "$out/$tag".*
     publish_s=$(awk -v w="$warmup" -v d="$duration" 'BEGIN { print w + d }')
     case $target in
@@ -420,27 +514,46 @@ fanout_run() {
             http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
             url=ws://$http/
             protocol=raw
+            fwatch=(--watch "server=$server_pid")
             ;;
         router | router-noresume)
-            env ${ROUTER_THREADS:+TOKIO_WORKER_THREADS=$ROUTER_THREADS} \
-                ENABLE_RATE_LIMIT=false "$bin/router" --port 0 --routes "$out/routes-fanout.json" \
-                --bridge-endpoint tcp://127.0.0.1:0 --publish-endpoint tcp://127.0.0.1:0 \
-                >"$out/$tag.router.out" 2>"$out/$tag.router.err" &
-            pids+=($!)
-            server_pid=$!
-            line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
-            http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
-            bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
-            url=ws://$http/fanout
-            [[ $target != router-noresume ]] || url=ws://$http/fanout-noresume
+            start_fanout_router "$tag" router
+            server_pid=$router_pid
+            bridge=$router_bridge
+            url=ws://$router_http/fanout
+            [[ $target != router-noresume ]] || url=ws://$router_http/fanout-noresume
             protocol=json
+            fwatch=(--watch "server=$server_pid")
+            ;;
+        router-redis)
+            start_redis "$tag"
+            start_fanout_router "$tag" router CLUSTER_URL="$redis_url" ROUTER_ID=A
+            server_pid=$router_pid
+            bridge=$router_bridge
+            url=ws://$router_http/fanout
+            protocol=json
+            wait_cluster A "$router_http"
+            fwatch=(--watch "server=$server_pid" --watch "redis=$redis_pid")
+            ;;
+        router-2)
+            start_redis "$tag"
+            start_fanout_router "$tag" router-a CLUSTER_URL="$redis_url" ROUTER_ID=A
+            local pid_a=$router_pid
+            router_a=$router_http
+            bridge=$router_bridge
+            start_fanout_router "$tag" router-b CLUSTER_URL="$redis_url" ROUTER_ID=B
+            router_b=$router_http
+            url=ws://$router_a/fanout,ws://$router_b/fanout
+            protocol=json
+            wait_cluster "A B" "$router_a" "$router_b"
+            fwatch=(--watch "server-a=$pid_a" --watch "server-b=$router_pid" --watch "redis=$redis_pid")
             ;;
         *) die "unknown fan-out target $target" ;;
     esac
     timeout $((load_bound + 240)) "$bin/loadgen" --mode fanout --url "$url" --protocol "$protocol" \
         --connections "$fanout_connections" --rate "$fanout_rate" --warmup "$warmup" \
         --duration "$duration" --grace "$fanout_grace" --topic bench --ready-file "$ready" \
-        --sources 32 --timeout 20 --watch "server=$server_pid" --label "fanout/$target/$run" \
+        --sources 32 --timeout 20 "${fwatch[@]}" --label "fanout/$target/$run" \
         >"$out/$tag.loadgen.out" 2>>"$out/loadgen.err" &
     lg=$!
     deadline=$((SECONDS + 240))
@@ -455,6 +568,14 @@ fanout_run() {
         pids+=($!)
     fi
     wait "$lg" || say "loadgen reported a failure: fanout $target run $run (kept in the results)"
+    # The routers' cluster counters (relayed, received, unrelayed) as the
+    # run left them, while the subscribers' leaves may still be relayed.
+    if [[ $target == router-redis ]]; then
+        router_stats "$router_http" >"$out/$tag.router.stats.json"
+    elif [[ $target == router-2 ]]; then
+        router_stats "$router_a" >"$out/$tag.router-a.stats.json"
+        router_stats "$router_b" >"$out/$tag.router-b.stats.json"
+    fi
     line=$(head -1 "$out/$tag.loadgen.out")
     [[ $line == '{'* ]] || { tail -5 "$out/loadgen.err" >&2; die "loadgen gave no summary: fanout $target run $run"; }
     printf '{"scenario":"fanout","target":"%s","run":%d,"result":%s}\n' "$target" "$run" "$line" >>"$results"
@@ -465,17 +586,18 @@ run_scenario() {
     if [[ $scenario == open-check && $target != baseline ]]; then
         return 0
     fi
-    # The fan-out has its own targets (baseline, router, router-noresume);
-    # `router` and `router-noresume` exist only there, and condure does not
+    # The fan-out has its own targets (baseline, router, router-noresume,
+    # router-redis, router-2), which exist only there; condure does not
     # publish.
+    local fanout_targets=" baseline router router-noresume router-redis router-2 "
     if [[ $scenario == fanout ]]; then
-        [[ $target == baseline || $target == router || $target == router-noresume ]] || return 0
+        [[ $fanout_targets == *" $target "* ]] || return 0
         wait_quiet
         fanout_run "$target" "$run" "$tag"
         stop_all
         return 0
     fi
-    [[ $target != router && $target != router-noresume ]] || return 0
+    [[ $target == baseline || $fanout_targets != *" $target "* ]] || return 0
     [[ $scenario == idle ]] || wait_quiet
     start_target "$target" "$tag"
     case "$scenario" in
@@ -602,7 +724,27 @@ for r in rows:
         add("%s missing" % tag, t, res["missing"])
         add("%s duplicates" % tag, t, res["duplicates"])
         add("%s out of order" % tag, t, res["out_of_order"])
+        # Across several routers: the subscribers of each URL (the first is
+        # the router the publisher is on).
+        by_url = res.get("by_url") or []
+        if len(by_url) > 1:
+            for i, u in enumerate(by_url, 1):
+                lat = u["latency_us"] or {}
+                add("%s p50 us, url %d" % (tag, i), t, lat.get("p50"))
+                add("%s p99 us, url %d" % (tag, i), t, lat.get("p99"))
+                add("%s missing/dup/ooo, url %d" % (tag, i), t,
+                    u["missing"] + u["duplicates"] + u["out_of_order"])
         cores = res["cpu_cores"]
+        # CPU per delivery: all servers (server, or server-a + server-b)
+        # together, and each process.
+        dps = res["deliveries_per_s"]
+        if dps:
+            servers = [c for p, c in cores.items() if p.startswith("server") and c is not None]
+            if servers:
+                add("%s servers CPU us/delivery" % tag, t, sum(servers) / dps * 1e6)
+            for proc, c in cores.items():
+                if proc != "machine" and c is not None:
+                    add("%s %s CPU us/delivery" % (tag, proc), t, c / dps * 1e6)
         for proc, c in cores.items():
             if c is not None:
                 cpu[(s, t, proc)].append(c)
@@ -628,8 +770,11 @@ def fmt(x):
         return "%.1f" % x
     return "%.2f" % x
 
-# A *-tls target is also compared with the same target without TLS.
+# A *-tls target is also compared with the same target without TLS, and the
+# fan-out's Redis targets with the router alone.
 def plain_of(t):
+    if t in ("router-redis", "router-2"):
+        return "router"
     return t[:-len("-tls")] if t.endswith("-tls") else None
 
 header = "%-28s %-15s %10s %21s %9s %9s %5s" % ("scenario", "target", "median", "min-max", "x base", "x plain", "runs")

@@ -432,6 +432,8 @@ impl Cluster {
                 .query_async::<()>(con)
                 .await?;
         }
+        let mut alive = alive;
+        alive.sort();
         let members = alive
             .into_iter()
             .map(|r| MemberInfo {

@@ -20,6 +20,11 @@
 //!    `sent_ns - pseq / rate`).
 //! 4. Stops when every subscriber has every publication, at the latest
 //!    `--grace` after the last one was due.
+//!
+//! The summary also breaks latency and the sequence counts down per URL
+//! (`by_url`, in `--url`'s order): across several routers, the subscribers
+//! of the router the publisher is on and those reached through the cluster
+//! relay are told apart.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,9 +179,11 @@ async fn targets(args: &Args) -> anyhow::Result<Vec<Target>> {
     Ok(out)
 }
 
-/// Connects subscriber `k` to its target and subscribes it.
-async fn subscriber(args: &Args, targets: &[Target], k: usize) -> anyhow::Result<Ws> {
-    let mut ws = connect(args, &targets[k % targets.len()], k).await?;
+/// Connects subscriber `k` to its target and subscribes it; returns the
+/// target's index with the connection (they complete in any order).
+async fn subscriber(args: &Args, targets: &[Target], k: usize) -> anyhow::Result<(usize, Ws)> {
+    let at = k % targets.len();
+    let mut ws = connect(args, &targets[at], k).await?;
     let ack = async {
         ws.send(Message::Text(subscribe_text(&args.topic).into()))
             .await?;
@@ -196,7 +203,7 @@ async fn subscriber(args: &Args, targets: &[Target], k: usize) -> anyhow::Result
     tokio::time::timeout(secs(args.timeout), ack)
         .await
         .map_err(|_| anyhow!("no subscribe acknowledgement within {} s", args.timeout))??;
-    Ok(ws)
+    Ok((at, ws))
 }
 
 /// Reads one subscriber's deliveries until it has them all or `stop`.
@@ -296,7 +303,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let n = args.connections;
 
     let opened_at = Instant::now();
-    let results: Vec<anyhow::Result<Ws>> =
+    let results: Vec<anyhow::Result<(usize, Ws)>> =
         futures_util::stream::iter((0..n).map(|k| subscriber(args, &targets, k)))
             .buffer_unordered(args.connect_concurrency.max(1))
             .collect()
@@ -305,7 +312,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let mut errors = Vec::new();
     for r in results {
         match r {
-            Ok(ws) => conns.push(ws),
+            Ok(c) => conns.push(c),
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
@@ -318,7 +325,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|ws| tokio::spawn(receive(ws, plan, window.clone(), stop_rx.clone())))
+        .map(|(at, ws)| {
+            let task = tokio::spawn(receive(ws, plan, window.clone(), stop_rx.clone()));
+            (at, task)
+        })
         .collect();
     let ready =
         json!({ "event": "subscribed", "connections": n, "subscribe_s": round3(subscribe_s) });
@@ -357,16 +367,41 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let after = watch.cpu();
     let rss = watch.rss();
 
-    let mut latencies = Vec::new();
     let mut total = Totals::default();
-    for t in tasks {
+    // Per target, in --url's order: (totals, latencies, subscribers).
+    let mut per_target: Vec<(Totals, Vec<u64>, usize)> = targets
+        .iter()
+        .map(|_| (Totals::default(), Vec::new(), 0))
+        .collect();
+    for (at, t) in tasks {
+        let (sub_total, sub_latencies, subscribers) = &mut per_target[at];
+        *subscribers += 1;
         match t.await {
             Ok(o) => {
                 total.add(&o);
-                latencies.extend(o.latencies);
+                sub_total.add(&o);
+                sub_latencies.extend(o.latencies);
             }
-            Err(e) => total.error(format!("subscriber task failed: {e}")),
+            Err(e) => {
+                total.error(format!("subscriber task failed: {e}"));
+                sub_total.error(format!("subscriber task failed: {e}"));
+            }
         }
+    }
+    let mut latencies = Vec::new();
+    let mut by_url = Vec::with_capacity(targets.len());
+    for (target, (t, mut lat, subscribers)) in targets.iter().zip(per_target) {
+        by_url.push(json!({
+            "url": target.url,
+            "connections": subscribers,
+            "deliveries_per_s": round3(t.in_window as f64 / args.duration),
+            "latency_us": percentiles(&mut lat),
+            "missing": t.missing,
+            "duplicates": t.duplicates,
+            "out_of_order": t.out_of_order,
+            "subscribers_failed": t.failed,
+        }));
+        latencies.append(&mut lat);
     }
     if let Some(e) = &total.first_error {
         eprintln!("loadgen: {} subscribers failed; first: {e}", total.failed);
@@ -408,6 +443,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         "subscribers_out_of_order": total.with_out_of_order,
         "subscribers_failed": total.failed,
         "first_error": total.first_error,
+        "by_url": by_url,
         "cpu_cores": cpu_json(&before, &after, args.duration),
         "rss_kib": rss,
     }))

@@ -25,8 +25,8 @@
 //! - `fanout`: C connections subscribe to `--topic` (spread over the URLs
 //!   of a comma-separated `--url`), then receive a publisher's fixed-rate
 //!   publications: deliveries/s, publish-to-receive latency, and every
-//!   missing, duplicate or out-of-order delivery per subscriber. See
-//!   [`fanout`].
+//!   missing, duplicate or out-of-order delivery per subscriber, in all
+//!   and per URL (`by_url`). See [`fanout`].
 //!
 //! # Protocols
 //! - `json`: the router's client protocol. Each request is
