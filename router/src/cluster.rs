@@ -265,8 +265,9 @@ impl Cluster {
             tokio::time::interval_at(tokio::time::Instant::now() + REFRESH / 10, REFRESH);
         let mut batch = Vec::with_capacity(BATCH);
         loop {
+            // Not biased: a steady stream of local publications must not
+            // starve the other routers' messages or the refresh.
             tokio::select! {
-                biased;
                 _ = stop.cancelled() => return Ok(()),
                 n = rx.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
