@@ -422,9 +422,7 @@ impl Cluster {
         let (alive, info): (Vec<String>, std::collections::HashMap<String, String>) =
             pipe.query_async(con).await?;
         // Entries of routers that stopped refreshing, in the topics here.
-        for topic in &topics {
-            self.sweep(con, topic, now).await?;
-        }
+        self.sweep(con, &topics, now).await?;
         let dead: Vec<&String> = info.keys().filter(|r| !alive.contains(r)).collect();
         if !dead.is_empty() {
             redis::cmd("HDEL")
@@ -449,30 +447,40 @@ impl Cluster {
         Ok(())
     }
 
-    /// Removes a topic's expired presence entries.
+    /// Removes the expired presence entries of `topics`: one pipeline
+    /// finds them, one removes them.
     async fn sweep(
         &self,
         con: &mut MultiplexedConnection,
-        topic: &str,
+        topics: &std::collections::HashSet<String>,
         now: u64,
     ) -> redis::RedisResult<()> {
-        let (hash, set) = presence_keys(topic);
-        let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(&set)
-            .arg("-inf")
-            .arg(now)
-            .query_async(con)
-            .await?;
-        if expired.is_empty() {
+        if topics.is_empty() {
             return Ok(());
         }
-        redis::pipe()
-            .hdel(&hash, &expired)
-            .ignore()
-            .zrem(&set, &expired)
-            .ignore()
-            .query_async::<()>(con)
-            .await
+        let topics: Vec<&String> = topics.iter().collect();
+        let mut find = redis::pipe();
+        for topic in &topics {
+            find.cmd("ZRANGEBYSCORE")
+                .arg(presence_keys(topic).1)
+                .arg("-inf")
+                .arg(now);
+        }
+        let expired: Vec<Vec<String>> = find.query_async(con).await?;
+        let mut remove = redis::pipe();
+        let mut any = false;
+        for (topic, gone) in topics.iter().zip(&expired) {
+            if gone.is_empty() {
+                continue;
+            }
+            any = true;
+            let (hash, set) = presence_keys(topic);
+            remove.hdel(&hash, gone).ignore().zrem(&set, gone).ignore();
+        }
+        if !any {
+            return Ok(());
+        }
+        remove.query_async::<()>(con).await
     }
 }
 
