@@ -30,8 +30,9 @@ use crate::{
 /// (the byte bound, `MAX_OUTBOUND_BYTES`, usually comes first).
 /// Generous, because workers are not flow-controlled per frame: a worker may
 /// stream a burst far faster than one socket drains it, and a client that
-/// reads at full speed must not be cut off. The channel allocates lazily,
-/// so an idle connection pays nothing for the bound.
+/// reads at full speed must not be cut off. The queue ([`crate::outbox`])
+/// allocates on its first frame, so an idle connection pays nothing for
+/// the bound.
 pub const OUTBOUND_QUEUE: usize = 16_384;
 /// Topics one connection may be subscribed to at once.
 pub const MAX_TOPICS_PER_CONN: usize = 64;
@@ -54,7 +55,7 @@ pub struct ConnShared {
     pub id: ConnId,
     /// Route pattern the connection matched.
     pub route: String,
-    tx: mpsc::Sender<Outbound>,
+    tx: crate::outbox::OutboxTx,
     /// Fired to make the session close; the reason is in `kill_reason`.
     pub kill: CancellationToken,
     kill_reason: Mutex<Option<Kill>>,
@@ -84,8 +85,8 @@ impl ConnShared {
         id: ConnId,
         route: String,
         max_bytes: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    ) -> (Arc<Self>, crate::outbox::OutboxRx) {
+        let (tx, rx) = crate::outbox::outbox(OUTBOUND_QUEUE);
         let shared = Arc::new(Self {
             id,
             route,
@@ -132,7 +133,7 @@ impl ConnShared {
             _ => None,
         };
         let max_frames = self.max_frames.load(Ordering::Relaxed);
-        if max_frames < OUTBOUND_QUEUE && OUTBOUND_QUEUE - self.tx.capacity() >= max_frames {
+        if max_frames < OUTBOUND_QUEUE && self.tx.len() >= max_frames {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.kill_with(
                 1008,
@@ -155,7 +156,7 @@ impl ConnShared {
         }
         match self.tx.try_send(out) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(crate::outbox::SendError::Full) => {
                 self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 self.kill_with(
@@ -165,7 +166,7 @@ impl ConnShared {
                 );
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(crate::outbox::SendError::Closed) => {
                 self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
                 false
             }
@@ -690,7 +691,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn conn(hub: &Hub) -> (ConnId, mpsc::Receiver<Outbound>) {
+    fn conn(hub: &Hub) -> (ConnId, crate::outbox::OutboxRx) {
         let id = ConnId::new();
         let (c, rx) = ConnShared::new(id.clone(), "/ws".into(), usize::MAX);
         hub.register(c);

@@ -47,6 +47,7 @@ pub mod hub;
 pub mod ids;
 pub mod listener;
 pub mod metrics;
+pub mod outbox;
 pub mod policy;
 pub mod registry;
 pub mod reload;

@@ -450,12 +450,12 @@ mod tests {
     use bridge_proto::{codes, ErrorReply, FromWorker};
     use futures_util::StreamExt;
     use serde_json::json;
-    use tokio::{sync::mpsc, time::Instant};
+    use tokio::time::Instant;
 
     use super::super::testkit::*;
     use crate::{
         broker::{BreakerTicket, Command, RequestCmd},
-        client::{OutFrame, Outbound},
+        client::OutFrame,
         ids::Cid,
         policy::breaker::{Breaker, BreakerPolicy, BreakerState},
     };
@@ -715,7 +715,7 @@ mod tests {
     /// exactly `left` (the timeout frame, which it returns).
     async fn times_out_exactly_after(
         f: &mut Fixture,
-        rx: &mut mpsc::Receiver<Outbound>,
+        rx: &mut crate::outbox::OutboxRx,
         left: Duration,
     ) -> OutFrame {
         f.advance(left - ms(1)).await;

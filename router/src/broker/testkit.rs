@@ -9,7 +9,6 @@ use bridge_proto::{self as proto, ErrorReply, FromWorker, Hello, Reply, ToWorker
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use super::{Broker, BrokerConfig, Command, Outbox, PeerId, RequestCmd};
 use crate::{
@@ -107,7 +106,7 @@ pub fn with_secret(f: &mut Fixture) {
 }
 
 /// The frames queued for a client so far.
-pub fn frames(rx: &mut mpsc::Receiver<Outbound>) -> Vec<OutFrame> {
+pub fn frames(rx: &mut crate::outbox::OutboxRx) -> Vec<OutFrame> {
     let mut v = Vec::new();
     while let Ok(Outbound::Frame(f)) = rx.try_recv() {
         v.push(*f);
@@ -167,7 +166,7 @@ impl Fixture {
             .collect()
     }
 
-    pub fn client(&self) -> (ConnId, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
+    pub fn client(&self) -> (ConnId, Arc<ConnShared>, crate::outbox::OutboxRx) {
         let id = ConnId::new();
         let (c, rx) = ConnShared::new(id.clone(), "/ws".into(), 1 << 20);
         self.hub.register(c.clone());
@@ -175,7 +174,7 @@ impl Fixture {
     }
 
     /// A client the broker knows (it sent `connect`), so it has a home worker.
-    pub fn connected_client(&mut self) -> (ConnId, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
+    pub fn connected_client(&mut self) -> (ConnId, Arc<ConnShared>, crate::outbox::OutboxRx) {
         let (id, c, rx) = self.client();
         self.broker.on_command(
             Command::Connect(Box::new(proto::Connect {

@@ -13,13 +13,12 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
 use super::{guard::Attachment, inbound::Inbound, writer::Writer, Bridge, Ending, Env};
 use crate::{
-    client::Outbound,
     hub::ConnShared,
     metrics::Metrics,
     resume::{ParkingLot, Refusal, Ticket},
@@ -32,7 +31,7 @@ pub(crate) struct SessionState<B: Bridge> {
     pub shared: Arc<ConnShared>,
     pub inbound: Inbound,
     pub writer: Writer,
-    pub outbound: mpsc::Receiver<Outbound>,
+    pub outbound: crate::outbox::OutboxRx,
 }
 
 impl<B: Bridge> SessionState<B> {

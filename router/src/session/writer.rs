@@ -12,7 +12,6 @@ use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -201,7 +200,7 @@ impl Writer {
         &mut self,
         socket: &mut S,
         first: Outbound,
-        outbound: &mut mpsc::Receiver<Outbound>,
+        outbound: &mut crate::outbox::OutboxRx,
     ) -> Result<(), Gone>
     where
         S: Sink<Message> + Unpin,
@@ -221,7 +220,7 @@ impl Writer {
     /// Writes what is queued right now (before a close that is not the
     /// queue's fault: answers already admitted still reach the client).
     /// Bounded by the queue's length and [`CLOSE_HANDSHAKE`].
-    pub async fn flush_queue<S>(&mut self, socket: &mut S, outbound: &mut mpsc::Receiver<Outbound>)
+    pub async fn flush_queue<S>(&mut self, socket: &mut S, outbound: &mut crate::outbox::OutboxRx)
     where
         S: Sink<Message> + Unpin,
     {
@@ -322,7 +321,7 @@ mod tests {
     use crate::{client::OutFrame, ids::ConnId};
     use serde_json::{json, Value};
 
-    fn writer() -> (Writer, Arc<ConnShared>, mpsc::Receiver<Outbound>) {
+    fn writer() -> (Writer, Arc<ConnShared>, crate::outbox::OutboxRx) {
         let (shared, rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
         let w = Writer::new(
             shared.clone(),

@@ -4,11 +4,10 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use serde_json::{json, Value};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 
 use super::*;
 use crate::{
-    client::Outbound,
     ids::ConnId,
     policy::runtime::Runtimes,
     routes::{Route, RouteTable},
@@ -20,7 +19,7 @@ struct Fixture {
     shared: Arc<ConnShared>,
     hub: Arc<Hub>,
     runtime: Arc<RouteRuntime>,
-    _outbound: mpsc::Receiver<Outbound>,
+    _outbound: crate::outbox::OutboxRx,
 }
 
 fn fixture(route: Route) -> Fixture {
