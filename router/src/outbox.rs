@@ -1,7 +1,7 @@
 //! The outbound queue of one connection: frames for its session's writer,
 //! from the session itself, the bridge and publications.
 //!
-//! A `VecDeque` behind a mutex with a [`Notify`], rather than a tokio
+//! A `VecDeque` behind a mutex with an [`AtomicWaker`], rather than a tokio
 //! `mpsc` channel: a channel allocates its first block of 32 slots (about
 //! 1.5 KB with the channel's own state) when it is made, and an idle
 //! connection needs none of it. Here an idle connection holds no buffer:
@@ -18,7 +18,7 @@ use std::{
     },
 };
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::client::Outbound;
 
@@ -28,7 +28,8 @@ const KEEP: usize = 16;
 #[derive(Debug, Default)]
 struct Shared {
     items: Mutex<VecDeque<Outbound>>,
-    ready: Notify,
+    /// The consumer's task while it waits for a frame.
+    ready: AtomicWaker,
     /// The consumer is gone: nothing more is taken.
     closed: AtomicBool,
 }
@@ -82,9 +83,7 @@ impl OutboxTx {
             }
             items.push_back(out);
         }
-        // A permit is kept when the consumer is not waiting yet: no wake-up
-        // is lost between its check and its wait.
-        self.shared.ready.notify_one();
+        self.shared.ready.wake();
         Ok(())
     }
 
@@ -105,12 +104,19 @@ pub struct Empty;
 impl OutboxRx {
     /// The next frame, waiting for one.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        loop {
+        std::future::poll_fn(|cx| {
             if let Ok(out) = self.try_recv() {
-                return Some(out);
+                return std::task::Poll::Ready(Some(out));
             }
-            self.shared.ready.notified().await;
-        }
+            self.shared.ready.register(cx.waker());
+            // Again after registering: a frame queued in between is not
+            // left waiting for the next one.
+            match self.try_recv() {
+                Ok(out) => std::task::Poll::Ready(Some(out)),
+                Err(Empty) => std::task::Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// The next frame if one is queued.
