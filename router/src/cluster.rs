@@ -44,6 +44,7 @@ use tracing::{info, warn};
 use crate::{
     bridge::BridgeHandle,
     hub::{Hub, PresenceEvent, PresenceQuery, Present, Relay},
+    sync::lock,
 };
 
 /// The channel every router publishes on and listens to.
@@ -543,10 +544,6 @@ fn now_ms() -> u64 {
 
 fn timeout_error(what: &'static str) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::IoError, what))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

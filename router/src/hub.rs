@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     client::{OutFrame, Outbound},
     ids::{Cid, ConnId},
+    sync::lock,
 };
 
 /// Frames a connection may have queued before it counts as a slow reader
@@ -303,13 +304,6 @@ impl Requests {
             None => false,
         }
     }
-}
-
-/// Locks a mutex, recovering the data if a panicking thread poisoned it:
-/// every critical section here is a single map operation that cannot leave
-/// the map half-updated.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A connection's place in the [`Hub`] (see [`Hub::attach`]).
@@ -619,38 +613,30 @@ impl Hub {
 
     /// The topic's subscribers on this router.
     pub fn present(&self, topic: &str) -> Vec<Present> {
-        let router_id = self.router_id().to_owned();
         self.topics
             .get(topic)
-            .map(|set| {
-                set.iter()
-                    .map(|(id, m)| Present {
-                        session_id: id.0.clone(),
-                        user: m.user.clone(),
-                        router_id: router_id.clone(),
-                    })
-                    .collect()
-            })
+            .map(|set| set.iter().map(|(id, m)| self.entry(id, m)).collect())
             .unwrap_or_default()
     }
 
     /// Every (topic, subscriber) here, for the cluster's presence refresh.
     pub fn all_present(&self) -> Vec<(String, Present)> {
-        let router_id = self.router_id().to_owned();
         let mut out = Vec::new();
-        for entry in self.topics.iter() {
-            for (id, m) in entry.value() {
-                out.push((
-                    entry.key().clone(),
-                    Present {
-                        session_id: id.0.clone(),
-                        user: m.user.clone(),
-                        router_id: router_id.clone(),
-                    },
-                ));
+        for topic in self.topics.iter() {
+            for (id, m) in topic.value() {
+                out.push((topic.key().clone(), self.entry(id, m)));
             }
         }
         out
+    }
+
+    /// A subscriber as presence shows it.
+    fn entry(&self, id: &ConnId, m: &Member) -> Present {
+        Present {
+            session_id: id.0.clone(),
+            user: m.user.clone(),
+            router_id: self.router_id().to_owned(),
+        }
     }
 
     /// Delivers a publication made here to every subscriber here, and

@@ -58,5 +58,6 @@ pub mod session;
 pub mod settings;
 pub mod sse;
 pub mod state;
+mod sync;
 pub mod tls;
 pub mod watch;

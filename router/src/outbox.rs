@@ -20,7 +20,7 @@ use std::{
 
 use futures_util::task::AtomicWaker;
 
-use crate::client::Outbound;
+use crate::{client::Outbound, sync::lock};
 
 /// Capacity kept after the queue drains; a larger one (a burst) is freed.
 const KEEP: usize = 16;
@@ -64,10 +64,6 @@ pub fn outbox(max: usize) -> (OutboxTx, OutboxRx) {
         },
         OutboxRx { shared },
     )
-}
-
-fn lock(m: &Mutex<VecDeque<Outbound>>) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl OutboxTx {

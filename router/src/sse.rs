@@ -29,6 +29,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use crate::sync::lock;
 use axum::{
     body::{Body, Bytes},
     extract::ws::{CloseFrame, Message},
@@ -85,11 +86,7 @@ impl Upstream {
     /// the token the resume replaced) must not reach this one, whose
     /// numbering it does not share.
     pub fn carries(&self, token: &str) -> bool {
-        self.token
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_deref()
-            == Some(token)
+        lock(&self.token).as_deref() == Some(token)
     }
 
     /// Takes a POST body (see [`feed`]). With `seq` (`X-Post-Seq`, counted
@@ -105,7 +102,7 @@ impl Upstream {
         let Some(seq) = seq else {
             return feed(&self.sender, body, max_frame);
         };
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last);
         match &*last {
             Some((n, answer)) if *n == seq => return answer.clone(),
             Some((n, _)) if *n > seq => {
@@ -313,11 +310,7 @@ impl SseSocket {
             return;
         };
         if let Some(token) = v["data"]["resume_token"].as_str() {
-            *self
-                .upstream
-                .token
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(token.to_owned());
+            *lock(&self.upstream.token) = Some(token.to_owned());
         }
         if v["type"] == "resumed" {
             if let Some(id) = v["data"]["session_id"].as_str() {
@@ -328,7 +321,7 @@ impl SseSocket {
 
     /// Registers the socket under the session id it carries now.
     fn rename(&self, id: &str) {
-        let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = lock(&self.session);
         if *current != id {
             self.registry
                 .0
@@ -341,7 +334,7 @@ impl SseSocket {
 
 impl Drop for SseSocket {
     fn drop(&mut self) {
-        let current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let current = lock(&self.session);
         self.registry
             .0
             .remove_if(&*current, |_, s| Arc::ptr_eq(s, &self.upstream));
