@@ -588,6 +588,22 @@ impl Metrics {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The counters of one message type on one route, resolved once.
+    fn type_counters(&self, route: &str, msg_type: &str) -> TypeCounters {
+        let t = self.type_label(route, msg_type);
+        TypeCounters {
+            msg_type: msg_type.into(),
+            inbound: self
+                .messages_in
+                .get_or_create(&l2("route", route, "type", t))
+                .clone(),
+            outbound: self
+                .messages_out
+                .get_or_create(&l2("route", route, "type", t))
+                .clone(),
+        }
+    }
+
     pub fn request_started(&self, route: &str) {
         self.route(route).requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -747,6 +763,96 @@ impl Metrics {
     }
 }
 
+/// One route's message counters, as a session counts them: the registry
+/// is asked once per route and message type, then every message is an
+/// atomic add on the handles kept here (no label strings built, no map
+/// looked up). Each session holds one for what it reads and one for what
+/// it writes; the per-type handles are made on first use, at most
+/// [`RouteMeter::MAX_KEPT`] of them (further types take the registry's
+/// path, counted alike).
+///
+/// A session keeps counting into the handles of its route even if a
+/// reload drops the route from `/stats` meanwhile; the Prometheus series
+/// are the same ones either way.
+pub struct RouteMeter {
+    metrics: Arc<Metrics>,
+    route: String,
+    counters: Arc<RouteCounters>,
+    kept: Vec<TypeCounters>,
+}
+
+struct TypeCounters {
+    msg_type: Box<str>,
+    inbound: Counter,
+    outbound: Counter,
+}
+
+impl RouteMeter {
+    /// Distinct message types a meter keeps handles for.
+    pub const MAX_KEPT: usize = 8;
+
+    pub fn new(metrics: Arc<Metrics>, route: &str) -> Self {
+        Self {
+            counters: metrics.route(route),
+            metrics,
+            route: route.to_owned(),
+            kept: Vec::new(),
+        }
+    }
+
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn kept(&mut self, msg_type: &str) -> Option<&TypeCounters> {
+        let at = match self.kept.iter().position(|k| &*k.msg_type == msg_type) {
+            Some(at) => at,
+            None if self.kept.len() < Self::MAX_KEPT => {
+                let made = self.metrics.type_counters(&self.route, msg_type);
+                self.kept.push(made);
+                self.kept.len() - 1
+            }
+            None => return None,
+        };
+        Some(&self.kept[at])
+    }
+
+    /// A frame read from the client.
+    pub fn message_in(&mut self, msg_type: &str) {
+        match self.kept(msg_type) {
+            Some(k) => {
+                k.inbound.inc();
+            }
+            None => return self.metrics.message_in(&self.route, msg_type),
+        }
+        self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request went to the bridge.
+    pub fn request_started(&self) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame written to the client; error frames are counted by code too.
+    pub fn message_out(&mut self, msg_type: &str, error_code: Option<&str>) {
+        if error_code.is_some() {
+            // Rare: the registry's path, which labels the code as well.
+            return self.metrics.message_out(&self.route, msg_type, error_code);
+        }
+        match self.kept(msg_type) {
+            Some(k) => {
+                k.outbound.inc();
+            }
+            None => return self.metrics.message_out(&self.route, msg_type, None),
+        }
+        self.counters.messages_out.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,6 +885,48 @@ mod tests {
         let text = m.render();
         assert!(text.contains(r#"type="other""#));
         assert!(!text.contains(&format!("t{}\"", MAX_TYPES_PER_ROUTE + 5)));
+    }
+
+    #[test]
+    fn a_meter_counts_what_the_registry_counts() {
+        // The same traffic through a session's meter and through the
+        // registry's own path must render the same series and totals,
+        // including types beyond the meter's kept handles and errors.
+        let by_meter = Arc::new(Metrics::new());
+        let by_registry = Metrics::new();
+        let mut inbound = RouteMeter::new(by_meter.clone(), "/ws");
+        let mut outbound = RouteMeter::new(by_meter.clone(), "/ws");
+        for round in 0..3 {
+            for i in 0..(RouteMeter::MAX_KEPT + 4) {
+                let t = format!("t{i}");
+                inbound.message_in(&t);
+                by_registry.message_in("/ws", &t);
+                outbound.message_out(&t, None);
+                by_registry.message_out("/ws", &t, None);
+            }
+            let code = if round == 0 { "timeout" } else { "bad_request" };
+            outbound.message_out("error", Some(code));
+            by_registry.message_out("/ws", "error", Some(code));
+            inbound.request_started();
+            by_registry.request_started("/ws");
+        }
+        let lines = |m: &Metrics| {
+            let mut l: Vec<String> = m.render().lines().map(str::to_owned).collect();
+            l.sort();
+            l
+        };
+        assert_eq!(lines(&by_meter), lines(&by_registry));
+        let (a, b) = (by_meter.route("/ws"), by_registry.route("/ws"));
+        for (x, y) in [
+            (&a.messages_in, &b.messages_in),
+            (&a.messages_out, &b.messages_out),
+            (&a.requests, &b.requests),
+            (&a.errors, &b.errors),
+        ] {
+            assert_eq!(x.load(Ordering::Relaxed), y.load(Ordering::Relaxed));
+        }
+        assert_eq!(a.messages_in.load(Ordering::Relaxed), 36);
+        assert_eq!(a.errors.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -313,14 +313,17 @@ impl Broker {
             r.data,
             r.done,
         );
-        let conn = cmd.conn.clone();
-        p.partial_sent = true;
-        if r.done {
+        // One look-up of the connection for both steps below.
+        let client = self.hub.get(&cmd.conn);
+        if let (true, Some(c)) = (r.done, &client) {
             // Free the client's id before the client can see the last
             // frame: it may reuse the id at once.
-            free_client_id(&self.hub, &p.req.cmd);
+            c.end_request(&cmd.client_key, &cmd.cid);
         }
-        self.deliver(&conn, frame);
+        p.partial_sent = true;
+        if let Some(c) = client {
+            c.send(frame.into());
+        }
         if r.done {
             self.complete(&cid, Outcome::Success, now, out);
         }

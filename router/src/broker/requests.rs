@@ -177,6 +177,11 @@ impl Requests {
     // ----- waiting ---------------------------------------------------------------
 
     /// Whether the wait queue holds [`MAX_WAITING`] requests.
+    /// Whether any request waits for a credit.
+    pub(super) fn any_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     pub(super) fn waiting_is_full(&self) -> bool {
         self.waiting.len() >= MAX_WAITING
     }
@@ -207,6 +212,13 @@ impl Requests {
     /// Puts back, at the front and in order, requests [`Self::next_waiting`]
     /// gave out that could not go (their home worker is busy).
     pub(super) fn wait_again_first(&mut self, service: &str, set_aside: Vec<InFlight>) {
+        if set_aside.is_empty() {
+            // The usual case: no key to allocate, only an emptied queue to drop.
+            if self.queues.get(service).is_some_and(VecDeque::is_empty) {
+                self.queues.remove(service);
+            }
+            return;
+        }
         let queue = self.queues.entry(service.to_owned()).or_default();
         for req in set_aside.into_iter().rev() {
             queue.push_front(req.cmd.cid.clone());

@@ -429,6 +429,9 @@ impl Broker {
             }
             return;
         }
+        if !self.requests.any_waiting() {
+            return;
+        }
         let services = w.services.clone();
         self.drain_waiting(&services, now, out);
     }

@@ -26,7 +26,7 @@ use crate::{
     broker::Command,
     client::{self, unix_ms, ClientMessage, OutFrame, Outbound},
     hub::{ConnShared, Hub},
-    metrics::Metrics,
+    metrics::{Metrics, RouteMeter},
     policy::{
         ratelimit::{retry_after_ms, Limiter},
         runtime::{RouteLimits, RouteRuntime},
@@ -143,7 +143,8 @@ struct Closing {
 pub(crate) struct Inbound {
     shared: Arc<ConnShared>,
     hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
+    /// This session's message counters (its route's, resolved once).
+    meter: RouteMeter,
     route: Arc<Route>,
     /// The request path the client used (the route is the pattern).
     path: String,
@@ -199,7 +200,7 @@ impl Inbound {
         Self {
             shared,
             hub,
-            metrics,
+            meter: RouteMeter::new(metrics, &route.path),
             route_limits,
             route,
             path: connect.path.clone(),
@@ -377,7 +378,7 @@ impl Inbound {
             self.rejections = 0;
             return true;
         };
-        self.metrics.rate_limited(&self.route.path, scope);
+        self.meter.metrics().rate_limited(&self.route.path, scope);
         self.rejections += 1;
         if self.route.raw || self.rejections >= policy.close_after_rejections.max(1) {
             info!(
@@ -428,11 +429,11 @@ impl Inbound {
     ) {
         let msg = match client::parse(text) {
             Ok(m) => {
-                self.metrics.message_in(&self.route.path, &m.msg_type);
+                self.meter.message_in(&m.msg_type);
                 m
             }
             Err(bad) => {
-                self.metrics.message_in(&self.route.path, "invalid");
+                self.meter.message_in("invalid");
                 debug!(bytes = text.len(), error = %bad.message, "bad client message");
                 out.frames.push(OutFrame::error(
                     bad.id,

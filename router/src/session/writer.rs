@@ -8,7 +8,7 @@
 //! Every write gives up on a peer that stops reading, so a client that never
 //! reads costs a bounded wait, not a stuck task.
 
-use std::{sync::Arc, time::Duration};
+use std::{sync::Arc, task::Poll, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, StreamExt};
@@ -19,7 +19,7 @@ use super::{Ending, Socket};
 use crate::{
     client::Outbound,
     hub::ConnShared,
-    metrics::Metrics,
+    metrics::{Metrics, RouteMeter},
     resume::{Gap, KeptBudget, ReplayBuffer},
 };
 
@@ -41,9 +41,8 @@ pub(crate) struct Writer {
     /// `seq` of the next JSON frame (the welcome is 0).
     seq: u64,
     shared: Arc<ConnShared>,
-    metrics: Arc<Metrics>,
-    /// Route pattern, the metrics label (fixed for the session).
-    route: String,
+    /// This session's counters of frames written (route fixed for the session).
+    meter: RouteMeter,
     /// How long one write may wait on a peer that does not read.
     patience: Duration,
     /// Sent JSON frames kept for a resume (`None`: resume is off).
@@ -63,8 +62,7 @@ impl Writer {
         Self {
             seq: 0,
             shared,
-            metrics,
-            route,
+            meter: RouteMeter::new(metrics, &route),
             patience,
             replay: None,
             takeover: CancellationToken::new(),
@@ -138,12 +136,10 @@ impl Writer {
     /// next `seq`. Items taken off the queue are `dequeued` by the caller
     /// first.
     pub fn encode(&mut self, out: Outbound) -> Message {
-        let metrics = &self.metrics;
-        let route = &self.route;
+        let meter = &mut self.meter;
         match out {
             Outbound::Frame(mut frame) => {
-                metrics.message_out(
-                    route,
+                meter.message_out(
                     &frame.msg_type,
                     frame.error.as_ref().map(|e| e.code.as_str()),
                 );
@@ -157,23 +153,24 @@ impl Writer {
                 Message::Text(text)
             }
             Outbound::Binary(b) => {
-                metrics.message_out(route, "binary", None);
+                meter.message_out("binary", None);
                 Message::Binary(b)
             }
             Outbound::Raw {
                 binary: true,
                 payload,
             } => {
-                metrics.message_out(route, "raw", None);
+                meter.message_out("raw", None);
                 Message::Binary(payload)
             }
             Outbound::Raw {
                 binary: false,
                 payload,
             } => {
-                metrics.message_out(route, "raw", None);
-                match String::from_utf8(payload.to_vec()) {
-                    Ok(s) => Message::Text(s.into()),
+                meter.message_out("raw", None);
+                // Checked in place; the bytes are shared, not copied.
+                match Utf8Bytes::try_from(payload.clone()) {
+                    Ok(text) => Message::Text(text),
                     Err(_) => {
                         debug!("worker sent a raw text frame that is not UTF-8: sent as binary");
                         Message::Binary(payload)
@@ -251,8 +248,15 @@ impl Writer {
     where
         S: Sink<Message> + Unpin,
     {
+        let mut send = std::pin::pin!(send_all(socket, msgs));
+        // Most writes complete at once (the socket has room): then there is
+        // nothing to wait for, and no timer or cancellation waiters to set
+        // up and tear down for every batch.
+        if let Poll::Ready(r) = futures_util::poll!(send.as_mut()) {
+            return r.map_err(|_| Gone);
+        }
         tokio::select! {
-            r = send_all(socket, msgs) => r.map_err(|_| Gone),
+            r = send => r.map_err(|_| Gone),
             _ = self.shared.kill.cancelled() => Err(Gone),
             _ = self.takeover.cancelled() => Err(Gone),
             _ = tokio::time::sleep(self.patience) => Err(Gone),

@@ -22,13 +22,13 @@ impl Inbound {
     /// A frame of a raw route, unchanged. A raw client has no error frame
     /// to read, so a full bridge queue closes it with 1013 (try again later).
     pub(super) fn forward_raw(
-        &self,
+        &mut self,
         binary: bool,
         payload: Bytes,
         bridge: &dyn CommandQueue,
         out: &mut Actions,
     ) {
-        self.metrics.message_in(&self.route.path, "raw");
+        self.meter.message_in("raw");
         let cmd = Command::Raw {
             conn: self.shared.id.clone(),
             binary,
@@ -43,8 +43,13 @@ impl Inbound {
     }
 
     /// A binary frame of an enveloped route, for the connection's worker.
-    pub(super) fn forward_binary(&self, data: Bytes, bridge: &dyn CommandQueue, out: &mut Actions) {
-        self.metrics.message_in(&self.route.path, "binary");
+    pub(super) fn forward_binary(
+        &mut self,
+        data: Bytes,
+        bridge: &dyn CommandQueue,
+        out: &mut Actions,
+    ) {
+        self.meter.message_in("binary");
         if !self.route.binary {
             out.frames.push(OutFrame::error(
                 None,
@@ -158,7 +163,7 @@ impl Inbound {
             }
         };
         debug!(correlation.id = %cid, r#type = %msg.msg_type, bytes = size, "request");
-        self.metrics.request_started(&self.route.path);
+        self.meter.request_started();
         let cmd = Command::Request(Box::new(RequestCmd {
             cid: cid.clone(),
             conn,
