@@ -14,7 +14,7 @@
 //! connection (a peer cannot take over another's id), and a byte bound on
 //! what is queued for each peer.
 
-use std::{sync::Arc, time::Duration};
+use std::{sync::Arc, task::Poll, time::Duration};
 
 use bridge_proto::{
     decode_from_worker_versioned, decode_header, decode_publication, encode_to_worker_as,
@@ -257,9 +257,20 @@ async fn flush(
             continue;
         }
         let version = version.unwrap_or_else(|| broker.version_of(&peer));
-        let mut frame = ZmqMessage::from(Bytes::from(encode_to_worker_as(version, &msg)));
-        frame.push_front(peer.clone());
-        match tokio::time::timeout(SEND_STALL, socket.send(frame)).await {
+        let body = Bytes::from(encode_to_worker_as(version, &msg));
+        // Two frames, one allocation: routing id, then the message.
+        let Ok(frame) = ZmqMessage::try_from(vec![peer.clone(), body]) else {
+            // Only an empty vector is refused: not this one.
+            failed.push((peer, "send failed"));
+            continue;
+        };
+        let mut sending = std::pin::pin!(socket.send(frame));
+        // Almost every send is queued at once: no timer for those.
+        let sent = match futures_util::poll!(sending.as_mut()) {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => tokio::time::timeout(SEND_STALL, sending).await,
+        };
+        match sent {
             Ok(Ok(())) => {}
             // More bytes queued for the peer than it may have: not reading.
             Ok(Err(ZmqError::BufferFull(why))) if why.contains("byte limit") => {
