@@ -8,7 +8,7 @@
 use bridge_proto::codes;
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// A well-formed client message.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,19 +33,24 @@ pub const MAX_TYPE_LEN: usize = 128;
 const MAX_ID_LEN: usize = 256;
 
 /// Parses one text frame.
+///
+/// The frame is read field by field ([`Envelope`]): only `type`, `id` and
+/// `data` are kept, and no map of the top-level object is built. A field
+/// given twice counts once, the last one, as a JSON object read into a map
+/// would have it.
 pub fn parse(text: &str) -> Result<ClientMessage, BadRequest> {
-    let value: Value = serde_json::from_str(text).map_err(|e| BadRequest {
+    let envelope: Envelope = serde_json::from_str(text).map_err(|e| BadRequest {
         id: None,
         message: format!("malformed JSON: {e}"),
     })?;
-    let Value::Object(mut obj) = value else {
+    let Envelope::Object { msg_type, id, data } = envelope else {
         return Err(BadRequest {
             id: None,
             message: "a message must be a JSON object with a \"type\" field".into(),
         });
     };
-    let id = take_id(&mut obj)?;
-    let msg_type = match obj.remove("type") {
+    let id = checked_id(id)?;
+    let msg_type = match msg_type {
         Some(Value::String(t)) if !t.is_empty() && t.len() <= MAX_TYPE_LEN => t,
         Some(Value::String(t)) if t.is_empty() => {
             return Err(bad(id, "\"type\" must not be empty"));
@@ -59,12 +64,110 @@ pub fn parse(text: &str) -> Result<ClientMessage, BadRequest> {
         Some(_) => return Err(bad(id, "\"type\" must be a string")),
         None => return Err(bad(id, "missing \"type\" field")),
     };
-    let data = obj.remove("data").unwrap_or(Value::Null);
-    Ok(ClientMessage { msg_type, id, data })
+    Ok(ClientMessage {
+        msg_type,
+        id,
+        data: data.unwrap_or(Value::Null),
+    })
 }
 
-fn take_id(obj: &mut Map<String, Value>) -> Result<Option<Value>, BadRequest> {
-    match obj.remove("id") {
+/// A client frame as read: an object's three fields of interest (others
+/// are skipped unread), or anything that is not an object.
+enum Envelope {
+    Object {
+        msg_type: Option<Value>,
+        id: Option<Value>,
+        data: Option<Value>,
+    },
+    NotObject,
+}
+
+impl<'de> serde::Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(EnvelopeVisitor)
+    }
+}
+
+/// A top-level key: one of the three, or another (not kept).
+enum Key {
+    Type,
+    Id,
+    Data,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<Key, E> {
+                Ok(match k {
+                    "type" => Key::Type,
+                    "id" => Key::Id,
+                    "data" => Key::Data,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+struct EnvelopeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
+    type Value = Envelope;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+        let (mut msg_type, mut id, mut data) = (None, None, None);
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Type => msg_type = Some(map.next_value()?),
+                Key::Id => id = Some(map.next_value()?),
+                Key::Data => data = Some(map.next_value()?),
+                Key::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Envelope::Object { msg_type, id, data })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Envelope, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Envelope::NotObject)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Envelope, E> {
+        Ok(Envelope::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Envelope, E> {
+        Ok(Envelope::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Envelope, E> {
+        Ok(Envelope::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Envelope, E> {
+        Ok(Envelope::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Envelope, E> {
+        Ok(Envelope::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Envelope, E> {
+        Ok(Envelope::NotObject)
+    }
+}
+
+fn checked_id(id: Option<Value>) -> Result<Option<Value>, BadRequest> {
+    match id {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.len() <= MAX_ID_LEN => Ok(Some(Value::String(s))),
         Some(Value::String(_)) => Err(bad(
@@ -366,6 +469,49 @@ mod tests {
         }
         let long = format!(r#"{{"type":"{}"}}"#, "t".repeat(MAX_TYPE_LEN + 1));
         assert!(parse(&long).is_err());
+    }
+
+    #[test]
+    fn the_envelope_is_read_as_a_map_would_read_it() {
+        // Every top-level shape that is not an object gets the same answer.
+        for input in [
+            "7",
+            "-1",
+            "1.5",
+            "true",
+            "null",
+            r#""s""#,
+            "[]",
+            r#"[{"type":"x"}]"#,
+        ] {
+            let err = parse(input).unwrap_err();
+            assert!(
+                err.message.contains("JSON object"),
+                "{input}: {}",
+                err.message
+            );
+        }
+        // A repeated field counts once, the last; other fields are skipped.
+        let m = parse(
+            r#"{"type":"a","x":[1,{"y":2}],"id":1,"type":"b","data":1,"data":{"k":[2]},"id":"z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.msg_type.as_str(), m.id, m.data),
+            ("b", Some(json!("z")), json!({"k":[2]}))
+        );
+        // Escaped keys are the same keys.
+        let m = parse(r#"{"\u0074ype":"e","d\u0061ta":[1]}"#).unwrap();
+        assert_eq!((m.msg_type.as_str(), m.data), ("e", json!([1])));
+        // Data is read exactly as before: every number bit-exact.
+        let text = r#"{"type":"n","data":[0.1,1e308,-0.0,5e-324,18446744073709551615,-9223372036854775808,2.2250738585072014e-308]}"#;
+        let want: Value = serde_json::from_str::<Value>(text).unwrap()["data"].clone();
+        assert_eq!(parse(text).unwrap().data, want);
+        // Garbage after the object is still malformed JSON.
+        assert!(parse(r#"{"type":"x"} {"#)
+            .unwrap_err()
+            .message
+            .contains("malformed JSON"));
     }
 
     #[test]
