@@ -23,6 +23,9 @@
 #                handler), route /ws/automation
 #   router-py2   router-py with `--processes 2`: two worker processes under
 #                the SDK's supervisor, one pool (CPU: worker1 and worker2)
+#   router-pyzmq router-py with `--transport pyzmq`: the SDK's libzmq
+#                transport instead of its own ZMTP one (router-py runs the
+#                SDK's default, zmtp, unless BRIDGE_TRANSPORT says otherwise)
 #   fastapi      bench/fastapi_echo/app.py under uvicorn (uvloop, one process),
 #                route /ws answering like the router's JSON echo
 #   condure      condure (Pushpin's connection manager, `apt-get install
@@ -181,7 +184,7 @@ fi
 
 # The Python targets' virtualenv: FastAPI/uvicorn pinned, the worker SDK from
 # this tree; installed once, checked by importing on later runs.
-if [[ " $targets " == *" fastapi "* || " $targets " == *" router-py "* || " $targets " == *" router-py2 "* ]]; then
+if [[ " $targets " == *" fastapi "* || " $targets " == *" router-py"* ]]; then
     if ! "$venv/bin/python" -c 'import fastapi, uvicorn, uvloop, bridge_worker' 2>/dev/null; then
         say "installing FastAPI/uvicorn and the Python SDK into $venv"
         { [[ -x $venv/bin/python ]] || python3 -m venv "$venv"; } || die "python3 -m venv failed"
@@ -360,7 +363,7 @@ start_target() {
             protocol=json
             watch=(--watch "server=$server_pid")
             ;;
-        router-json | router-raw | router-py | router-py2 | router-json-tls)
+        router-json | router-raw | router-py | router-py2 | router-pyzmq | router-json-tls)
             if [[ $target == *-tls ]]; then
                 tls_flags=(--tls-cert "$out/tls/cert.pem" --tls-key "$out/tls/key.pem")
             fi
@@ -373,9 +376,10 @@ start_target() {
             line=$(wait_line "$out/$tag.router.out" '"event":"listening"' router "$server_pid")
             http=$(sed -E 's/.*"http":"([^"]+)".*/\1/' <<<"$line")
             bridge=$(sed -E 's/.*"bridge":"([^"]+)".*/\1/' <<<"$line")
-            if [[ $target == router-py || $target == router-py2 ]]; then
+            if [[ $target == router-py* ]]; then
                 local py_flags=()
                 [[ $target != router-py2 ]] || py_flags=(--processes 2)
+                [[ $target != router-pyzmq ]] || py_flags=(--transport pyzmq)
                 "$venv/bin/python" worker-sdk/python/examples/automation_worker.py \
                     --bridge-endpoint "$bridge" --capacity 1024 --log-level WARNING \
                     "${py_flags[@]}" >"$out/$tag.worker.out" 2>"$out/$tag.worker.err" &
@@ -390,7 +394,7 @@ start_target() {
             case $target in
                 router-json) url=ws://$http/ws; protocol=json ;;
                 router-raw) url=ws://$http/raw; protocol=raw ;;
-                router-py | router-py2) url=ws://$http/ws/automation; protocol=json ;;
+                router-py | router-py2 | router-pyzmq) url=ws://$http/ws/automation; protocol=json ;;
                 router-json-tls)
                     url=wss://$http/ws
                     protocol=json

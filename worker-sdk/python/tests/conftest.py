@@ -252,6 +252,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
         item.stash[_FAILED] = report.failed
 
 
+TRANSPORTS = ("zmtp", "pyzmq")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per worker transport (``BRIDGE_TRANSPORT``): the
+    in-process workers and publishers read it from the environment, and the
+    example workers started as processes inherit it. Modules whose tests
+    depend on the transport use it for all their tests
+    (``pytestmark = pytest.mark.usefixtures("transport")``)."""
+    name: str = request.param
+    monkeypatch.setenv("BRIDGE_TRANSPORT", name)
+    return name
+
+
 @pytest.fixture
 def harness(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     h = Harness(tmp_path)

@@ -25,13 +25,21 @@ WAIT = 10.0
 
 class FakeRouter:
     def __init__(
-        self, *, secret: str | None = None, max_frame_bytes: int | None = None, bind: str = "tcp://127.0.0.1:*"
+        self,
+        *,
+        secret: str | None = None,
+        max_frame_bytes: int | None = None,
+        bind: str = "tcp://127.0.0.1:*",
+        sockopts: dict[int, int] | None = None,
     ) -> None:
         self.secret = secret
         self.max_frame_bytes = max_frame_bytes
         self._ctx = zmq.asyncio.Context()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # Options the connections take over from the socket at bind (e.g. ZMTP heartbeats).
+        for option, value in (sockopts or {}).items():
+            self.sock.setsockopt(option, value)
         self.sock.bind(bind)
         self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.received: list[bytes] = []

@@ -28,7 +28,8 @@ from bridge_worker import (
     protocol,
 )
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 
 def make_worker(router: Router, service: str = "py-main", **settings: Any) -> Worker:

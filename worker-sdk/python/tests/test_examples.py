@@ -16,7 +16,8 @@ from conftest import EXAMPLES, PYTHON_SDK, REPO, RUST_ECHO_BIN, Client, Harness,
 
 from bridge_worker import Context, Worker
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 
 def registered(proc: Proc, worker_id: str, services: list[str]) -> None:

@@ -20,7 +20,8 @@ from bridge_worker import Context, HandlerError, Worker
 from bridge_worker import protocol as wire
 from bridge_worker.outbox import Outbox
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 
 def make_worker(router: FakeRouter, **settings: Any) -> Worker:

@@ -17,7 +17,8 @@ from conftest import Client, Harness, running
 
 from bridge_worker import Context, Worker
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 
 def bits(x: float) -> int:

@@ -13,7 +13,8 @@ import time
 import pytest
 from conftest import Client, Harness, Proc, Router, eventually
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 
 def start_pool(harness: Harness, router: Router, n: int, *args: str) -> tuple[Proc, list[int]]:

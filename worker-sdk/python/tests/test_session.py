@@ -34,7 +34,8 @@ from bridge_worker import (
 )
 from bridge_worker import protocol as wire
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 SECRET = "s3cret-\u2713-never-on-the-wire"
 # No hello resend during the short handshakes of these tests (a resend is legal

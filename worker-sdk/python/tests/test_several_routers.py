@@ -24,7 +24,8 @@ from bridge_worker import ConfigError, Context, EventContext, State, Worker, Wor
 from bridge_worker import protocol as wire
 from bridge_worker.config import parse_endpoints
 
-pytestmark = pytest.mark.timeout(60)
+# Each test once per worker transport (conftest.py, `transport`).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("transport")]
 
 # ----- the list ------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bridge_worker import ConfigError, Frame, HandlerError, Partial, Reply, Worker, WorkerConfig, codes
+from bridge_worker import ConfigError, Frame, HandlerError, Partial, Reply, Worker, WorkerConfig, cli, codes
 from bridge_worker.backoff import Backoff
 from bridge_worker.errors import no_binary_handler, no_event_handler, no_request_handler
 from bridge_worker.handlers import Style, run_request, style_of
@@ -61,6 +61,23 @@ def test_worker_settings_override_config() -> None:
     assert (w.config.services, w.config.capacity, w.config.worker_id) == (["echo"], 3, "w-1")
     with pytest.raises(TypeError):
         Worker("echo", capcity=3)
+
+
+def test_the_transport_comes_from_the_environment_the_command_line_or_a_setting() -> None:
+    assert WorkerConfig.from_env(["e"], {}).transport == "zmtp"
+    assert WorkerConfig.from_env(["e"], {"BRIDGE_TRANSPORT": " PyZMQ "}).transport == "pyzmq"
+    assert WorkerConfig.from_env(["e"], {"BRIDGE_TRANSPORT": ""}).transport == "zmtp"
+    with pytest.raises(ConfigError, match="transport 'zeromq' is not one of zmtp, pyzmq"):
+        WorkerConfig.from_env(["e"], {"BRIDGE_TRANSPORT": "zeromq"}).validate()
+    assert Worker("echo", transport="pyzmq").config.transport == "pyzmq"
+    w = Worker("echo")
+    w.config.transport = "zmtp"
+    parser = cli.build_parser(w)
+    assert parser.parse_args([]).transport == "zmtp"
+    cli.configure(w, parser.parse_args(["--transport", "pyzmq"]))
+    assert w.config.transport == "pyzmq"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--transport", "zeromq"])
 
 
 def test_handler_registration_rules() -> None:

@@ -2,10 +2,10 @@
 
 ``main(worker)`` parses ``--bridge-endpoint``, ``--publish-endpoint``,
 ``--service`` (repeatable; replaces the worker's services), ``--capacity``,
-``--id``, ``--grace-period``, ``--log-level`` (defaults from
-``BRIDGE_ENDPOINT``, ``PUBLISH_ENDPOINT`` and ``LOG_LEVEL``; the bridge
-endpoint may be a comma-separated list of several routers'), ``--processes``
-and ``--loop``, logs to stderr, runs the worker until SIGTERM/SIGINT
+``--id``, ``--grace-period``, ``--log-level``, ``--transport`` (defaults from
+``BRIDGE_ENDPOINT``, ``PUBLISH_ENDPOINT``, ``LOG_LEVEL`` and
+``BRIDGE_TRANSPORT``; the bridge endpoint may be a comma-separated list of
+several routers'), ``--processes`` and ``--loop``, logs to stderr, runs the worker until SIGTERM/SIGINT
 (graceful stop, exit 0), and prints one line to stdout when a router first
 welcomes it::
 
@@ -21,6 +21,10 @@ and exits once all have exited. When one exits on its own, the others are
 stopped too, and the supervisor exits with that child's failure status (1
 when it was killed by a signal). On Linux a child also gets SIGTERM if the
 supervisor dies.
+
+``--transport zmtp`` (the default) talks to the router over the SDK's own
+ZMTP connection on the event loop, ``--transport pyzmq`` over a libzmq
+socket (:mod:`~bridge_worker.transport`).
 
 ``--loop auto`` (the default) runs the event loop of ``uvloop`` when it is
 installed (the ``fast`` extra), else asyncio's; ``--loop asyncio`` or
@@ -44,7 +48,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import default_worker_id
+from .config import TRANSPORTS, default_worker_id
 from .errors import ConfigError, WorkerRejected, WorkerStopped
 from .worker import Worker
 
@@ -82,6 +86,13 @@ def build_parser(worker: Worker, description: str | None = None) -> argparse.Arg
     )
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="[LOG_LEVEL] (%(default)s)")
     p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default=c.transport if c.transport in TRANSPORTS else None,
+        help="zmtp: the SDK's own ZMTP connection on the event loop; pyzmq: a libzmq socket"
+        " [BRIDGE_TRANSPORT] (%(default)s)",
+    )
+    p.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -111,6 +122,8 @@ def configure(worker: Worker, args: argparse.Namespace) -> None:
     c.capacity = args.capacity
     c.worker_id = args.worker_id
     c.grace_period = args.grace_period
+    if args.transport is not None:
+        c.transport = args.transport
 
 
 async def serve(worker: Worker, *, announce: bool = True) -> None:

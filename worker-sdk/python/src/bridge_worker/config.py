@@ -25,6 +25,11 @@ DEFAULT_CAPACITY = 16
 ENV_BRIDGE_ENDPOINT = "BRIDGE_ENDPOINT"
 ENV_PUBLISH_ENDPOINT = "PUBLISH_ENDPOINT"
 ENV_BRIDGE_SECRET = "BRIDGE_SECRET"
+ENV_BRIDGE_TRANSPORT = "BRIDGE_TRANSPORT"
+
+TRANSPORTS = ("zmtp", "pyzmq")
+"""The values of :attr:`WorkerConfig.transport`."""
+DEFAULT_TRANSPORT = "zmtp"
 
 _ENDPOINT = re.compile(r"(tcp|ipc|inproc)://.+")
 
@@ -124,6 +129,11 @@ class WorkerConfig:
     connection_queue: int = 1024
     """Per-connection queue of events (binary, raw, event, connect, disconnect);
     events beyond it are dropped and logged."""
+    transport: str = DEFAULT_TRANSPORT
+    """How the worker talks to the router (``BRIDGE_TRANSPORT``): ``"zmtp"``, the
+    SDK's own ZMTP 3 connection on the event loop (tcp:// and ipc://; any other
+    endpoint uses pyzmq), or ``"pyzmq"``, a libzmq DEALER socket. The same
+    bridge protocol either way; ``zmtp`` costs fewer wake-ups per request."""
 
     @classmethod
     def from_env(cls, services: list[str], env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -134,6 +144,7 @@ class WorkerConfig:
             endpoint=_env(env, ENV_BRIDGE_ENDPOINT) or DEFAULT_BRIDGE_ENDPOINT,
             publish_endpoint=_env(env, ENV_PUBLISH_ENDPOINT) or DEFAULT_PUBLISH_ENDPOINT,
             secret=_env(env, ENV_BRIDGE_SECRET),
+            transport=(_env(env, ENV_BRIDGE_TRANSPORT) or DEFAULT_TRANSPORT).strip().lower(),
         )
 
     def endpoints(self) -> list[str]:
@@ -155,6 +166,8 @@ class WorkerConfig:
             problems.append(
                 f"publish_endpoint {self.publish_endpoint!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)"
             )
+        if self.transport not in TRANSPORTS:
+            problems.append(f"transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         if not self.worker_id.strip():
             problems.append("worker_id is empty")
         if publisher:

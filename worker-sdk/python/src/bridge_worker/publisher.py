@@ -60,7 +60,8 @@ class Publisher:
     to ``BRIDGE_ENDPOINT`` (``tcp://127.0.0.1:5555``) and
     ``secret`` to ``BRIDGE_SECRET``, as for a worker. ``settings`` are other
     :class:`WorkerConfig` timing fields (``backoff_initial``, ``backoff_max``,
-    ``handshake_timeout``, ``linger``). Without the context manager, the first
+    ``handshake_timeout``, ``linger``) or ``transport`` (``BRIDGE_TRANSPORT``;
+    ``context``, a ZeroMQ context, is only used by the ``pyzmq`` transport). Without the context manager, the first
     :meth:`publish` starts the session; call :meth:`aclose` (or :meth:`close`)
     when done.
     """
@@ -90,6 +91,7 @@ class Publisher:
                 "linger",
                 "outbound_queue",
                 "outbound_bytes",
+                "transport",
             ):
                 raise TypeError(f"unknown publisher setting {name!r}")
             setattr(config, name, value)

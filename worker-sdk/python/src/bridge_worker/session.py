@@ -15,12 +15,14 @@ Shape of one socket's life:
   backoff step until welcomed; a router with a secret answers
   ``challenge{nonce}``, and the session answers each one with
   ``auth{proof}``, never sending the secret itself), then serves: the
-  :class:`~bridge_worker.pump.Pump` reads every ready frame per wake-up of the
-  loop and writes the outbox (everything else queues frames in it) once per
-  loop turn; one task sends heartbeats. A router silent for
-  ``heartbeat_ms * liveness``, a ``goodbye{reconnect: true}`` or no welcome
-  within the handshake timeout ends the socket; the session waits an
-  exponential backoff with jitter and starts again.
+  link's pump (:mod:`~bridge_worker.transport`: the SDK's own ZMTP
+  connection, or a pyzmq socket and :class:`~bridge_worker.pump.Pump`) reads
+  every ready frame per wake-up of the loop and writes the outbox (everything
+  else queues frames in it) once per loop turn; one task sends heartbeats.
+  A closed connection (ZMTP), a router silent for ``heartbeat_ms *
+  liveness``, a ``goodbye{reconnect: true}`` or no welcome within the
+  handshake timeout ends the socket; the session waits an exponential
+  backoff with jitter and starts again.
 - Requests run as one task each (eager on Python 3.12+: a handler that never
   awaits answers inside the dispatch) and get exactly one terminal message: the
   handler's final reply or error, ``cancelled`` after the router's
@@ -58,9 +60,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, cast
-
-import zmq
+from typing import TYPE_CHECKING, Any
 
 from . import codes
 from . import protocol as wire
@@ -79,8 +79,9 @@ from .errors import (
 from .handlers import Frame, Partial, Reply, Style, as_final, run_event, run_request
 from .outbox import Outbox
 from .protocol import Json
-from .pump import Pump, SessionEnd
+from .pump import SessionEnd
 from .status import State, Status
+from .transport import Link, LinkLost, PumpLike, PyzmqLink, ZmtpLink, parse_endpoint
 
 if TYPE_CHECKING:
     from .worker import Worker, _Handler
@@ -94,8 +95,8 @@ SDK_NAME = f"worker-sdk-python/{SDK_VERSION}"
 MAX_KNOWN_CONNECTIONS = 100_000
 """Connections whose ``connect`` is remembered (claims, route of raw frames);
 beyond this, new ones are not cached."""
-# Largest frame accepted from a router (ZMQ_MAXMSGSIZE): above any route's
-# maxMessageBytes (at most 64 MiB) plus its envelope.
+# Largest frame accepted from a router (ZMQ_MAXMSGSIZE, or the ZMTP link's
+# bound): above any route's maxMessageBytes (at most 64 MiB) plus its envelope.
 MAX_INBOUND_FRAME = 128 << 20
 MAX_TIMEOUT = 7 * 24 * 3600.0
 """Upper bound on a request's timeout, in seconds (a hostile ``timeout_ms`` stays harmless)."""
@@ -147,6 +148,10 @@ class Session:
         self._beat_every = 1.0
         self._silence_limit = 3.0
         self._max_frame: int | None = None
+        # The ZMTP link's address of the endpoint; None: a pyzmq socket.
+        self._zmtp_address = parse_endpoint(endpoint) if self._config.transport == "zmtp" else None
+        if self._config.transport == "zmtp" and self._zmtp_address is None:
+            log.info("endpoint %s: not a tcp://host:port or ipc:// endpoint, using the pyzmq transport", endpoint)
 
     def __repr__(self) -> str:
         return f"Session(endpoint={self.endpoint!r}, state={self.status.state.value})"
@@ -228,7 +233,7 @@ class Session:
 
     # ----- the socket's life -----------------------------------------------------------
 
-    async def run(self, zctx: zmq.Context[Any]) -> None:
+    async def run(self) -> None:
         """Connects, serves and reconnects until the worker stops; raises
         :class:`WorkerRejected` when this router refuses the worker for good."""
         first = True
@@ -239,20 +244,19 @@ class Session:
                 if await _wait_event(self._stop, delay):
                     break
             first = False
-            await self._socket_life(zctx)
+            await self._socket_life()
 
-    async def _socket_life(self, zctx: zmq.Context[Any]) -> None:
-        # A plain (not zmq.asyncio) socket: the pump and the handshake drive it
-        # from the loop's readiness callback with non-blocking calls.
-        sock: zmq.Socket[bytes] = zmq.Socket(zctx, zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # Frames from the router are bounded (above any route's maxMessageBytes
-        # plus its envelope): a rogue endpoint cannot exhaust the worker's memory.
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_FRAME)
-        sock.connect(self.endpoint)
+    def _open_link(self) -> Link:
+        """A new connection to the router, on the configured transport."""
+        if self._zmtp_address is not None:
+            return ZmtpLink(self.endpoint, self._zmtp_address, MAX_INBOUND_FRAME)
+        return PyzmqLink(self.endpoint, self.worker._zmq(), MAX_INBOUND_FRAME)
+
+    async def _socket_life(self) -> None:
+        link = self._open_link()
         graceful = False
         try:
-            welcome = await self._handshake(sock)
+            welcome = await self._handshake(link)
             if welcome is None:
                 return
             self._backoff.reset()
@@ -262,7 +266,7 @@ class Session:
             self._router_id = welcome.router_id
             self._set_timing(welcome)
             outbox = self._outbox = Outbox(self._config.outbound_queue, self._config.outbound_bytes)
-            pump = Pump(sock, outbox, self._dispatch)
+            pump = link.pump(outbox, self._dispatch)
             pump.start()
             beats = asyncio.create_task(self._beat(outbox), name="bridge-heartbeat")
             self._set_status(
@@ -295,9 +299,9 @@ class Session:
                 if not self._stop.is_set():
                     self._set_status(state=State.CONNECTING)
         finally:
-            sock.close(linger=int(self._config.linger * 1000) if graceful else 0)
+            await link.close(self._config.linger if graceful else 0)
 
-    async def _handshake(self, sock: zmq.Socket[bytes]) -> wire.Welcome | None:
+    async def _handshake(self, link: Link) -> wire.Welcome | None:
         """Says hello every backoff step until welcomed; ``None``: give this socket up."""
         loop = asyncio.get_running_loop()
         worker = self.worker
@@ -312,76 +316,54 @@ class Session:
             )
         )
         give_up = loop.time() + self._config.handshake_timeout
-        fd = cast(int, sock.getsockopt(zmq.FD))
-        readable: asyncio.Future[None] | None = None
-
-        def on_fd() -> None:
-            # Reading EVENTS re-arms the descriptor's signal: always read it.
-            if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN and readable is not None and not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(fd, on_fd)
-        try:
+        while True:
+            link.send_nowait(hello)
+            step_end = min(loop.time() + self._backoff.next_delay(), give_up)
             while True:
-                # Again: the pipe is full of earlier hellos, the router is not there yet.
-                with contextlib.suppress(zmq.Again):
-                    sock.send(hello, zmq.NOBLOCK)
-                step_end = min(loop.time() + self._backoff.next_delay(), give_up)
-                while True:
-                    try:
-                        frame = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        readable = loop.create_future()
-                        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                            continue
-                        got = await _first(readable, self._stop, step_end - loop.time())
-                        readable = None
-                        if self._stop.is_set():
-                            return None
-                        if not got:
-                            break
-                        continue
-                    except zmq.ZMQError as e:
-                        log.warning("receive from the router at %s failed: %s", self.endpoint, e)
-                        return None
-                    try:
-                        msg: wire.ToWorker | None = wire.decode_to_worker(frame)
-                    except wire.DecodeError as e:
-                        log.warning("undecodable answer to hello (%d bytes): %s", len(frame), e)
-                        if e.rejection == "version":
-                            # The router speaks another version: retrying would only repeat it.
-                            raise WorkerRejected(self.endpoint, str(e)) from None
-                        msg = None
-                    if isinstance(msg, wire.Welcome):
-                        return msg
-                    if isinstance(msg, wire.Challenge):
-                        # Answered every time: the router repeats its challenge when
-                        # our hello was resent before the auth arrived.
-                        if not self._config.secret:
-                            log.error("the router requires a bridge secret: set BRIDGE_SECRET")
-                            raise SecretRequired(self.endpoint)
-                        log.debug("challenged by the router; proving the secret")
-                        auth = wire.encode_from_worker(wire.Auth(proof=wire.auth_proof(self._config.secret, msg.nonce)))
-                        with contextlib.suppress(zmq.Again):
-                            sock.send(auth, zmq.NOBLOCK)
-                        continue
-                    if isinstance(msg, wire.Goodbye):
-                        if not msg.reconnect:
-                            log.error("router at %s refused this worker: %s", self.endpoint, msg.reason)
-                            raise WorkerRejected(self.endpoint, msg.reason)
-                        log.info("router at %s said goodbye before welcoming: %s", self.endpoint, msg.reason)
-                        return None
-                    if msg is not None:
-                        log.debug("ignoring a %s message that came before the welcome", msg.KIND)
-                if loop.time() >= give_up:
-                    log.warning(
-                        "no welcome from %s within %.1f s; re-creating the socket",
-                        self.endpoint,
-                        self._config.handshake_timeout,
-                    )
+                try:
+                    frame = await link.recv(step_end, self._stop)
+                except LinkLost as e:
+                    log.warning("connection to the router at %s failed: %s", self.endpoint, e)
                     return None
-        finally:
-            loop.remove_reader(fd)
+                if self._stop.is_set():
+                    return None
+                if frame is None:
+                    break
+                try:
+                    msg: wire.ToWorker | None = wire.decode_to_worker(frame)
+                except wire.DecodeError as e:
+                    log.warning("undecodable answer to hello (%d bytes): %s", len(frame), e)
+                    if e.rejection == "version":
+                        # The router speaks another version: retrying would only repeat it.
+                        raise WorkerRejected(self.endpoint, str(e)) from None
+                    msg = None
+                if isinstance(msg, wire.Welcome):
+                    return msg
+                if isinstance(msg, wire.Challenge):
+                    # Answered every time: the router repeats its challenge when
+                    # our hello was resent before the auth arrived.
+                    if not self._config.secret:
+                        log.error("the router requires a bridge secret: set BRIDGE_SECRET")
+                        raise SecretRequired(self.endpoint)
+                    log.debug("challenged by the router; proving the secret")
+                    auth = wire.encode_from_worker(wire.Auth(proof=wire.auth_proof(self._config.secret, msg.nonce)))
+                    link.send_nowait(auth)
+                    continue
+                if isinstance(msg, wire.Goodbye):
+                    if not msg.reconnect:
+                        log.error("router at %s refused this worker: %s", self.endpoint, msg.reason)
+                        raise WorkerRejected(self.endpoint, msg.reason)
+                    log.info("router at %s said goodbye before welcoming: %s", self.endpoint, msg.reason)
+                    return None
+                if msg is not None:
+                    log.debug("ignoring a %s message that came before the welcome", msg.KIND)
+            if loop.time() >= give_up:
+                log.warning(
+                    "no welcome from %s within %.1f s; re-creating the socket",
+                    self.endpoint,
+                    self._config.handshake_timeout,
+                )
+                return None
 
     def _set_timing(self, welcome: wire.Welcome) -> None:
         """Heartbeat timing and frame limit from a welcome (the first or a later one)."""
@@ -398,7 +380,7 @@ class Session:
             await asyncio.sleep(self._beat_every)
             outbox.put_nowait(frame)
 
-    async def _serve(self, pump: Pump) -> bool:
+    async def _serve(self, pump: PumpLike) -> bool:
         """Serves until the socket's session ends; ``True`` after a graceful stop. The
         pump reads and writes the socket; this watches the router's liveness and the stop."""
         loop = asyncio.get_running_loop()
@@ -765,14 +747,3 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), max(timeout, 0))
     return event.is_set()
-
-
-async def _first(fut: asyncio.Future[Any], event: asyncio.Event, timeout: float) -> bool:
-    """Waits up to ``timeout`` for ``fut`` or ``event``; returns whether ``fut`` is done."""
-    if not fut.done() and not event.is_set():
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({fut, waiter}, timeout=max(timeout, 0), return_when="FIRST_COMPLETED")
-        finally:
-            waiter.cancel()
-    return fut.done()

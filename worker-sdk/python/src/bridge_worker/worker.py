@@ -130,6 +130,9 @@ class Worker:
         self._publisher_session = False
         # A ZeroMQ context to use instead of one of its own (not terminated here).
         self._zmq_context: zmq.asyncio.Context | None = None
+        # The context the pyzmq transport uses: made on first use (a worker on
+        # the zmtp transport starts no libzmq thread).
+        self._zctx: zmq.Context[Any] | None = None
         # Packs final replies on the loop thread (never shared with other threads).
         self._packer = msgpack.Packer(use_bin_type=True)
 
@@ -407,27 +410,29 @@ class Worker:
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        zctx = self._zmq_context or zmq.asyncio.Context()
+        self._zctx = self._zmq_context
         log.info(
-            "worker %s starting: services %s, capacity %d, router%s %s",
+            "worker %s starting: services %s, capacity %d, router%s %s, transport %s",
             self.config.worker_id,
             self.config.services,
             self.config.capacity,
             "s" if several else "",
             ", ".join(endpoints),
+            self.config.transport,
         )
         try:
             if several:
-                await self._run_sessions(zctx)
+                await self._run_sessions()
             else:
-                await self._sessions[0].run(zctx)
+                await self._sessions[0].run()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             for s in self._sessions:
                 s.abandon_all()
             self._executor.shutdown(wait=False, cancel_futures=True)
-            if self._zmq_context is None:
+            zctx = self._zctx
+            if zctx is not None and self._zmq_context is None:
                 # term() waits for lingering sockets to flush: keep it off the loop.
                 await asyncio.to_thread(zctx.term)
             for s in self._sessions:
@@ -435,9 +440,15 @@ class Worker:
             self._set_status(replace(self._status, state=State.STOPPED))
             log.info("worker %s stopped", self.config.worker_id)
 
-    async def _run_sessions(self, zctx: zmq.Context[Any]) -> None:
+    def _zmq(self) -> zmq.Context[Any]:
+        """The ZeroMQ context of the pyzmq transport (the one given, or one of its own, made now)."""
+        if self._zctx is None:
+            self._zctx = zmq.asyncio.Context()
+        return self._zctx
+
+    async def _run_sessions(self) -> None:
         """Runs every router's session until all have ended; the first refusal stops the others."""
-        tasks = [asyncio.create_task(s.run(zctx), name=f"bridge-session {s.endpoint}") for s in self._sessions]
+        tasks = [asyncio.create_task(s.run(), name=f"bridge-session {s.endpoint}") for s in self._sessions]
         refusal: BaseException | None = None
         try:
             for next_done in asyncio.as_completed(tasks):
