@@ -122,6 +122,8 @@ struct CapacityGauges {
 /// Plain counters of one route, for `/stats`.
 #[derive(Debug, Default)]
 pub struct RouteCounters {
+    /// The route's path pattern (the `route` label).
+    pub route: Box<str>,
     pub connections: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
@@ -531,7 +533,15 @@ impl Metrics {
         if let Some(r) = self.routes.get(route) {
             return r.clone();
         }
-        self.routes.entry(route.to_owned()).or_default().clone()
+        self.routes
+            .entry(route.to_owned())
+            .or_insert_with(|| {
+                Arc::new(RouteCounters {
+                    route: route.into(),
+                    ..RouteCounters::default()
+                })
+            })
+            .clone()
     }
 
     fn type_label<'a>(&self, route: &str, msg_type: &'a str) -> &'a str {
@@ -776,8 +786,8 @@ impl Metrics {
 /// are the same ones either way.
 pub struct RouteMeter {
     metrics: Arc<Metrics>,
-    route: String,
     counters: Arc<RouteCounters>,
+    /// Made on the first message of the session: an idle session has none.
     kept: Vec<TypeCounters>,
 }
 
@@ -795,13 +805,13 @@ impl RouteMeter {
         Self {
             counters: metrics.route(route),
             metrics,
-            route: route.to_owned(),
             kept: Vec::new(),
         }
     }
 
+    /// The route's path pattern.
     pub fn route(&self) -> &str {
-        &self.route
+        &self.counters.route
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -812,7 +822,7 @@ impl RouteMeter {
         let at = match self.kept.iter().position(|k| &*k.msg_type == msg_type) {
             Some(at) => at,
             None if self.kept.len() < Self::MAX_KEPT => {
-                let made = self.metrics.type_counters(&self.route, msg_type);
+                let made = self.metrics.type_counters(&self.counters.route, msg_type);
                 self.kept.push(made);
                 self.kept.len() - 1
             }
@@ -827,9 +837,17 @@ impl RouteMeter {
             Some(k) => {
                 k.inbound.inc();
             }
-            None => return self.metrics.message_in(&self.route, msg_type),
+            None => return self.metrics.message_in(&self.counters.route, msg_type),
         }
         self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame written to the client that the session writes once (its
+    /// welcome) or rarely (an error): counted through the registry, so an
+    /// idle session keeps no handles.
+    pub fn once_out(&self, msg_type: &str, error_code: Option<&str>) {
+        self.metrics
+            .message_out(&self.counters.route, msg_type, error_code);
     }
 
     /// A request went to the bridge.
@@ -841,13 +859,13 @@ impl RouteMeter {
     pub fn message_out(&mut self, msg_type: &str, error_code: Option<&str>) {
         if error_code.is_some() {
             // Rare: the registry's path, which labels the code as well.
-            return self.metrics.message_out(&self.route, msg_type, error_code);
+            return self.once_out(msg_type, error_code);
         }
         match self.kept(msg_type) {
             Some(k) => {
                 k.outbound.inc();
             }
-            None => return self.metrics.message_out(&self.route, msg_type, None),
+            None => return self.once_out(msg_type, None),
         }
         self.counters.messages_out.fetch_add(1, Ordering::Relaxed);
     }

@@ -139,11 +139,13 @@ impl Writer {
         let meter = &mut self.meter;
         match out {
             Outbound::Frame(mut frame) => {
-                meter.message_out(
-                    &frame.msg_type,
-                    frame.error.as_ref().map(|e| e.code.as_str()),
-                );
                 let seq = self.seq;
+                let error = frame.error.as_ref().map(|e| e.code.as_str());
+                if seq == 0 {
+                    meter.once_out(&frame.msg_type, error);
+                } else {
+                    meter.message_out(&frame.msg_type, error);
+                }
                 let text: Utf8Bytes = frame.to_json(seq).into();
                 self.seq += 1;
                 // The welcome (seq 0) is a frame of the connection: not kept.
