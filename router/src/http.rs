@@ -739,7 +739,13 @@ async fn upgrade(
         // one outbound message, and the buffer only grows past
         // write_buffer_size while writes fail (then the session gives up).
         .on_failed_upgrade(move |e| info!(%remote, error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, app, start)))
+        // The session is a task of its own: axum's upgrade task (with its
+        // copy of the configuration, the callback and the upgrade future)
+        // ends here instead of living as long as the session.
+        .on_upgrade(move |socket| {
+            sessions.spawn(session::run(socket, app, start));
+            std::future::ready(())
+        })
 }
 
 /// Initial WebSocket read buffer per connection.

@@ -19,10 +19,46 @@ use crate::{client::OutFrame, ids::Cid, ids::ConnId};
 /// Per-connection bridge state.
 #[derive(Debug)]
 pub(super) struct ConnEntry {
-    connect: Box<proto::Connect>,
+    route: String,
+    service: String,
+    /// The whole `connect`, MessagePack-encoded, for a new home worker.
+    /// Decoded, its maps and strings (every request header) cost about a
+    /// kilobyte per connection for as long as it lives; encoded, a third.
+    connect: Box<[u8]>,
     /// The worker that gets this connection's events (and, with affinity,
     /// its requests). Chosen on connect; re-chosen if it dies.
     home: Option<PeerId>,
+}
+
+impl ConnEntry {
+    fn new(connect: &proto::Connect) -> Self {
+        Self {
+            route: connect.route.clone(),
+            service: connect.service.clone(),
+            // Encoding a map-and-string struct into a vector cannot fail;
+            // were it to, a new home would get the connect without extras.
+            connect: rmp_serde::to_vec_named(connect)
+                .unwrap_or_default()
+                .into_boxed_slice(),
+            home: None,
+        }
+    }
+
+    /// The `connect` again, for a new home worker.
+    fn connect(&self, conn: &ConnId) -> proto::Connect {
+        rmp_serde::from_slice(&self.connect).unwrap_or_else(|_| proto::Connect {
+            conn: conn.0.clone(),
+            route: self.route.clone(),
+            service: self.service.clone(),
+            path: self.route.clone(),
+            params: Default::default(),
+            query: Default::default(),
+            headers: Default::default(),
+            remote: String::new(),
+            claims: None,
+            client_cert: None,
+        })
+    }
 }
 
 impl Broker {
@@ -33,15 +69,9 @@ impl Broker {
         out: &mut dyn Outbox,
     ) {
         let conn = ConnId(connect.conn.clone());
-        self.conns.insert(
-            conn.clone(),
-            ConnEntry {
-                connect,
-                home: None,
-            },
-        );
+        self.conns.insert(conn.clone(), ConnEntry::new(&connect));
         // Choose the home now so the worker learns of the client at once.
-        self.home_of(&conn, now, out);
+        self.choose_home(&conn, now, out, Some(*connect));
     }
 
     /// The connection is gone: its requests still in flight are dropped
@@ -66,8 +96,8 @@ impl Broker {
                 &home,
                 ToWorker::Disconnect(proto::Disconnect {
                     conn: conn.0,
-                    route: entry.connect.route.clone(),
-                    service: entry.connect.service.clone(),
+                    route: entry.route,
+                    service: entry.service,
                     code,
                     reason,
                 }),
@@ -88,9 +118,9 @@ impl Broker {
         out: &mut dyn Outbox,
     ) {
         if let Some(entry) = self.conns.get(&conn) {
-            let service = &entry.connect.service;
+            let service = &entry.service;
             if self.workers.handles(service, &msg_type, now) == Some(false) {
-                let route = &entry.connect.route;
+                let route = &entry.route;
                 let allowed = self
                     .registry
                     .as_ref()
@@ -193,9 +223,21 @@ impl Broker {
         now: Instant,
         out: &mut dyn Outbox,
     ) -> Option<(PeerId, String, String)> {
+        self.choose_home(conn, now, out, None)
+    }
+
+    /// [`Self::home_of`], with the `connect` at hand when it has just
+    /// arrived (it is not decoded again for the first home).
+    fn choose_home(
+        &mut self,
+        conn: &ConnId,
+        now: Instant,
+        out: &mut dyn Outbox,
+        connect: Option<proto::Connect>,
+    ) -> Option<(PeerId, String, String)> {
         let entry = self.conns.get(conn)?;
-        let service = entry.connect.service.clone();
-        let route = entry.connect.route.clone();
+        let service = entry.service.clone();
+        let route = entry.route.clone();
         if let Some(home) = &entry.home {
             if self.workers.may_host(home) {
                 return Some((home.clone(), route, service));
@@ -204,7 +246,8 @@ impl Broker {
         let peer = self.workers.pick(&service, false, None, now)?;
         let entry = self.conns.get_mut(conn)?;
         entry.home = Some(peer.clone());
-        out.send(&peer, ToWorker::Connect((*entry.connect).clone()));
+        let connect = connect.unwrap_or_else(|| entry.connect(conn));
+        out.send(&peer, ToWorker::Connect(connect));
         Some((peer, route, service))
     }
 

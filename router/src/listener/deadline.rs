@@ -84,6 +84,10 @@ impl Deadline {
     /// now rather than a pending connection.
     pub fn disarm(&self) {
         self.until_ms.store(DISARMED, Ordering::Release);
+        // The waker is the HTTP connection's task, which ends with the
+        // upgrade: a waker kept here would keep that task's memory
+        // allocated for as long as the session lives.
+        drop(self.waker.take());
         self.tracker.upgraded(self.id);
     }
 
@@ -113,7 +117,10 @@ impl Deadline {
 pub struct DeadlineIo {
     inner: TcpStream,
     deadline: Arc<Deadline>,
-    timer: Pin<Box<Sleep>>,
+    /// Wakes the task at the deadline; made on the first check, dropped
+    /// once the connection upgrades (it would hold the HTTP connection
+    /// task's waker, and its own memory, for the session's lifetime).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Drop for DeadlineIo {
@@ -123,11 +130,11 @@ impl Drop for DeadlineIo {
 }
 
 impl DeadlineIo {
-    pub(super) fn new(inner: TcpStream, deadline: Arc<Deadline>, timeout: Duration) -> Self {
+    pub(super) fn new(inner: TcpStream, deadline: Arc<Deadline>) -> Self {
         Self {
             inner,
             deadline,
-            timer: Box::pin(tokio::time::sleep(timeout)),
+            timer: None,
         }
     }
 
@@ -136,11 +143,15 @@ impl DeadlineIo {
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.deadline.until().is_none() {
             // Upgraded: no deadline, and no waker to keep up to date.
+            self.timer = None;
             return Poll::Pending;
         }
         // Registered before the check, so an `expire` in between is seen.
         self.deadline.waker.register(cx.waker());
         let Some(until) = self.deadline.until() else {
+            // Disarmed in between: take back the waker just registered.
+            drop(self.deadline.waker.take());
+            self.timer = None;
             return Poll::Pending;
         };
         if Instant::now() >= until {
@@ -149,10 +160,13 @@ impl DeadlineIo {
                 "no request or upgrade before the handshake deadline",
             )));
         }
-        if self.timer.deadline() != until {
-            self.timer.as_mut().reset(until);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if timer.deadline() != until {
+            timer.as_mut().reset(until);
         }
-        match self.timer.as_mut().poll(cx) {
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no request or upgrade before the handshake deadline",
@@ -246,5 +260,27 @@ mod tests {
         d.disarm();
         d.extend(Duration::from_secs(10));
         assert_eq!(d.until(), None, "an upgraded connection stays disarmed");
+    }
+
+    /// Defect: the deadline kept the HTTP connection task's waker after the
+    /// upgrade, and with it that finished task's memory, for the whole
+    /// session.
+    #[tokio::test]
+    async fn an_upgrade_lets_go_of_the_connection_tasks_waker() {
+        struct Task;
+        impl futures_util::task::ArcWake for Task {
+            fn wake_by_ref(_: &Arc<Self>) {}
+        }
+        let d = Deadline::new(
+            Instant::now(),
+            Duration::from_secs(10),
+            Tracker::new(10, Arc::new(crate::metrics::Metrics::new())),
+            0,
+        );
+        let task = Arc::new(Task);
+        d.waker.register(&futures_util::task::waker(task.clone()));
+        assert_eq!(Arc::strong_count(&task), 2);
+        d.disarm();
+        assert_eq!(Arc::strong_count(&task), 1, "the waker is dropped");
     }
 }

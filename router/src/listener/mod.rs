@@ -101,7 +101,7 @@ impl axum::serve::Listener for DeadlineListener {
                         // close would run the process out of descriptors.
                         tokio::task::yield_now().await;
                     }
-                    let io = DeadlineIo::new(stream, deadline.clone(), timeout);
+                    let io = DeadlineIo::new(stream, deadline.clone());
                     let client_cert = Arc::new(OnceLock::new());
                     let io = match &self.tls {
                         None => ClientIo::Plain(io),

@@ -6,11 +6,14 @@
 //! the socket: read errors and their close codes, the client's close frame,
 //! unanswered pings.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use axum::extract::ws::Message;
 use futures_util::{SinkExt, StreamExt};
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::watch,
+    time::{Instant, Sleep},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
@@ -38,83 +41,35 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 /// How long a socket closed for bad input stays open after its close frame.
 const ERROR_CLOSE_LINGER: Duration = Duration::from_millis(300);
 
-/// Runs a session to its end. Never panics on client input.
-pub(crate) async fn run<S, B>(socket: S, env: Env<B>, start: SessionStart)
+/// Starts a session: it is attached to the hub and the bridge is told of
+/// it at once (a `connect` that finds the bridge queue full is sent first
+/// thing by the returned future); the future runs it to its end. Never
+/// panics on client input.
+///
+/// The future is what an idle connection costs most of, so it holds only
+/// the session, the socket and the `connect` that may still be on its way;
+/// whatever is set up once is done here, before it (ARCHITECTURE.md,
+/// "Session lifecycle").
+pub(crate) fn run<S, B>(socket: S, env: Env<B>, start: SessionStart) -> impl Future<Output = ()>
 where
     S: Socket,
     B: Bridge,
 {
     let span = tracing::info_span!("session", session.id = %start.conn, route = %start.route.path);
-    let attachment_span = span.clone();
+    let (mut session, connect) = span.in_scope(|| Session::start(env, start, span.clone()));
+    let mut socket = socket;
+    // The block uses what it captures in place: rebinding them inside
+    // would store each twice in the future.
     async move {
-        let (shared, outbound) = ConnShared::new(
-            start.conn.clone(),
-            start.route.path.clone(),
-            env.max_outbound_bytes,
-        );
-        let attachment = Attachment::new(
-            &env,
-            shared.clone(),
-            (start.slot, start.permit),
-            attachment_span,
-        );
-        info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
-        let mut inbound = Inbound::new(
-            shared.clone(),
-            env.hub.clone(),
-            env.metrics.clone(),
-            start.route,
-            start.runtime,
-            &start.connect,
-            InboundConfig {
-                rate_limits: env.rate_limits,
-                drain_timeout: env.drain_timeout,
-            },
-        );
-        let routes = follow_routes(&env.registry, &mut inbound);
-        let scope = resume_scope(&start.connect);
-        // Rare or one-off awaits are boxed: their state would otherwise make
-        // every idle session's future as large as the largest of them.
-        Box::pin(env.bridge.send(Command::Connect(Box::new(start.connect)))).await;
-        let mut writer = Writer::new(
-            shared.clone(),
-            env.metrics.clone(),
-            inbound.route().path.clone(),
-            env.client_ping * 3,
-        );
-        let route = inbound.route();
-        let (token, takeover) = if resumable(route) {
-            writer.keep_for_resume(
-                route.resume.max_frames,
-                route.resume.max_bytes,
-                env.kept.clone(),
-            );
-            let (token, takeover) = env.lot.register(&shared.id.0, &scope);
-            writer.set_takeover(takeover.clone());
-            (Some(token), takeover)
-        } else {
-            (None, CancellationToken::new())
-        };
-        let mut session = Session {
-            env: &env,
-            state: SessionState {
-                attachment,
-                shared,
-                inbound,
-                writer,
-                outbound,
-            },
-            routes,
-            token,
-            takeover,
-            scope,
-            confirm_pending: false,
-        };
-        let outcome = session.serve(socket).await;
+        if let Some(connect) = connect {
+            // Rare or one-off awaits are boxed: their state would otherwise
+            // make every idle session's future as large as the largest.
+            Box::pin(session.env.bridge.send(*connect)).await;
+        }
+        let outcome = session.serve(&mut socket).await;
         session.finish(outcome);
     }
     .instrument(span)
-    .await
 }
 
 /// What a resume must match besides the token: the route, the path the
@@ -159,8 +114,8 @@ enum Outcome {
     Lost(Ending),
 }
 
-struct Session<'a, B: Bridge> {
-    env: &'a Env<B>,
+struct Session<B: Bridge> {
+    env: Env<B>,
     /// What outlives the socket (and is swapped for a resumed session's).
     state: SessionState<B>,
     routes: watch::Receiver<Arc<RouteTable>>,
@@ -176,8 +131,79 @@ struct Session<'a, B: Bridge> {
     confirm_pending: bool,
 }
 
-impl<B: Bridge> Session<'_, B> {
-    async fn serve<S: Socket>(&mut self, mut socket: S) -> Outcome {
+impl<B: Bridge> Session<B> {
+    /// Sets the session up: hub entry, state machine, writer, resume
+    /// registration. The `connect` comes back if the bridge queue had no
+    /// room for it: it must be sent (awaited) before anything else.
+    fn start(
+        env: Env<B>,
+        start: SessionStart,
+        span: tracing::Span,
+    ) -> (Self, Option<Box<Command>>) {
+        let (shared, outbound) = ConnShared::new(
+            start.conn.clone(),
+            start.route.path.clone(),
+            env.max_outbound_bytes,
+        );
+        let attachment = Attachment::new(&env, shared.clone(), (start.slot, start.permit), span);
+        info!(remote = %start.connect.remote, path = %start.connect.path, "connection opened");
+        let mut inbound = Inbound::new(
+            shared.clone(),
+            env.hub.clone(),
+            env.metrics.clone(),
+            start.route,
+            start.runtime,
+            &start.connect,
+            InboundConfig {
+                rate_limits: env.rate_limits,
+                drain_timeout: env.drain_timeout,
+            },
+        );
+        let routes = follow_routes(&env.registry, &mut inbound);
+        let scope = resume_scope(&start.connect);
+        let connect = env
+            .bridge
+            .try_send(Command::Connect(Box::new(start.connect)))
+            .err()
+            .map(Box::new);
+        let mut writer = Writer::new(
+            shared.clone(),
+            env.metrics.clone(),
+            inbound.route().path.clone(),
+            env.client_ping * 3,
+        );
+        let route = inbound.route();
+        let (token, takeover) = if resumable(route) {
+            writer.keep_for_resume(
+                route.resume.max_frames,
+                route.resume.max_bytes,
+                env.kept.clone(),
+            );
+            let (token, takeover) = env.lot.register(&shared.id.0, &scope);
+            writer.set_takeover(takeover.clone());
+            (Some(token), takeover)
+        } else {
+            (None, CancellationToken::new())
+        };
+        let session = Session {
+            env,
+            state: SessionState {
+                attachment,
+                shared,
+                inbound,
+                writer,
+                outbound,
+            },
+            routes,
+            token,
+            takeover,
+            scope,
+            confirm_pending: false,
+        };
+        (session, connect)
+    }
+
+    async fn serve<S: Socket>(&mut self, socket: &mut S) -> Outcome {
         let resume = self
             .token
             .as_ref()
@@ -188,7 +214,7 @@ impl<B: Bridge> Session<'_, B> {
                 .welcome(self.env.client_ping.as_millis() as u64, resume),
         );
         if !self.state.inbound.route().raw
-            && Box::pin(self.state.writer.write(&mut socket, welcome))
+            && Box::pin(self.state.writer.write(&mut *socket, welcome))
                 .await
                 .is_err()
         {
@@ -199,6 +225,9 @@ impl<B: Bridge> Session<'_, B> {
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut last_heard = Instant::now();
         let draining = self.env.draining.clone();
+        // The closing deadline's timer, made once closing starts (idle
+        // sessions carry no timer for it).
+        let mut closing: Option<Pin<Box<Sleep>>> = None;
 
         loop {
             // While closing, close once no request is in flight (or the
@@ -206,33 +235,39 @@ impl<B: Bridge> Session<'_, B> {
             // of the last request may still be there.
             if let Some(close) = self.state.inbound.close_due(Instant::now()) {
                 let st = &mut self.state;
-                Box::pin(st.writer.flush_queue(&mut socket, &mut st.outbound)).await;
+                Box::pin(st.writer.flush_queue(&mut *socket, &mut st.outbound)).await;
                 return Outcome::Ended(
-                    Box::pin(st.writer.close(&mut socket, close.code, close.reason)).await,
+                    Box::pin(st.writer.close(&mut *socket, close.code, close.reason)).await,
                 );
             }
             let closing_at = self.state.inbound.closing_deadline();
+            match (closing_at, &mut closing) {
+                (Some(at), Some(timer)) if timer.deadline() != at => timer.as_mut().reset(at),
+                (Some(at), None) => closing = Some(Box::pin(tokio::time::sleep_until(at))),
+                (None, Some(_)) => closing = None,
+                _ => {}
+            }
             let kill = self.state.shared.kill.clone();
             let takeover = self.takeover.clone();
             tokio::select! {
                 biased;
                 _ = takeover.cancelled() => {
                     info!("the session's owner resumed it on another connection: yielding");
-                    let ending = Box::pin(self.state.writer.close_now(&mut socket, 1001, "session resumed on another connection")).await;
+                    let ending = Box::pin(self.state.writer.close_now(&mut *socket, 1001, "session resumed on another connection")).await;
                     return Outcome::Lost(ending);
                 }
                 _ = kill.cancelled() => {
                     let st = &mut self.state;
                     let kill = st.shared.kill_reason().unwrap_or(Kill { code: 1011, reason: "closed".into(), flush: false });
                     if kill.flush {
-                        Box::pin(st.writer.flush_queue(&mut socket, &mut st.outbound)).await;
+                        Box::pin(st.writer.flush_queue(&mut *socket, &mut st.outbound)).await;
                     }
-                    return Outcome::Ended(Box::pin(st.writer.close(&mut socket, kill.code, &kill.reason)).await);
+                    return Outcome::Ended(Box::pin(st.writer.close(&mut *socket, kill.code, &kill.reason)).await);
                 }
                 _ = draining.cancelled(), if !self.state.inbound.is_closing() => {
                     self.state.inbound.start_closing(1001, "server shutting down", Instant::now());
                 }
-                _ = tokio::time::sleep_until(closing_at.unwrap_or_else(Instant::now)), if closing_at.is_some() => {}
+                _ = std::future::poll_fn(|cx| closing.as_mut().map_or(Poll::Pending, |t| t.as_mut().poll(cx))), if closing_at.is_some() => {}
                 Ok(()) = self.routes.changed() => {
                     let table = self.routes.borrow_and_update().clone();
                     self.state.inbound.on_routes(&table, Instant::now());
@@ -242,9 +277,9 @@ impl<B: Bridge> Session<'_, B> {
                 // the keep-alive; reads are bounded by the rate limits.
                 _ = ping.tick() => {
                     if last_heard.elapsed() > ping_every * 3 {
-                        return Outcome::Lost(Box::pin(self.state.writer.close(&mut socket, 1001, "no answer to pings")).await);
+                        return Outcome::Lost(Box::pin(self.state.writer.close(&mut *socket, 1001, "no answer to pings")).await);
                     }
-                    if Box::pin(self.state.writer.ping(&mut socket)).await.is_err() {
+                    if Box::pin(self.state.writer.ping(&mut *socket)).await.is_err() {
                         return self.gone();
                     }
                 }
@@ -257,12 +292,12 @@ impl<B: Bridge> Session<'_, B> {
                             if code == 1006 {
                                 return Outcome::Lost(Ending::new(code, reason));
                             }
-                            let ending = Box::pin(self.state.writer.close(&mut socket, code, &reason)).await;
+                            let ending = Box::pin(self.state.writer.close(&mut *socket, code, &reason)).await;
                             // The rest of the bad message may still sit unread
                             // in the socket, and closing a socket with unread
                             // data sends a TCP reset, which can destroy the
                             // close frame before the client reads it. Linger.
-                            tokio::time::sleep(ERROR_CLOSE_LINGER).await;
+                            Box::pin(tokio::time::sleep(ERROR_CLOSE_LINGER)).await;
                             return Outcome::Ended(ending);
                         }
                         Some(Ok(Message::Close(frame))) => {
@@ -271,7 +306,7 @@ impl<B: Bridge> Session<'_, B> {
                                 .unwrap_or((1005, String::new()));
                             debug!(code, "client closed");
                             // The library queued our close reply: flush it out.
-                            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush()).await;
+                            let _ = Box::pin(tokio::time::timeout(CLOSE_HANDSHAKE, socket.flush())).await;
                             return Outcome::Ended(Ending::new(code, reason));
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -280,13 +315,16 @@ impl<B: Bridge> Session<'_, B> {
                         }
                         Some(Ok(Message::Binary(data))) => self.state.inbound.on_binary(data, &self.env.bridge),
                     };
-                    if let Some(outcome) = self.apply(actions, &mut socket).await {
+                    if actions.resume.is_none() && actions.close.is_none() {
+                        // The common case, nothing to wait for.
+                        self.apply_now(actions);
+                    } else if let Some(outcome) = Box::pin(self.apply(actions, &mut *socket)).await {
                         return outcome;
                     }
                 }
                 Some(out) = self.state.outbound.recv() => {
                     let st = &mut self.state;
-                    if let Err(Gone) = Box::pin(st.writer.write_batch(&mut socket, out, &mut st.outbound)).await {
+                    if let Err(Gone) = Box::pin(st.writer.write_batch(&mut *socket, out, &mut st.outbound)).await {
                         return self.gone();
                     }
                 }
@@ -297,27 +335,44 @@ impl<B: Bridge> Session<'_, B> {
     /// Carries out what the state machine asked for: an ack, a resume, its
     /// frames (queued, so `seq` and ordering stay with the writer), and a
     /// close after writing what is queued if it asked for one.
-    async fn apply<S: Socket>(&mut self, actions: Actions, socket: &mut S) -> Option<Outcome> {
+    async fn apply<S: Socket>(&mut self, mut actions: Actions, socket: &mut S) -> Option<Outcome> {
+        let resume = actions.resume.take();
+        let close = actions.close.take();
+        self.confirm_and_ack(&actions);
+        if let Some(req) = resume {
+            if let Err(Gone) = Box::pin(self.resume(req, socket)).await {
+                return Some(self.gone());
+            }
+        }
+        self.queue_frames(actions);
+        let close = close?;
+        let st = &mut self.state;
+        Box::pin(st.writer.flush_queue(socket, &mut st.outbound)).await;
+        Some(Outcome::Ended(
+            Box::pin(st.writer.close(socket, close.code, close.reason)).await,
+        ))
+    }
+
+    /// [`Self::apply`] for actions with no resume and no close: nothing
+    /// to wait for.
+    fn apply_now(&mut self, actions: Actions) {
+        self.confirm_and_ack(&actions);
+        self.queue_frames(actions);
+    }
+
+    fn confirm_and_ack(&mut self, actions: &Actions) {
         if std::mem::take(&mut self.confirm_pending) {
             self.env.lot.confirm(&self.state.shared.id.0);
         }
         if let Some(seq) = actions.ack {
             self.state.writer.ack(seq);
         }
-        if let Some(req) = actions.resume {
-            if let Err(Gone) = Box::pin(self.resume(req, socket)).await {
-                return Some(self.gone());
-            }
-        }
+    }
+
+    fn queue_frames(&mut self, actions: Actions) {
         for frame in actions.frames {
             self.state.shared.send(frame.into());
         }
-        let close = actions.close?;
-        let st = &mut self.state;
-        Box::pin(st.writer.flush_queue(socket, &mut st.outbound)).await;
-        Some(Outcome::Ended(
-            Box::pin(st.writer.close(socket, close.code, close.reason)).await,
-        ))
     }
 
     /// A `resume`: claims the parked session, makes this connection that
@@ -444,7 +499,7 @@ impl<B: Bridge> Session<'_, B> {
             && !self.state.shared.kill.is_cancelled()
             && !self.state.inbound.is_closing();
         match outcome {
-            Outcome::Lost(_) if parkable => parking::park(self.env, self.state, policy),
+            Outcome::Lost(_) if parkable => parking::park(&self.env, self.state, policy),
             Outcome::Lost(ending) | Outcome::Ended(ending) => {
                 if self.token.is_some() {
                     self.env.lot.forget(&self.state.shared.id.0);
@@ -795,5 +850,33 @@ mod tests {
             drop(client);
             session.await.unwrap();
         }
+    }
+}
+
+/// What an idle connection costs is mostly this future, so its size is
+/// watched (ARCHITECTURE.md, "Session lifecycle").
+#[cfg(test)]
+mod size {
+    use super::*;
+    use crate::bridge::BridgeHandle;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, C, F>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// 5.5 KB before it was made a task of its own with nothing in it
+    /// twice (debug build; the release build's is smaller). The parts:
+    /// the session, the socket, the loop's timers and its `select!`.
+    #[test]
+    fn the_session_future_stays_small() {
+        type Ws = axum::extract::ws::WebSocket;
+        let size = future_size(crate::session::run::<Ws>);
+        eprintln!(
+            "session future {size} B: session {} B, socket {} B",
+            std::mem::size_of::<Session<BridgeHandle>>(),
+            std::mem::size_of::<Ws>()
+        );
+        assert!(size <= 2_304, "the session future grew to {size} B");
     }
 }

@@ -63,12 +63,14 @@ pub struct SessionStart {
     pub permit: crate::capacity::SessionPermit,
 }
 
-/// Runs a session to its end. Never panics on client input.
-pub async fn run<S>(socket: S, app: Arc<AppState>, start: SessionStart)
+/// Starts a session (attached to the hub, the bridge told) and returns
+/// the future that runs it to its end; spawn it as a task of its own.
+/// Never panics on client input.
+pub fn run<S>(socket: S, app: Arc<AppState>, start: SessionStart) -> impl Future<Output = ()>
 where
     S: Socket,
 {
-    driver::run(socket, Env::of(&app), start).await
+    driver::run(socket, Env::of(&app), start)
 }
 
 /// A client's WebSocket, as the session reads and writes it.
