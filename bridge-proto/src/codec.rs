@@ -6,6 +6,8 @@
 //! a peer speaking another version gets a version error rather than a
 //! confusing field error, and then decodes the body of that kind.
 
+use std::borrow::Cow;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{error::DecodeError, messages::*, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
@@ -30,25 +32,42 @@ const PREFIX_MAX: usize = 5 + 2 + 9 + 5;
 /// length and copy it.)
 fn encode<B: Serialize>(v: u8, kind: &str, body: &B) -> Vec<u8> {
     let room = PREFIX_MAX + kind.len();
-    let mut out = vec![0u8; room];
+    // Room for a small body too, so encoding one does not grow the buffer
+    // (a copy each time) as it goes.
+    let mut out = Vec::with_capacity(room + SMALL_BODY);
+    out.resize(room, 0);
     // Invariant: every message type is a struct of maps, strings, numbers,
     // booleans, byte strings and JSON values with string keys, all of which
     // rmp-serde can encode into a Vec (which cannot fail to grow).
     body.serialize(&mut rmp_serde::Serializer::new(&mut out).with_struct_map())
         .expect("bridge messages are always encodable");
     let (entries, header) = map_len(&out[room..]).expect("a struct body is encoded as a map");
-    let mut prefix = Vec::with_capacity(room);
-    // Writes into a Vec cannot fail.
-    let _ = rmp::encode::write_map_len(&mut prefix, entries + 2);
-    let _ = rmp::encode::write_str(&mut prefix, "v");
-    let _ = rmp::encode::write_uint(&mut prefix, u64::from(v));
-    let _ = rmp::encode::write_str(&mut prefix, "kind");
-    let _ = rmp::encode::write_str(&mut prefix, kind);
-    let start = room + header - prefix.len();
-    out[start..room + header].copy_from_slice(&prefix);
+    let mut prefix = [0u8; PREFIX_MAX + MAX_KIND_LEN];
+    let prefix_len = {
+        let mut w = &mut prefix[..];
+        let free = w.len();
+        // Invariant: every kind is at most MAX_KIND_LEN bytes, so the
+        // prefix fits its buffer and these writes cannot fail.
+        const FITS: &str = "a message's prefix fits its buffer";
+        rmp::encode::write_map_len(&mut w, entries + 2).expect(FITS);
+        rmp::encode::write_str(&mut w, "v").expect(FITS);
+        rmp::encode::write_uint(&mut w, u64::from(v)).expect(FITS);
+        rmp::encode::write_str(&mut w, "kind").expect(FITS);
+        rmp::encode::write_str(&mut w, kind).expect(FITS);
+        free - w.len()
+    };
+    let start = room + header - prefix_len;
+    out[start..room + header].copy_from_slice(&prefix[..prefix_len]);
     out.drain(..start);
     out
 }
+
+/// Longest `kind` of any message (`push_binary`, `unsubscribe`, ...).
+const MAX_KIND_LEN: usize = 16;
+
+/// Bytes reserved for a message body before encoding it: a small reply or
+/// request (an id, a correlation id, a short payload) fits without growing.
+const SMALL_BODY: usize = 192;
 
 /// The entry count and header length of a MessagePack map at the start of `b`.
 fn map_len(b: &[u8]) -> Option<(u32, usize)> {
@@ -78,7 +97,7 @@ fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode:
 /// Reads only `v` and `kind` of a message (any other field is skipped, not
 /// built), so a receiver can decide whether to decode the body at all.
 pub fn decode_header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
-    header(bytes)
+    header(bytes).map(|(v, kind)| (v, kind.into_owned()))
 }
 
 /// `v` and `kind` when they are the map's first two entries, as every
@@ -106,18 +125,18 @@ fn quick_header(bytes: &[u8]) -> Option<(u64, &str)> {
 }
 
 /// Reads `v` and `kind`; `v` must be a version this crate speaks.
-fn header(bytes: &[u8]) -> Result<(u8, String), DecodeError> {
-    let header = match quick_header(bytes) {
-        Some((v, kind)) => Header {
-            v,
-            kind: kind.to_owned(),
-        },
-        None => from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?,
+fn header(bytes: &[u8]) -> Result<(u8, Cow<'_, str>), DecodeError> {
+    let (found, kind) = match quick_header(bytes) {
+        Some((v, kind)) => (v, Cow::Borrowed(kind)),
+        None => {
+            let h: Header = from_slice(bytes).map_err(|e| DecodeError::Header(e.to_string()))?;
+            (h.v, Cow::Owned(h.kind))
+        }
     };
-    match u8::try_from(header.v) {
-        Ok(v) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) => Ok((v, header.kind)),
+    match u8::try_from(found) {
+        Ok(v) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) => Ok((v, kind)),
         _ => Err(DecodeError::Version {
-            found: header.v,
+            found,
             supported: PROTOCOL_VERSION,
         }),
     }
@@ -168,7 +187,7 @@ pub fn decode_to_worker(bytes: &[u8]) -> Result<ToWorker, DecodeError> {
 /// Decodes a router → worker message and tells its version.
 pub fn decode_to_worker_versioned(bytes: &[u8]) -> Result<(u8, ToWorker), DecodeError> {
     let (v, kind) = header(bytes)?;
-    let k = kind.as_str();
+    let k = &*kind;
     Ok((
         v,
         match k {
@@ -183,7 +202,11 @@ pub fn decode_to_worker_versioned(bytes: &[u8]) -> Result<(u8, ToWorker), Decode
             "connect" => ToWorker::Connect(body(k, bytes)?),
             "disconnect" => ToWorker::Disconnect(body(k, bytes)?),
             "cancel" => ToWorker::Cancel(body(k, bytes)?),
-            _ => return Err(DecodeError::UnknownKind { kind }),
+            _ => {
+                return Err(DecodeError::UnknownKind {
+                    kind: kind.into_owned(),
+                })
+            }
         },
     ))
 }
@@ -221,7 +244,7 @@ pub fn decode_from_worker(bytes: &[u8]) -> Result<FromWorker, DecodeError> {
 /// Decodes a worker → router message and tells its version.
 pub fn decode_from_worker_versioned(bytes: &[u8]) -> Result<(u8, FromWorker), DecodeError> {
     let (v, kind) = header(bytes)?;
-    let k = kind.as_str();
+    let k = &*kind;
     Ok((
         v,
         match k {
@@ -238,7 +261,11 @@ pub fn decode_from_worker_versioned(bytes: &[u8]) -> Result<(u8, FromWorker), De
             "unsubscribe" => FromWorker::Unsubscribe(body(k, bytes)?),
             "publish" => FromWorker::Publish(body(k, bytes)?),
             "bye" => FromWorker::Bye(body(k, bytes)?),
-            _ => return Err(DecodeError::UnknownKind { kind }),
+            _ => {
+                return Err(DecodeError::UnknownKind {
+                    kind: kind.into_owned(),
+                })
+            }
         },
     ))
 }
@@ -252,7 +279,9 @@ pub fn encode_publication(p: &Publication) -> Vec<u8> {
 pub fn decode_publication(bytes: &[u8]) -> Result<Publication, DecodeError> {
     let (_, kind) = header(bytes)?;
     if kind != "publication" {
-        return Err(DecodeError::UnknownKind { kind });
+        return Err(DecodeError::UnknownKind {
+            kind: kind.into_owned(),
+        });
     }
     body("publication", bytes)
 }

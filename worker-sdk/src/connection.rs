@@ -37,6 +37,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bridge_proto::{
@@ -45,12 +46,14 @@ use bridge_proto::{
     Welcome,
 };
 use bytes::Bytes;
+use futures_util::task::noop_waker_ref;
+use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument, Span};
 use zeromq::{
     DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend,
     ZmqError, ZmqMessage,
@@ -59,10 +62,12 @@ use zeromq::{
 use crate::backoff::Backoff;
 use crate::config::WorkerConfig;
 use crate::context::{Context, EventContext};
-use crate::dispatch::{run_request, terminal, ConnQueues, Job, Outcome};
+use crate::dispatch::{
+    finish_request, log_outcome, start_request, terminal, ConnQueues, Job, Named, Outcome,
+};
 use crate::error::{HandlerError, SendError, WorkerError};
 use crate::handle::{State, WorkerHandle};
-use crate::handler::{error_push_data, no_binary_handler, Frame, Handlers};
+use crate::handler::{error_push_data, no_binary_handler, Frame, Handlers, RequestFn};
 use crate::outgoing::{too_large_error, ForRequest, Outgoing};
 use crate::salvage;
 use crate::sessions::{ConnDirectory, StatusBoard};
@@ -75,6 +80,12 @@ pub(crate) const SDK: &str = concat!("worker-sdk-rust/", env!("CARGO_PKG_VERSION
 const MAX_KNOWN_CONNECTIONS: usize = 100_000;
 /// A connection queue with nothing to do for this long ends its task.
 const QUEUE_IDLE: Duration = Duration::from_secs(30);
+/// A request handler whose first poll (run by the socket task itself) takes
+/// longer than this ...
+const INLINE_MAX: Duration = Duration::from_micros(50);
+/// ... runs on its own task for the next this many requests of its type;
+/// then its first poll is tried on the socket task again.
+const INLINE_BACKOFF: u32 = 256;
 /// Upper bound on a request's `timeout_ms`, so a hostile value cannot
 /// overflow the deadline arithmetic.
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -130,8 +141,13 @@ impl Link {
     }
 
     async fn send_frame(&mut self, frame: Bytes) -> Result<(), LinkError> {
-        let message = ZmqMessage::from(frame);
-        match tokio::time::timeout(self.send_timeout, self.tx.send(message)).await {
+        let mut send = self.tx.send(ZmqMessage::from(frame));
+        // Almost always there is room in the socket's queue: then no timer
+        // is armed for the bound on the wait.
+        if let Some(result) = (&mut send).now_or_never() {
+            return Ok(result?);
+        }
+        match tokio::time::timeout(self.send_timeout, send).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(LinkError::Blocked(self.send_timeout)),
         }
@@ -220,6 +236,41 @@ struct InFlight {
     cancelled: Option<String>,
 }
 
+/// A request handler, as the socket task finds it by message type.
+struct RequestType {
+    handler: RequestFn,
+    /// The type, shared by the contexts of its requests.
+    name: Arc<str>,
+    /// How many more requests of this type run on their own task before
+    /// the socket task polls one itself again (see [`INLINE_MAX`]).
+    spawn_next: u32,
+}
+
+/// The last route and service seen, shared by the contexts of requests
+/// that name them again (a worker serves few of them).
+#[derive(Default)]
+struct Names {
+    route: Option<Arc<str>>,
+    service: Option<Arc<str>>,
+}
+
+impl Names {
+    fn route(&mut self, route: String) -> Arc<str> {
+        Self::share(&mut self.route, route)
+    }
+
+    fn service(&mut self, service: String) -> Arc<str> {
+        Self::share(&mut self.service, service)
+    }
+
+    fn share(last: &mut Option<Arc<str>>, name: String) -> Arc<str> {
+        match last {
+            Some(known) if **known == *name => known.clone(),
+            _ => last.insert(name.into()).clone(),
+        }
+    }
+}
+
 /// What a `connect` told us about a connection.
 struct ConnInfo {
     route: Arc<str>,
@@ -257,6 +308,8 @@ pub(crate) struct Owner {
     hard_stop: CancellationToken,
     tracker: TaskTracker,
     inflight: HashMap<String, InFlight>,
+    request_types: HashMap<String, RequestType>,
+    names: Names,
     queues: ConnQueues,
     conns: HashMap<String, ConnInfo>,
     backoff: Backoff,
@@ -274,7 +327,21 @@ impl Owner {
         outbound: mpsc::Receiver<Outgoing>,
         spec: SessionSpec,
     ) -> Self {
+        let request_types = handlers
+            .requests
+            .iter()
+            .map(|(t, handler)| {
+                let entry = RequestType {
+                    handler: handler.clone(),
+                    name: t.as_str().into(),
+                    spawn_next: 0,
+                };
+                (t.clone(), entry)
+            })
+            .collect();
         Self {
+            request_types,
+            names: Names::default(),
             backoff: Backoff::new(cfg.backoff_initial, cfg.backoff_max),
             queues: ConnQueues::new(cfg.connection_queue, QUEUE_IDLE),
             cfg,
@@ -430,6 +497,11 @@ impl Owner {
         let mut last_heard = Instant::now();
         let mut grace_deadline: Option<Instant> = None;
         self.frame_limit = None;
+        // One timer for the session, moved only when its deadline changes
+        // (a heartbeat, a resent hello, the grace period), not rebuilt and
+        // re-registered on every message.
+        let sleep = tokio::time::sleep_until(give_up_at);
+        tokio::pin!(sleep);
 
         loop {
             if self.stopping && self.inflight.is_empty() && !self.tracker.is_closed() {
@@ -444,6 +516,9 @@ impl Owner {
             };
             if let Some(g) = grace_deadline {
                 timer = timer.min(g);
+            }
+            if sleep.deadline() != timer {
+                sleep.as_mut().reset(timer);
             }
 
             tokio::select! {
@@ -545,7 +620,7 @@ impl Owner {
                     self.flush_and_linger(&mut link).await;
                     return End::Stopped;
                 }
-                _ = sleep_until(timer) => {
+                _ = &mut sleep => {
                     let now = Instant::now();
                     if grace_deadline.is_some_and(|g| now >= g) {
                         self.abandon_after_grace(&mut link).await;
@@ -648,7 +723,15 @@ impl Owner {
             warn!(correlation.id = %req.cid, "ignoring a duplicate of a request in flight");
             return Ok(());
         }
-        let handler = self.handlers.requests.get(&req.msg_type).cloned();
+        let found = self.request_types.get_mut(req.msg_type.as_str()).map(|t| {
+            let inline = t.spawn_next == 0;
+            t.spawn_next = t.spawn_next.saturating_sub(1);
+            (t.handler.clone(), t.name.clone(), inline)
+        });
+        let (handler, name, inline) = match found {
+            Some((h, n, i)) => (Some(h), Some(n), i),
+            None => (None, None, false),
+        };
         let refusal = match &handler {
             None => Some(self.handlers.no_request_handler(&req.msg_type)),
             // Crossed our bye: retryable, so the router can send it elsewhere.
@@ -670,9 +753,10 @@ impl Owner {
                 .await;
         }
         // Invariant: without a refusal, a handler was found.
-        let Some(handler) = handler else {
+        let (Some(handler), Some(name)) = (handler, name) else {
             return Ok(());
         };
+        let msg_type_key = req.msg_type;
 
         self.note_connection(&req.conn);
         let token = self.hard_stop.child_token();
@@ -690,29 +774,91 @@ impl Owner {
             Some(c) => Some(Arc::new(c)),
             None => self.conns.get(&req.conn).and_then(|c| c.claims.clone()),
         };
-        let span = info_span!(
-            "request",
-            correlation.id = %req.cid,
-            session.id = %req.conn,
-            msg.type = %req.msg_type,
-            attempt = req.attempt,
-        );
+        let attempt = req.attempt;
+        let spans = self.cfg.request_spans;
+        let span = if spans {
+            info_span!(
+                "request",
+                correlation.id = %req.cid,
+                session.id = %req.conn,
+                msg.type = %msg_type_key,
+                attempt,
+            )
+        } else {
+            Span::none()
+        };
+        let started = Instant::now();
+        let deadline = started + timeout;
         let ctx = Context {
-            cid: req.cid.into(),
+            cid: req.cid.as_str().into(),
             conn: req.conn.into(),
-            route: req.route.into(),
-            service: req.service.into(),
-            msg_type: req.msg_type.into(),
+            route: self.names.route(req.route),
+            service: self.names.service(req.service),
+            msg_type: name,
             client_id: req.id,
-            deadline: Instant::now() + timeout,
+            deadline,
             attempt: req.attempt,
-            token,
+            token: token.clone(),
             claims,
             handle: self.handle.clone(),
         };
-        let permits = self.spec.permits.clone();
-        self.tracker
-            .spawn(run_request(handler, ctx, req.data, permits).instrument(span));
+        let mut work = start_request(handler, ctx, req.data, self.spec.permits.clone());
+        let cid = req.cid;
+
+        // A handler that finishes on its first poll (most do: an echo, a
+        // lookup) is answered from here: no task, no channel, no timer.
+        // One whose first poll took longer than `INLINE_MAX` runs on tasks
+        // for its next `INLINE_BACKOFF` requests, so a handler that computes
+        // before its first await cannot hold up the socket.
+        if inline && !token.is_cancelled() && started < deadline {
+            let polled = span.in_scope(|| {
+                work.as_mut()
+                    .poll(&mut std::task::Context::from_waker(noop_waker_ref()))
+            });
+            let took = started.elapsed();
+            if took > INLINE_MAX {
+                if let Some(t) = self.request_types.get_mut(msg_type_key.as_str()) {
+                    t.spawn_next = INLINE_BACKOFF;
+                }
+                span.in_scope(|| {
+                    debug!(
+                        correlation.id = (!spans).then_some(tracing::field::display(&cid)),
+                        poll_us = took.as_micros() as u64,
+                        "the handler's first poll was slow; running this type on tasks for a while"
+                    )
+                });
+            }
+            if let Poll::Ready(outcome) = polled {
+                let terminal = span.in_scope(|| {
+                    let named = Named((!spans).then_some((cid.as_str(), attempt)));
+                    log_outcome(&outcome, started, named);
+                    terminal(cid, outcome)
+                });
+                drop(span);
+                // Whatever the handler queued for its request (partial
+                // replies, pushes) goes out before its terminal message.
+                self.flush_queued(link).await?;
+                return self.emit(link, Outgoing::new(terminal)).await;
+            }
+        }
+        let handle = self.handle.clone();
+        let attempt = (!spans).then_some(attempt);
+        self.tracker.spawn(
+            finish_request(work, cid, attempt, token, deadline, handle, started).instrument(span),
+        );
+        Ok(())
+    }
+
+    /// Writes the messages handlers and handles have queued so far (not
+    /// those queued meanwhile by handlers on other threads: the queue is
+    /// FIFO, so bounding the count is enough and the loop cannot run on).
+    async fn flush_queued(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        for _ in 0..self.outbound.len() {
+            let Ok(out) = self.outbound.try_recv() else {
+                break;
+            };
+            self.emit(link, out).await?;
+        }
         Ok(())
     }
 
@@ -1261,6 +1407,22 @@ mod tests {
             cid: "a".into(),
             reason: "client".into(),
         });
+    }
+
+    #[test]
+    fn names_are_shared_while_they_repeat() {
+        let mut names = Names::default();
+        let a = names.route("/ws".to_owned());
+        let b = names.route("/ws".to_owned());
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "a repeated route is the same allocation"
+        );
+        let c = names.route("/other".to_owned());
+        assert_eq!(&*c, "/other");
+        let d = names.service("/ws".to_owned());
+        assert!(!Arc::ptr_eq(&a, &d), "routes and services are kept apart");
+        assert_eq!((&*a, &*d), ("/ws", "/ws"));
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! Running handlers: one task per request, racing the handler against its
+//! Running handlers: a request's handler, polled once by the socket task and
+//! given a task of its own only if that does not finish it, racing its
 //! cancellation and deadline and turning whatever happens (reply, error,
 //! panic, cancel, timeout) into exactly one terminal message; and one
 //! sequential queue per client connection for everything that gets no reply.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +17,14 @@ use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn, Instrument};
 
 use crate::context::Context;
 use crate::error::HandlerError;
+use crate::handle::WorkerHandle;
 use crate::handler::{Reply, RequestFn};
 
 /// How a request ended, before it becomes a wire message.
@@ -32,27 +37,23 @@ pub(crate) enum Outcome {
     DeadlineExceeded,
 }
 
-/// Runs one request's handler and sends its terminal message.
-///
-/// The handler's future is dropped as soon as the token fires or the deadline
-/// passes, so a handler that never looks at its token still stops.
+/// A request's handler, started: its permit wait (several routers) and the
+/// handler itself, with a panic caught. Polled once by the socket task
+/// and, if that does not finish it, by its own task ([`finish_request`]).
+pub(crate) type Work = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// The handler's work for one request, not yet polled.
 ///
 /// With `permits` (a worker serving several routers shares its capacity
-/// among them), the handler starts only once it holds a permit; the wait
-/// counts against the deadline and ends with a cancel like the handler
-/// would. The permit is given back before the terminal message is queued,
-/// so the next request a router sends for the credit finds it free.
-pub(crate) async fn run_request(
+/// among them), the handler starts only once it holds a permit. The permit
+/// is given back before the outcome is ready, so before the terminal message
+/// is queued: the next request a router sends for the credit finds it free.
+pub(crate) fn start_request(
     handler: RequestFn,
     ctx: Context,
     data: Value,
     permits: Option<Arc<Semaphore>>,
-) {
-    let cid = ctx.cid.to_string();
-    let token = ctx.token.clone();
-    let deadline = ctx.deadline;
-    let handle = ctx.handle.clone();
-    let started = tokio::time::Instant::now();
+) -> Work {
     // The call happens inside the async block so a handler that panics before
     // returning its future is caught like one that panics while polled.
     let work = AssertUnwindSafe(async move {
@@ -68,7 +69,81 @@ pub(crate) async fn run_request(
         handler(ctx, data).await
     })
     .catch_unwind();
+    Box::pin(async move {
+        match work.await {
+            Ok(Ok(reply)) => Outcome::Replied(reply),
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(_) => Outcome::Panicked,
+        }
+    })
+}
 
+/// Which request a line is about, when it is not said by a `request` span
+/// (a worker without request spans): its correlation id and attempt.
+#[derive(Clone, Copy)]
+pub(crate) struct Named<'a>(pub(crate) Option<(&'a str, u32)>);
+
+/// Logs how a request ended (inside the request's span, if it has one).
+pub(crate) fn log_outcome(outcome: &Outcome, started: Instant, named: Named<'_>) {
+    let cid = named.0.map(|(cid, _)| tracing::field::display(cid));
+    let attempt = named.0.map(|(_, attempt)| attempt);
+    match outcome {
+        Outcome::Replied(_) => debug!(
+            correlation.id = cid,
+            attempt,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "replied"
+        ),
+        Outcome::Failed(e) => {
+            debug!(correlation.id = cid, attempt, code = %e.code, "handler returned an error")
+        }
+        Outcome::Panicked => {
+            error!(
+                correlation.id = cid,
+                attempt, "handler panicked; answering worker_error"
+            )
+        }
+        Outcome::Cancelled => debug!(correlation.id = cid, attempt, "cancelled"),
+        Outcome::DeadlineExceeded => warn!(
+            correlation.id = cid,
+            attempt, "deadline passed before the handler finished"
+        ),
+    }
+}
+
+/// Runs one request's handler and sends its terminal message.
+///
+/// The handler's future is dropped as soon as the token fires or the deadline
+/// passes, so a handler that never looks at its token still stops. A wait
+/// for a shared permit counts against the deadline and ends with a cancel
+/// like the handler would.
+#[cfg(test)]
+pub(crate) async fn run_request(
+    handler: RequestFn,
+    ctx: Context,
+    data: Value,
+    permits: Option<Arc<Semaphore>>,
+) {
+    let cid = ctx.cid.to_string();
+    let token = ctx.token.clone();
+    let deadline = ctx.deadline;
+    let handle = ctx.handle.clone();
+    let work = start_request(handler, ctx, data, permits);
+    finish_request(work, cid, None, token, deadline, handle, Instant::now()).await
+}
+
+/// Drives a started request to its end (its handler's outcome, the cancel
+/// or the deadline, whichever comes first) and queues its terminal message.
+/// `attempt`: the request's attempt when it has no span (its lines name it).
+pub(crate) async fn finish_request(
+    work: Work,
+    cid: String,
+    attempt: Option<u32>,
+    token: CancellationToken,
+    deadline: Instant,
+    handle: WorkerHandle,
+    started: Instant,
+) {
     let outcome = tokio::select! {
         biased;
         _ = token.cancelled() => Outcome::Cancelled,
@@ -76,19 +151,9 @@ pub(crate) async fn run_request(
             token.cancel();
             Outcome::DeadlineExceeded
         }
-        result = work => match result {
-            Ok(Ok(reply)) => Outcome::Replied(reply),
-            Ok(Err(e)) => Outcome::Failed(e),
-            Err(_) => Outcome::Panicked,
-        },
+        outcome = work => outcome,
     };
-    match &outcome {
-        Outcome::Replied(_) => debug!(elapsed_ms = started.elapsed().as_millis() as u64, "replied"),
-        Outcome::Failed(e) => debug!(code = %e.code, "handler returned an error"),
-        Outcome::Panicked => error!("handler panicked; answering worker_error"),
-        Outcome::Cancelled => debug!("cancelled"),
-        Outcome::DeadlineExceeded => warn!("deadline passed before the handler finished"),
-    }
+    log_outcome(&outcome, started, Named(attempt.map(|a| (cid.as_str(), a))));
     // The worker may be gone (stopped); then nobody is waiting for the answer.
     let _ = handle.send_for_request(terminal(cid, outcome)).await;
 }
@@ -115,7 +180,8 @@ pub(crate) fn terminal(cid: String, outcome: Outcome) -> FromWorker {
             error(&e.code, e.message, e.retryable, e.retry_after_ms)
         }
         Outcome::Failed(e) => {
-            warn!(code = ?e.code, "handler error code is not snake_case; sending worker_error");
+            warn!(correlation.id = %cid, code = ?e.code,
+                "handler error code is not snake_case; sending worker_error");
             error(
                 codes::WORKER_ERROR,
                 e.message,

@@ -46,8 +46,11 @@
 //! - `sessions` (private): several routers (a comma-separated endpoint
 //!   list): one socket task per router, the status they add up to, which
 //!   router a connection lives on, where a message from a handle goes.
-//! - `dispatch` (private): one task per request (cancel, deadline and panic
-//!   handling) and one ordered queue per client connection for events.
+//! - `dispatch` (private): running a request's handler (cancel, deadline
+//!   and panic handling) and one ordered queue per client connection for
+//!   events. The socket task polls each request's handler once itself; one
+//!   that finishes then (an echo, a lookup) is answered without a task, a
+//!   channel or a timer, and only one that waits gets a task of its own.
 //! - [`publisher`]: [`Publisher`], a publisher session for backends that
 //!   are not workers (no services, capacity 0; same handshake as a worker).
 //! - [`config`], [`error`], [`signal`]: settings and environment defaults,

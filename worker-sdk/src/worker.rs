@@ -172,6 +172,7 @@ pub struct WorkerBuilder {
     capacity: Option<u32>,
     grace_period: Option<Duration>,
     linger: Option<Duration>,
+    request_spans: Option<bool>,
     session: SessionSettings,
     handlers: Handlers,
 }
@@ -284,6 +285,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// Whether handlers run inside a `request` span per request (default
+    /// `true`; see [`WorkerConfig::request_spans`]). Without it a request
+    /// costs about 1 µs less CPU, and lines its handler logs do not name it.
+    pub fn request_spans(mut self, enabled: bool) -> Self {
+        self.request_spans = Some(enabled);
+        self
+    }
+
     /// Uses these environment defaults instead of the process environment
     /// (for tests).
     pub fn env(mut self, env: EnvDefaults) -> Self {
@@ -376,6 +385,9 @@ impl WorkerBuilder {
         }
         if let Some(l) = self.linger {
             c.linger = l;
+        }
+        if let Some(spans) = self.request_spans {
+            c.request_spans = spans;
         }
         c
     }
