@@ -238,6 +238,9 @@ def test_a_refusal_by_one_router_stops_the_worker() -> None:
         task = asyncio.create_task(w.run())
         ia, _ = await a.handshake()
         ib, _ = await b.expect_hello()
+        # a must have taken its welcome before b refuses: a session still in
+        # its handshake when the worker stops has no session to say bye on.
+        await eventually(lambda: w.router_statuses[0][1].state is State.REGISTERED, what="a registered")
         await b.goodbye(ib, "authentication failed: wrong bridge secret", reconnect=False)
         with pytest.raises(WorkerRejected) as err:
             await asyncio.wait_for(task, WAIT)
