@@ -45,6 +45,10 @@ class Outbox:
         self._flushed.set()
         self.closed = False
         self.on_ready: Callable[[], None] | None = None
+        self.expected = False
+        """Set when a frame is likely to be queued by a callback already scheduled
+        (a request task's first step): the pump then schedules its flush once it
+        has dispatched the frames it read, behind those callbacks."""
 
     def __len__(self) -> int:
         return len(self._items)

@@ -145,5 +145,8 @@ class Pump:
             return
         finally:
             self._running = False
-        if (events & _POLLIN and self._reading) or (events & _POLLOUT and outbox.peek() is not None):
+        if outbox.expected:
+            outbox.expected = False
+            self._schedule()
+        elif (events & _POLLIN and self._reading) or (events & _POLLOUT and outbox.peek() is not None):
             self._schedule()

@@ -111,7 +111,7 @@ _EAGER_TASKS = sys.version_info >= (3, 12)
 class _InFlight:
     ctx: Context
     task: asyncio.Task[None]
-    timer: asyncio.TimerHandle
+    timer: asyncio.TimerHandle | None
 
 
 class Session:
@@ -139,6 +139,11 @@ class Session:
         self._backoff = Backoff(worker.config.backoff_initial, worker.config.backoff_max)
         self._outbox: Outbox | None = None
         self._inflight: dict[str, _InFlight] = {}
+        # Requests whose deadline timer is not armed yet (see _start_request).
+        self._unarmed: list[_InFlight] = []
+        # The loop of the socket's life: asyncio.get_running_loop() costs a
+        # getpid() system call per call before Python 3.12, once per request here.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: dict[str, wire.Connect] = {}
         self._queues: dict[str, collections.deque[Callable[[], Awaitable[None]]]] = {}
         self._queue_tasks: dict[str, asyncio.Task[None]] = {}
@@ -253,6 +258,7 @@ class Session:
         return PyzmqLink(self.endpoint, self.worker._zmq(), MAX_INBOUND_FRAME)
 
     async def _socket_life(self) -> None:
+        self._loop = asyncio.get_running_loop()
         link = self._open_link()
         graceful = False
         try:
@@ -502,7 +508,9 @@ class Session:
         return replacement
 
     def _start_request(self, req: wire.Request) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if req.cid in self._inflight:
             log.warning("request %s is already in flight here: duplicate ignored", req.cid)
             return
@@ -531,8 +539,42 @@ class Session:
                 return  # finished without suspending: its terminal message is queued
         else:
             task = loop.create_task(coro, name=f"request {req.cid}")
+            # The task's first step runs on the next loop turn. A handler that
+            # does not suspend finishes there: its deadline timer would only be
+            # armed and cancelled (and, on uvloop, closed: one more loop turn per
+            # request), and its reply would wait for yet another turn to be
+            # written. So the timer is armed after the first steps of this turn's
+            # tasks, only for those still running, and the pump is asked to flush
+            # behind those steps, in the same turn.
+            entry = _InFlight(ctx, task, None)
+            self._inflight[req.cid] = entry
+            if not self._unarmed:
+                loop.call_soon(self._arm_timers, True)
+            self._unarmed.append(entry)
+            if self._outbox is not None:
+                self._outbox.expected = True
+            return
         timer = loop.call_at(ctx.deadline, self._cancel_request, req.cid, "deadline")
         self._inflight[req.cid] = _InFlight(ctx, task, timer)
+
+    def _arm_timers(self, first: bool, entries: list[_InFlight] | None = None) -> None:
+        """Arms the deadline timers of requests started without one, once their
+        tasks' first steps have run: a first pass runs behind the first task of a
+        batch, and leaves those not done to a second pass, behind the rest."""
+        if entries is None:
+            entries, self._unarmed = self._unarmed, []
+        inflight = self._inflight
+        running = [e for e in entries if not e.task.done() and inflight.get(e.ctx.correlation_id) is e]
+        if not running:
+            return
+        loop = asyncio.get_running_loop()
+        if first:
+            loop.call_soon(self._arm_timers, False, running)
+            return
+        cancel = self._cancel_request
+        for e in running:
+            if e.timer is None:
+                e.timer = loop.call_at(e.ctx.deadline, cancel, e.ctx.correlation_id, "deadline")
 
     async def _run_in_slot(self, ctx: Context, handler: _Handler, data: Json) -> None:
         """Runs the request once it holds one of the worker's slots (several routers
@@ -614,7 +656,7 @@ class Session:
         if not ctx._take_terminal():
             return
         entry = self._inflight.pop(ctx.correlation_id, None)
-        if entry is not None:
+        if entry is not None and entry.timer is not None:
             entry.timer.cancel()
         frame = self._within_limit(ctx.correlation_id, encoded)
         if frame is not None:
@@ -713,7 +755,8 @@ class Session:
         for entry in self._inflight.values():
             entry.ctx._mark_cancelled("lost")
             entry.ctx._take_terminal()
-            entry.timer.cancel()
+            if entry.timer is not None:
+                entry.timer.cancel()
             entry.task.cancel()
         self._inflight.clear()
         for task in self._queue_tasks.values():

@@ -510,6 +510,10 @@ class ZmtpPump:
             self._reading = False
             self.end(e)
         self._flush()
+        outbox = self._outbox
+        if outbox.expected:
+            outbox.expected = False
+            self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled:
