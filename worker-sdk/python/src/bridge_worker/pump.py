@@ -44,7 +44,26 @@ class SessionEnd(Exception):
     """Raised by ``on_frame``: the session is over and the worker should reconnect."""
 
 
-class Pump:
+class SessionOutcome:
+    """What every pump shares: the loop time of the last frame received
+    (liveness) and the session's outcome, set once (the first wins)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.last_seen = loop.time()
+        """Loop time of the last frame received (liveness)."""
+        self.ended: asyncio.Future[bool] = loop.create_future()
+
+    def end(self, outcome: bool | BaseException) -> None:
+        """Ends the session (the first outcome wins)."""
+        if self.ended.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.ended.set_exception(outcome)
+        else:
+            self.ended.set_result(outcome)
+
+
+class Pump(SessionOutcome):
     def __init__(
         self,
         sock: zmq.Socket[bytes],
@@ -54,6 +73,7 @@ class Pump:
         max_batch: int = 256,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        super().__init__(self._loop)
         self._sock = sock
         self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._outbox = outbox
@@ -63,9 +83,6 @@ class Pump:
         self._running = False
         self._reading = True
         self._stopped = False
-        self.last_seen = self._loop.time()
-        """Loop time of the last frame received (liveness)."""
-        self.ended: asyncio.Future[bool] = self._loop.create_future()
 
     def start(self) -> None:
         self._loop.add_reader(self._fd, self._run)
@@ -84,15 +101,6 @@ class Pump:
     def stop_reading(self) -> None:
         """Frames that arrive from now on are left unread; queued frames are still written."""
         self._reading = False
-
-    def end(self, outcome: bool | BaseException) -> None:
-        """Ends the session (the first outcome wins)."""
-        if self.ended.done():
-            return
-        if isinstance(outcome, BaseException):
-            self.ended.set_exception(outcome)
-        else:
-            self.ended.set_result(outcome)
 
     def _schedule(self) -> None:
         if not self._scheduled and not self._running:

@@ -46,7 +46,7 @@ import zmq
 
 from . import zmtp
 from .outbox import Outbox
-from .pump import Pump, SessionEnd
+from .pump import Pump, SessionEnd, SessionOutcome
 
 log = logging.getLogger("bridge_worker")
 
@@ -412,7 +412,7 @@ class ZmtpLink(Link):
             raise
 
 
-class ZmtpPump:
+class ZmtpPump(SessionOutcome):
     """The pump of a :class:`ZmtpLink` (the interface of :class:`~bridge_worker.pump.Pump`).
 
     Driven by the connection: each ``data_received`` hands every complete
@@ -435,6 +435,7 @@ class ZmtpPump:
         backlog: list[bytes],
     ) -> None:
         self._loop = link._loop
+        super().__init__(self._loop)
         self._link = link
         self._conn = conn
         self._outbox = outbox
@@ -443,9 +444,6 @@ class ZmtpPump:
         self._scheduled = False
         self._reading = True
         self._stopped = False
-        self.last_seen = self._loop.time()
-        """Loop time of the last frame received (liveness)."""
-        self.ended: asyncio.Future[bool] = self._loop.create_future()
 
     def start(self) -> None:
         conn = self._conn
@@ -477,15 +475,6 @@ class ZmtpPump:
         if transport is not None and not self._conn.closed:
             with contextlib.suppress(RuntimeError):
                 transport.pause_reading()
-
-    def end(self, outcome: bool | BaseException) -> None:
-        """Ends the session (the first outcome wins)."""
-        if self.ended.done():
-            return
-        if isinstance(outcome, BaseException):
-            self.ended.set_exception(outcome)
-        else:
-            self.ended.set_result(outcome)
 
     def _lost(self, reason: str) -> None:
         if not self._stopped and not self.ended.done():
