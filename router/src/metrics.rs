@@ -809,11 +809,6 @@ impl RouteMeter {
         }
     }
 
-    /// The route's path pattern.
-    pub fn route(&self) -> &str {
-        &self.counters.route
-    }
-
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
