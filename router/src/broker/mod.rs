@@ -14,6 +14,8 @@
 //! - `lifecycle`: the fate of a request, from its command to its terminal
 //!   frame: placement, waiting, dispatch, replies, retries, deadlines,
 //!   cancellation.
+//! - `timers`: the deadline, retry and grace timers ([`Timers`]), which do
+//!   not wake the loop that changes them.
 //! - `requests`: the request table it moves requests through (pending,
 //!   waiting, retrying, zombies) and the bytes of request data held.
 //! - `workers`: the worker registry (credits, liveness, least-outstanding
@@ -41,6 +43,7 @@ mod commands;
 mod conns;
 mod lifecycle;
 mod requests;
+mod timers;
 mod workers;
 
 #[cfg(test)]
@@ -55,11 +58,11 @@ use std::{
 use bridge_proto::{self as proto, FromWorker, ToWorker};
 use bytes::Bytes;
 use tokio::time::Instant;
-use tokio_util::time::DelayQueue;
 use tracing::{debug, info};
 
 pub use commands::{BreakerTicket, Command, RequestCmd, Snapshot, WorkerInfo};
 pub use requests::MAX_WAITING;
+pub use timers::Timers;
 
 use crate::{
     client::{OutFrame, Outbound},
@@ -139,11 +142,11 @@ pub struct Broker {
     // The request table's timers live here, side by side, so the bridge's
     // loop can wait on all three at once.
     /// Deadlines of every request the router still owes a terminal frame.
-    pub deadlines: DelayQueue<Cid>,
+    pub deadlines: Timers<Cid>,
     /// When each retrying request gets its next attempt.
-    pub retry_timers: DelayQueue<Cid>,
+    pub retry_timers: Timers<Cid>,
     /// When each zombie's credit is freed without a terminal message.
-    pub zombie_timers: DelayQueue<Cid>,
+    pub zombie_timers: Timers<Cid>,
     /// Draws a retry's jitter from `[0, 1)`; tests pin it.
     jitter: fn() -> f64,
 }
@@ -166,9 +169,9 @@ impl Broker {
             conns: HashMap::new(),
             told_to_hello: HashSet::new(),
             orphaned: HashMap::new(),
-            deadlines: DelayQueue::new(),
-            retry_timers: DelayQueue::new(),
-            zombie_timers: DelayQueue::new(),
+            deadlines: Timers::default(),
+            retry_timers: Timers::default(),
+            zombie_timers: Timers::default(),
             jitter: rand::random::<f64>,
         }
     }
