@@ -245,7 +245,7 @@ impl ConnShared {
         let mut requests = lock(&self.requests);
         if requests.by_key.get(client_key) == Some(cid) {
             requests.by_key.remove(client_key);
-            requests.finishing.push(cid.clone());
+            requests.finishing.push(*cid);
         }
     }
 
@@ -296,7 +296,7 @@ impl Requests {
     /// The terminal frame of `cid` is being queued; `true` if it was
     /// finishing.
     fn finished(&mut self, cid: &str) -> bool {
-        match self.finishing.iter().position(|c| c.0 == cid) {
+        match self.finishing.iter().position(|c| c.as_str() == cid) {
             Some(i) => {
                 self.finishing.swap_remove(i);
                 true
@@ -772,17 +772,17 @@ mod tests {
     fn a_request_is_finishing_until_its_terminal_frame_is_queued() {
         let (c, mut rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
         let (a, b) = (Cid::new(), Cid::new());
-        assert!(c.begin_request("\"a\"".into(), a.clone()));
-        assert!(c.begin_request("\"b\"".into(), b.clone()));
+        assert!(c.begin_request("\"a\"".into(), a));
+        assert!(c.begin_request("\"b\"".into(), b));
         c.end_request("\"a\"", &a);
         c.abort_request("\"b\"", &b);
         assert_eq!(c.inflight_count(), 0, "both ids are free");
         assert!(!c.is_idle(), "a's terminal frame is not queued yet");
         // Partial replies and other requests' frames do not end it.
-        assert!(c.send(OutFrame::reply("r", None, Some(&a.0), json!(1), false).into()));
-        assert!(c.send(OutFrame::error(None, Some(&b.0), "x", "y", None).into()));
+        assert!(c.send(OutFrame::reply("r", None, Some(a.as_str()), json!(1), false).into()));
+        assert!(c.send(OutFrame::error(None, Some(b.as_str()), "x", "y", None).into()));
         assert!(!c.is_idle());
-        assert!(c.send(OutFrame::reply("r", None, Some(&a.0), json!(2), true).into()));
+        assert!(c.send(OutFrame::reply("r", None, Some(a.as_str()), json!(2), true).into()));
         assert!(c.is_idle());
         assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 3);
     }
@@ -791,11 +791,11 @@ mod tests {
     fn duplicate_client_ids_are_refused_while_in_flight() {
         let (c, _rx) = ConnShared::new(ConnId::new(), "/ws".into(), usize::MAX);
         let first = Cid::new();
-        assert!(c.begin_request("\"1\"".into(), first.clone()));
+        assert!(c.begin_request("\"1\"".into(), first));
         assert!(!c.begin_request("\"1\"".into(), Cid::new()));
         c.end_request("\"1\"", &first);
         let second = Cid::new();
-        assert!(c.begin_request("\"1\"".into(), second.clone()));
+        assert!(c.begin_request("\"1\"".into(), second));
         c.end_request("\"1\"", &first);
         assert_eq!(
             c.inflight_count(),

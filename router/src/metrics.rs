@@ -180,6 +180,9 @@ pub struct Metrics {
     resume_ended: Family<L1, Counter>,
     types: DashMap<String, DashSet<String>>,
     routes: DashMap<String, Arc<RouteCounters>>,
+    /// Each route's request-duration histogram, found without building its
+    /// label (the family is keyed by an owned label set).
+    request_histograms: DashMap<String, Histogram>,
     config: Mutex<Option<ConfigStatus>>,
 }
 
@@ -236,6 +239,7 @@ impl Metrics {
             resume_ended: Family::default(),
             types: DashMap::new(),
             routes: DashMap::new(),
+            request_histograms: DashMap::new(),
             config: Mutex::new(None),
             registry: Registry::default(),
         };
@@ -635,9 +639,17 @@ impl Metrics {
     }
 
     pub fn request_finished(&self, route: &str, took: Duration) {
-        self.request_seconds
+        let took = took.as_secs_f64();
+        if let Some(h) = self.request_histograms.get(route) {
+            h.observe(took);
+            return;
+        }
+        let h = self
+            .request_seconds
             .get_or_create(&l1("route", route))
-            .observe(took.as_secs_f64());
+            .clone();
+        h.observe(took);
+        self.request_histograms.insert(route.to_owned(), h);
     }
 
     pub fn rate_limited(&self, route: &str, scope: &str) {

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use crate::{
     ids::{Cid, ConnId},
     policy::breaker::{Admit, Breaker, BreakerPolicy},
+    routes::Route,
 };
 
 /// The route's breaker, the admission the session got from it, and the
@@ -33,8 +34,9 @@ pub struct RequestCmd {
     /// The client's id as JSON text (the key of the connection's in-flight map).
     pub client_key: String,
     pub client_id: Value,
-    pub route: String,
-    pub service: String,
+    /// The route the session followed when it sent the request (its
+    /// pattern, and the service it names).
+    pub route: Arc<Route>,
     pub msg_type: String,
     pub data: Value,
     pub timeout: Duration,

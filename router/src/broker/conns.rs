@@ -366,6 +366,6 @@ mod tests {
         let _ = busy1;
         // c2's home frees: c2's queued request goes, although c1's is ahead of it.
         f.reply(&h2, &busy2, true);
-        assert!(f.out.requests_to(&h2).contains(&waits2.0));
+        assert!(f.out.requests_to(&h2).contains(&waits2.to_string()));
     }
 }

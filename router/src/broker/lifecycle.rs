@@ -48,7 +48,7 @@ impl Broker {
             .requests
             .charge(cmd.size, self.cfg.max_held_request_bytes);
         let deadline_at = now + cmd.timeout;
-        let deadline = self.deadlines.insert_at(cmd.cid.clone(), deadline_at);
+        let deadline = self.deadlines.insert_at(cmd.cid, deadline_at);
         let req = InFlight {
             cmd,
             charge,
@@ -69,8 +69,9 @@ impl Broker {
 
     /// Sends a request to a worker with a free credit, or queues it.
     fn place(&mut self, req: InFlight, now: Instant, out: &mut dyn Outbox) {
-        let service = req.cmd.service.clone();
-        if !self.workers.serves(&service, now) {
+        let route = req.cmd.route.clone();
+        let service = &route.service;
+        if !self.workers.serves(service, now) {
             let msg = format!("no live worker serves `{service}`");
             self.fail(req, codes::NO_WORKERS, msg, Outcome::Failure, false, now);
             return;
@@ -98,7 +99,7 @@ impl Broker {
                 .filter(|home| self.workers.has_credit(home))
         } else {
             self.workers
-                .pick(&req.cmd.service, true, req.avoid.as_ref(), now)
+                .pick(&req.cmd.route.service, true, req.avoid.as_ref(), now)
         }
     }
 
@@ -122,10 +123,10 @@ impl Broker {
         out.send(
             &peer,
             ToWorker::Request(proto::Request {
-                cid: cmd.cid.0.clone(),
+                cid: cmd.cid.to_string(),
                 conn: cmd.conn.0.clone(),
-                route: cmd.route.clone(),
-                service: cmd.service.clone(),
+                route: cmd.route.path.clone(),
+                service: cmd.route.service.clone(),
                 msg_type: cmd.msg_type.clone(),
                 id: cmd.client_id.clone(),
                 data,
@@ -235,13 +236,13 @@ impl Broker {
         out.send(
             &peer,
             ToWorker::Cancel(proto::Cancel {
-                cid: cid.0.clone(),
+                cid: cid.to_string(),
                 reason: reason.to_owned(),
             }),
         );
         self.zombie_timers
-            .insert_at(cid.clone(), now + self.cfg.cancel_grace);
-        self.requests.add_zombie(cid.clone(), peer);
+            .insert_at(*cid, now + self.cfg.cancel_grace);
+        self.requests.add_zombie(*cid, peer);
     }
 
     /// A cancelled request's grace is over. If its worker still has not
@@ -286,8 +287,7 @@ impl Broker {
         info!(correlation.id = %req.cmd.cid, attempt = req.attempt + 1, backoff_ms = backoff.as_millis() as u64, "retrying on another worker");
         req.attempt += 1;
         req.avoid = Some(failed.worker);
-        self.retry_timers
-            .insert_at(req.cmd.cid.clone(), now + backoff);
+        self.retry_timers.insert_at(req.cmd.cid, now + backoff);
         self.requests.retry_later(req);
     }
 
@@ -300,7 +300,10 @@ impl Broker {
         now: Instant,
         out: &mut dyn Outbox,
     ) {
-        let cid = Cid(r.cid);
+        let Some(cid) = Cid::parse(&r.cid) else {
+            debug!(correlation.id = %r.cid, "reply for a request this worker does not hold: dropped");
+            return;
+        };
         let Some(p) = self.requests.pending_at(&cid, &peer) else {
             self.late(&peer, cid, r.done, now, out);
             return;
@@ -309,7 +312,7 @@ impl Broker {
         let frame = OutFrame::reply(
             r.msg_type.unwrap_or_else(|| cmd.msg_type.clone()),
             Some(cmd.client_id.clone()),
-            Some(&cid.0),
+            Some(cid.as_str()),
             r.data,
             r.done,
         );
@@ -336,7 +339,10 @@ impl Broker {
         now: Instant,
         out: &mut dyn Outbox,
     ) {
-        let cid = Cid(e.cid);
+        let Some(cid) = Cid::parse(&e.cid) else {
+            debug!(correlation.id = %e.cid, "error for a request this worker does not hold: dropped");
+            return;
+        };
         let Some(p) = self.requests.pending_at(&cid, &peer) else {
             self.late(&peer, cid, true, now, out);
             return;
@@ -359,7 +365,7 @@ impl Broker {
         let cmd = &p.req.cmd;
         let frame = OutFrame::error(
             Some(cmd.client_id.clone()),
-            Some(&cid.0),
+            Some(cid.as_str()),
             &code,
             e.message,
             e.retry_after_ms,
@@ -405,7 +411,7 @@ impl Broker {
         self.deadlines.try_remove(&p.req.deadline);
         p.req.record(outcome, now);
         self.metrics.request_finished(
-            &p.req.cmd.route,
+            &p.req.cmd.route.path,
             now.saturating_duration_since(p.req.started),
         );
         self.release(&p.worker, now, out);
@@ -426,13 +432,21 @@ impl Broker {
             self.deadlines.try_remove(&req.deadline);
         }
         req.record(outcome, now);
-        self.metrics
-            .request_finished(&req.cmd.route, now.saturating_duration_since(req.started));
+        self.metrics.request_finished(
+            &req.cmd.route.path,
+            now.saturating_duration_since(req.started),
+        );
         let cmd = req.cmd;
         free_client_id(&self.hub, &cmd);
         self.deliver(
             &cmd.conn,
-            OutFrame::error(Some(cmd.client_id), Some(&cmd.cid.0), code, message, None),
+            OutFrame::error(
+                Some(cmd.client_id),
+                Some(cmd.cid.as_str()),
+                code,
+                message,
+                None,
+            ),
         );
     }
 }
@@ -549,7 +563,7 @@ mod tests {
             w.clone(),
             2,
             FromWorker::Error(ErrorReply {
-                cid: cid.0.clone(),
+                cid: cid.to_string(),
                 code: "cancelled".into(),
                 message: "late".into(),
                 retryable: false,
@@ -561,7 +575,10 @@ mod tests {
             frames(&mut rx).is_empty(),
             "late answers never reach the client"
         );
-        assert_eq!(f.out.requests_to(&w), vec![cid.0.clone(), second.0.clone()]);
+        assert_eq!(
+            f.out.requests_to(&w),
+            vec![cid.to_string(), second.to_string()]
+        );
     }
 
     #[tokio::test]
@@ -573,7 +590,7 @@ mod tests {
         let cid = f.request(&conn, &shared, "1", 10_000);
         f.broker.on_command(
             Command::Cancel {
-                cid: cid.clone(),
+                cid,
                 reason: "client",
             },
             &mut f.out,
@@ -603,7 +620,7 @@ mod tests {
         let second = f.request(&conn, &shared, "2", 60_000);
         assert_eq!(
             f.out.requests_to(&w),
-            vec![stuck.0.clone()],
+            vec![stuck.to_string()],
             "the zombie holds the only credit"
         );
 
@@ -618,7 +635,7 @@ mod tests {
         f.broker.on_cancel_grace(due, &mut f.out);
         assert_eq!(
             f.out.requests_to(&w),
-            vec![stuck.0.clone(), second.0.clone()],
+            vec![stuck.to_string(), second.to_string()],
             "the freed credit takes the waiting request"
         );
         // A terminal message after the reclaim is dropped and frees nothing twice.
@@ -678,7 +695,7 @@ mod tests {
                 w.clone(),
                 2,
                 FromWorker::Error(ErrorReply {
-                    cid: cid.0,
+                    cid: cid.to_string(),
                     code: code.into(),
                     message: "m".into(),
                     retryable: false,
@@ -764,7 +781,7 @@ mod tests {
         assert_eq!(f.broker.requests.queue_len("svc"), None);
         assert_eq!(
             f.out.requests_to(&w),
-            vec![busy.0],
+            vec![busy.to_string()],
             "it never reached the worker"
         );
         assert!(f.out.cancels().is_empty(), "nothing to cancel");

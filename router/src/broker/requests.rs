@@ -167,7 +167,7 @@ impl Requests {
         if let Some(p) = self.pending.remove(cid) {
             Some(Taken::Pending(p))
         } else if let Some(r) = self.waiting.remove(cid) {
-            self.unqueue(&r.cmd.service, cid);
+            self.unqueue(&r.cmd.route.service, cid);
             Some(Taken::Waiting(r))
         } else {
             self.retrying.remove(cid).map(Taken::Retrying)
@@ -189,11 +189,11 @@ impl Requests {
     /// Queues a request until a credit frees (callers check
     /// [`Self::waiting_is_full`] first).
     pub(super) fn wait(&mut self, req: InFlight) {
-        let cid = req.cmd.cid.clone();
+        let cid = req.cmd.cid;
         self.queues
-            .entry(req.cmd.service.clone())
+            .entry(req.cmd.route.service.clone())
             .or_default()
-            .push_back(cid.clone());
+            .push_back(cid);
         self.waiting.insert(cid, req);
     }
 
@@ -221,8 +221,8 @@ impl Requests {
         }
         let queue = self.queues.entry(service.to_owned()).or_default();
         for req in set_aside.into_iter().rev() {
-            queue.push_front(req.cmd.cid.clone());
-            self.waiting.insert(req.cmd.cid.clone(), req);
+            queue.push_front(req.cmd.cid);
+            self.waiting.insert(req.cmd.cid, req);
         }
         if queue.is_empty() {
             self.queues.remove(service);
@@ -258,7 +258,7 @@ impl Requests {
     // ----- pending -----------------------------------------------------------------
 
     pub(super) fn insert_pending(&mut self, p: Pending) {
-        self.pending.insert(p.req.cmd.cid.clone(), p);
+        self.pending.insert(p.req.cmd.cid, p);
     }
 
     /// The request, if `peer` holds it.
@@ -276,7 +276,7 @@ impl Requests {
             .pending
             .iter()
             .filter(|(_, p)| p.worker == *peer)
-            .map(|(c, _)| c.clone())
+            .map(|(c, _)| *c)
             .collect();
         lost.iter()
             .filter_map(|cid| self.pending.remove(cid))
@@ -287,7 +287,7 @@ impl Requests {
 
     /// Sets a request aside until its next attempt is due.
     pub(super) fn retry_later(&mut self, req: InFlight) {
-        self.retrying.insert(req.cmd.cid.clone(), req);
+        self.retrying.insert(req.cmd.cid, req);
     }
 
     pub(super) fn take_retrying(&mut self, cid: &Cid) -> Option<InFlight> {

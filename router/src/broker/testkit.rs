@@ -194,15 +194,14 @@ impl Fixture {
         (id, c, rx)
     }
 
-    /// A request of `svc` with no retries and no breaker, 100 bytes.
+    /// A request of `svc` on `/ws` with no retries and no breaker, 100 bytes.
     pub fn cmd(&self, conn: &ConnId, client_id: &str, timeout_ms: u64) -> RequestCmd {
         RequestCmd {
             cid: Cid::new(),
             conn: conn.clone(),
             client_key: json!(client_id).to_string(),
             client_id: json!(client_id),
-            route: "/ws".into(),
-            service: "svc".into(),
+            route: ws_route(),
             msg_type: "echo".into(),
             data: json!({}),
             timeout: ms(timeout_ms),
@@ -216,8 +215,8 @@ impl Fixture {
 
     /// Hands `cmd` to the broker as the session would.
     pub fn submit(&mut self, shared: &ConnShared, cmd: RequestCmd) -> Cid {
-        let cid = cmd.cid.clone();
-        assert!(shared.begin_request(cmd.client_key.clone(), cid.clone()));
+        let cid = cmd.cid;
+        assert!(shared.begin_request(cmd.client_key.clone(), cid));
         self.broker
             .on_command(Command::Request(Box::new(cmd)), &mut self.out);
         cid
@@ -253,7 +252,7 @@ impl Fixture {
             p.clone(),
             2,
             FromWorker::Reply(Reply {
-                cid: cid.0.clone(),
+                cid: cid.to_string(),
                 done,
                 msg_type: None,
                 data: json!(1),
@@ -268,7 +267,7 @@ impl Fixture {
             p.clone(),
             2,
             FromWorker::Error(ErrorReply {
-                cid: cid.0.clone(),
+                cid: cid.to_string(),
                 code: code.into(),
                 message: "m".into(),
                 retryable,
@@ -305,4 +304,9 @@ impl Fixture {
         tokio::time::advance(by).await;
         self.run_due_timers();
     }
+}
+
+/// Route `/ws` of service `svc`, as the routes file would give it.
+pub fn ws_route() -> Arc<crate::routes::Route> {
+    Arc::new(crate::routes::RouteDefaults::BUILTIN.route("/ws", "svc"))
 }

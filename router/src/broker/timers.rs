@@ -83,10 +83,10 @@ impl<T> Timers<T> {
         self.quietly(|q| q.try_remove(key))
     }
 
-    /// How many timers are armed.
+    /// No timer is armed.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.queue.len()
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 
     fn quietly<R>(&mut self, change: impl FnOnce(&mut DelayQueue<T>) -> R) -> R {
@@ -149,7 +149,7 @@ mod tests {
         let early = timers.insert_at(2, now + Duration::from_secs(1));
         assert!(timers.try_remove(&early).is_some());
         assert!(timers.try_remove(&late).is_some());
-        assert_eq!(timers.len(), 0);
+        assert!(timers.is_empty());
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
 
         // A timer that fires wakes the task, and the poll returns it.

@@ -465,7 +465,7 @@ impl Broker {
             // The breaker protects clients from a failing service, not
             // from one crashed process: while the service has another
             // live worker, the loss does not count against the route.
-            let outcome = if self.workers.serves(&p.req.cmd.service, now) {
+            let outcome = if self.workers.serves(&p.req.cmd.route.service, now) {
                 Outcome::Neutral
             } else {
                 Outcome::Failure
@@ -586,7 +586,7 @@ mod tests {
         f.broker.on_connection_closed(&home, &mut f.out);
         assert_eq!(
             f.out.requests_to(&sibling),
-            vec![waiting.0.clone()],
+            vec![waiting.to_string()],
             "re-homed on the sibling without waiting for anything else"
         );
     }
@@ -833,7 +833,7 @@ mod tests {
             for i in 0..n {
                 let cid = Cid::new();
                 let key = json!(i).to_string();
-                assert!(shared.begin_request(key.clone(), cid.clone()));
+                assert!(shared.begin_request(key.clone(), cid));
                 let admit = breaker.admit(Instant::now(), &policy).unwrap();
                 f.broker.on_command(
                     Command::Request(Box::new(RequestCmd {
@@ -841,8 +841,7 @@ mod tests {
                         conn: conn.clone(),
                         client_key: key,
                         client_id: json!(i),
-                        route: "/ws".into(),
-                        service: "svc".into(),
+                        route: crate::broker::testkit::ws_route(),
                         msg_type: "echo".into(),
                         data: json!({}),
                         timeout: Duration::from_secs(10),
@@ -890,7 +889,10 @@ mod tests {
         f.tick();
         assert_eq!(f.broker.worker_count(), 1, "at the limit");
         let second = f.request(&conn, &shared, "2", 60_000);
-        assert_eq!(f.out.requests_to(&w), vec![first.0, second.0]);
+        assert_eq!(
+            f.out.requests_to(&w),
+            vec![first.to_string(), second.to_string()]
+        );
         assert!(frames(&mut rx).is_empty());
 
         // Past it: no longer chosen at once, but removed only by the tick.

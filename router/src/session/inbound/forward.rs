@@ -144,7 +144,7 @@ impl Inbound {
         }
         let key = id.to_string();
         let cid = Cid::new();
-        if !self.shared.begin_request(key.clone(), cid.clone()) {
+        if !self.shared.begin_request(key.clone(), cid) {
             out.frames.push(OutFrame::error(
                 Some(id),
                 None,
@@ -165,12 +165,11 @@ impl Inbound {
         debug!(correlation.id = %cid, r#type = %msg.msg_type, bytes = size, "request");
         self.meter.request_started();
         let cmd = Command::Request(Box::new(RequestCmd {
-            cid: cid.clone(),
+            cid,
             conn,
             client_key: key.clone(),
             client_id: id.clone(),
-            route: self.route.path.clone(),
-            service: self.route.service.clone(),
+            route: self.route.clone(),
             msg_type: msg.msg_type,
             data: msg.data,
             timeout: self.route.request_timeout,
@@ -190,7 +189,7 @@ impl Inbound {
             self.shared.abort_request(&key, &cid);
             out.frames.push(OutFrame::error(
                 Some(id),
-                Some(&cid.0),
+                Some(cid.as_str()),
                 codes::OVERLOADED,
                 "router overloaded: request not accepted",
                 Some(100),

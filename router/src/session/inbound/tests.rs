@@ -160,7 +160,7 @@ fn requests_events_and_bad_frames() {
         (req.client_key.as_str(), req.msg_type.as_str(), &req.data),
         ("\"1\"", "echo", &json!(7))
     );
-    assert_eq!(f.shared.cid_of("\"1\""), Some(req.cid.clone()));
+    assert_eq!(f.shared.cid_of("\"1\""), Some(req.cid));
 
     let table: [(&str, &str); 5] = [
         (r#"{"type":"echo","id":"1"}"#, "bad_request"), // duplicate id in flight
@@ -293,7 +293,7 @@ fn a_closing_session_refuses_requests_and_closes_when_idle_or_at_its_deadline() 
     );
     f.shared.end_request("\"1\"", &cid);
     f.shared
-        .send(OutFrame::error(None, Some(&cid.0), "x", "y", None).into());
+        .send(OutFrame::error(None, Some(cid.as_str()), "x", "y", None).into());
     assert_eq!(f.inbound.close_due(t0).map(|c| c.code), Some(1001));
 }
 
