@@ -179,6 +179,12 @@ pub fn encode_to_worker_as(version: u8, msg: &ToWorker) -> Vec<u8> {
     }
 }
 
+/// Encodes a `request` with `v` = `version`, from borrowed fields: the
+/// same bytes as [`encode_to_worker_as`] of the owned request.
+pub fn encode_request_as(version: u8, request: &RequestRef<'_>) -> Vec<u8> {
+    encode(version, "request", request)
+}
+
 /// Decodes a router → worker message of any supported version.
 pub fn decode_to_worker(bytes: &[u8]) -> Result<ToWorker, DecodeError> {
     decode_to_worker_versioned(bytes).map(|(_, m)| m)
@@ -290,6 +296,36 @@ pub fn decode_publication(bytes: &[u8]) -> Result<Publication, DecodeError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_borrowed_request_encodes_as_the_owned_one() {
+        let (id, data, claims) = (
+            json!(7),
+            json!({"x": [1.5, "é", null]}),
+            json!({"sub": "u"}),
+        );
+        for claims in [None, Some(&claims)] {
+            for version in [1, 2] {
+                let borrowed = RequestRef {
+                    cid: "01J0000000000000000000000A",
+                    conn: "01J0000000000000000000000B",
+                    route: "/ws/{room}",
+                    service: "chat",
+                    msg_type: "say",
+                    id: &id,
+                    data: &data,
+                    timeout_ms: 30_000,
+                    deadline_ms: 1_700_000_000_000,
+                    attempt: 2,
+                    claims,
+                };
+                let owned = ToWorker::Request(borrowed.to_owned());
+                let bytes = encode_request_as(version, &borrowed);
+                assert_eq!(bytes, encode_to_worker_as(version, &owned));
+                assert_eq!(decode_to_worker(&bytes).unwrap(), owned);
+            }
+        }
+    }
 
     #[test]
     fn heartbeat_is_a_two_entry_map() {

@@ -29,7 +29,7 @@ pub mod messages;
 pub use codec::{
     decode_from_worker, decode_from_worker_versioned, decode_header, decode_publication,
     decode_to_worker, decode_to_worker_versioned, encode_from_worker, encode_from_worker_as,
-    encode_publication, encode_to_worker, encode_to_worker_as,
+    encode_publication, encode_request_as, encode_to_worker, encode_to_worker_as,
 };
 pub use error::DecodeError;
 pub use messages::*;

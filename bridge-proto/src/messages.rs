@@ -147,22 +147,26 @@ pub struct Goodbye {
 }
 
 /// Router → worker: a request from a client.
+///
+/// `S` and `V` are how strings and JSON values are held: owned by default
+/// (what a worker decodes), borrowed in [`RequestRef`] (what the router
+/// encodes straight from its own request table). Both encode the same.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
+pub struct Request<S = String, V = Value> {
     /// Router correlation id: unique, sortable; the key for replies.
-    pub cid: String,
+    pub cid: S,
     /// Connection (session) id of the client that sent it.
-    pub conn: String,
+    pub conn: S,
     /// Route pattern the connection matched (e.g. `/ws/vision`).
-    pub route: String,
+    pub route: S,
     /// Service name the worker registered for.
-    pub service: String,
+    pub service: S,
     /// The client's message type.
-    pub msg_type: String,
+    pub msg_type: S,
     /// The client's own request id (string or number), as sent.
-    pub id: Value,
+    pub id: V,
     /// The client's `data`, as MessagePack (null when absent).
-    pub data: Value,
+    pub data: V,
     /// Time left before the router gives up on the request, at sending time.
     pub timeout_ms: u64,
     /// The same deadline as Unix time in milliseconds (for logs; prefer
@@ -173,7 +177,29 @@ pub struct Request {
     /// Verified token claims of the connection, when the route uses auth
     /// (the same as in its `connect`, so any worker can authorize).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claims: Option<Value>,
+    pub claims: Option<V>,
+}
+
+/// A [`Request`] that borrows its strings and values, for encoding.
+pub type RequestRef<'a> = Request<&'a str, &'a Value>;
+
+impl RequestRef<'_> {
+    /// The owned request, as a worker would decode it.
+    pub fn to_owned(&self) -> Request {
+        Request {
+            cid: self.cid.to_owned(),
+            conn: self.conn.to_owned(),
+            route: self.route.to_owned(),
+            service: self.service.to_owned(),
+            msg_type: self.msg_type.to_owned(),
+            id: self.id.clone(),
+            data: self.data.clone(),
+            timeout_ms: self.timeout_ms,
+            deadline_ms: self.deadline_ms,
+            attempt: self.attempt,
+            claims: self.claims.cloned(),
+        }
+    }
 }
 
 /// Router → worker: a fire-and-forget message from a client.

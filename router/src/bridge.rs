@@ -17,8 +17,8 @@
 use std::{sync::Arc, task::Poll, time::Duration};
 
 use bridge_proto::{
-    decode_from_worker_versioned, decode_header, decode_publication, encode_to_worker_as,
-    DecodeError, ToWorker,
+    decode_from_worker_versioned, decode_header, decode_publication, encode_request_as,
+    encode_to_worker_as, DecodeError, RequestRef, ToWorker,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -222,17 +222,35 @@ fn clear_stale_ipc(endpoint: &str) {
 /// peer is bounded in bytes (`worker_send_queue_bytes`): a send past the
 /// bound fails at once, and the peer is declared dead.
 struct ZmqOutbox {
-    /// Peer, protocol version (`None`: the peer's own), message.
-    out: Vec<(PeerId, Option<u8>, ToWorker)>,
+    /// What goes to each peer, in the order the broker queued it.
+    out: Vec<(PeerId, Queued)>,
+}
+
+/// One message the broker queued for a peer.
+// The queue is one `Vec` reused every turn: boxing the large variant would
+// allocate for every message instead.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Queued {
+    /// Encoded when sent, in this protocol version (`None`: the peer's own).
+    Message(Option<u8>, ToWorker),
+    /// A request, encoded from the broker's fields when it was queued.
+    Encoded(Vec<u8>),
 }
 
 impl Outbox for ZmqOutbox {
     fn send(&mut self, peer: &PeerId, msg: ToWorker) {
-        self.out.push((peer.clone(), None, msg));
+        self.out.push((peer.clone(), Queued::Message(None, msg)));
     }
 
     fn send_as(&mut self, peer: &PeerId, version: u8, msg: ToWorker) {
-        self.out.push((peer.clone(), Some(version), msg));
+        self.out
+            .push((peer.clone(), Queued::Message(Some(version), msg)));
+    }
+
+    fn send_request(&mut self, peer: &PeerId, version: u8, request: &RequestRef<'_>) {
+        let body = encode_request_as(version, request);
+        self.out.push((peer.clone(), Queued::Encoded(body)));
     }
 }
 
@@ -252,12 +270,17 @@ async fn flush(
     broker: &Broker,
 ) -> Vec<(PeerId, &'static str)> {
     let mut failed: Vec<(PeerId, &'static str)> = Vec::new();
-    for (peer, version, msg) in outbox.out.drain(..) {
+    for (peer, queued) in outbox.out.drain(..) {
         if failed.iter().any(|(p, _)| *p == peer) {
             continue;
         }
-        let version = version.unwrap_or_else(|| broker.version_of(&peer));
-        let body = Bytes::from(encode_to_worker_as(version, &msg));
+        let body = Bytes::from(match queued {
+            Queued::Message(version, msg) => {
+                let version = version.unwrap_or_else(|| broker.version_of(&peer));
+                encode_to_worker_as(version, &msg)
+            }
+            Queued::Encoded(body) => body,
+        });
         // Two frames, one allocation: routing id, then the message.
         let Ok(frame) = ZmqMessage::try_from(vec![peer.clone(), body]) else {
             // Only an empty vector is refused: not this one.
@@ -536,7 +559,7 @@ mod tests {
         ));
         assert!(matches!(
             outbox.out.as_slice(),
-            [(p, Some(2), ToWorker::Goodbye(g))] if *p == stranger && g.reconnect
+            [(p, Queued::Message(Some(2), ToWorker::Goodbye(g)))] if *p == stranger && g.reconnect
         ));
         // An oversized hello is dropped unread.
         let huge = encode_from_worker(&FromWorker::Hello(Hello {
@@ -573,7 +596,7 @@ mod tests {
             &mut outbox
         ));
         match outbox.out.as_slice() {
-            [(p, Some(1), ToWorker::Goodbye(g))] => {
+            [(p, Queued::Message(Some(1), ToWorker::Goodbye(g)))] => {
                 assert_eq!(*p, future);
                 assert!(!g.reconnect);
                 assert!(

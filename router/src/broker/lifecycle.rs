@@ -112,29 +112,31 @@ impl Broker {
         };
         let left = req.left(now);
         // Keep the data only while another attempt may need it.
-        let data = if req.may_retry() {
-            req.cmd.data.clone()
+        let sent_once = if req.may_retry() {
+            None
         } else {
             req.charge.release();
-            std::mem::take(&mut req.cmd.data)
+            Some(std::mem::take(&mut req.cmd.data))
         };
         let cmd = &req.cmd;
         debug!(correlation.id = %cmd.cid, session.id = %cmd.conn, worker = %worker.name, r#type = %cmd.msg_type, attempt = req.attempt, "request sent to worker");
-        out.send(
+        // Encoded from the request's own fields: nothing copied first.
+        out.send_request(
             &peer,
-            ToWorker::Request(proto::Request {
-                cid: cmd.cid.to_string(),
-                conn: cmd.conn.0.clone(),
-                route: cmd.route.path.clone(),
-                service: cmd.route.service.clone(),
-                msg_type: cmd.msg_type.clone(),
-                id: cmd.client_id.clone(),
-                data,
+            worker.version,
+            &proto::RequestRef {
+                cid: cmd.cid.as_str(),
+                conn: &cmd.conn.0,
+                route: &cmd.route.path,
+                service: &cmd.route.service,
+                msg_type: &cmd.msg_type,
+                id: &cmd.client_id,
+                data: sent_once.as_ref().unwrap_or(&cmd.data),
                 timeout_ms: left.as_millis() as u64,
                 deadline_ms: unix_ms() + left.as_millis() as u64,
                 attempt: req.attempt,
-                claims: cmd.claims.clone(),
-            }),
+                claims: cmd.claims.as_ref(),
+            },
         );
         self.requests.insert_pending(Pending {
             req,

@@ -88,6 +88,11 @@ pub trait Outbox {
     fn send_as(&mut self, peer: &PeerId, _version: u8, msg: ToWorker) {
         self.send(peer, msg);
     }
+    /// Sends a request in `version` (its worker's), from fields the broker
+    /// keeps: the bridge encodes it at once, with nothing copied first.
+    fn send_request(&mut self, peer: &PeerId, version: u8, request: &proto::RequestRef<'_>) {
+        self.send_as(peer, version, ToWorker::Request(request.to_owned()));
+    }
 }
 
 /// Broker settings.
