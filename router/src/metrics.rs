@@ -693,6 +693,7 @@ impl Metrics {
     pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
         self.routes.retain(|r, _| keep(r));
         self.types.retain(|r, _| keep(r));
+        self.request_histograms.retain(|r, _| keep(r));
     }
 
     pub fn set_breaker(&self, route: &str, state: i64) {
@@ -899,6 +900,32 @@ mod tests {
         let text = m.render();
         assert_eq!(text.matches("code=\"other\"").count(), 1, "{text}");
         assert_eq!(text.matches("code=\"4xxx\"").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn request_durations_go_to_the_routes_series_and_churn_is_forgotten() {
+        let m = Metrics::new();
+        for (route, ms) in [("/kept", 3), ("/kept", 5), ("/gone", 7)] {
+            m.request_finished(route, Duration::from_millis(ms));
+        }
+        let text = m.render();
+        let count = |route: &str| {
+            let series = format!("router_request_duration_seconds_count{{route=\"{route}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&series));
+            line.and_then(|l| l[series.len()..].trim().parse::<u64>().ok())
+        };
+        assert_eq!(
+            (count("/kept"), count("/gone")),
+            (Some(2), Some(1)),
+            "{text}"
+        );
+        m.retain_routes(|r| r == "/kept");
+        let kept: Vec<String> = m
+            .request_histograms
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        assert_eq!(kept, ["/kept"]);
     }
 
     #[test]
