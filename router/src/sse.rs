@@ -341,6 +341,15 @@ impl Drop for SseSocket {
     }
 }
 
+impl crate::session::Socket for SseSocket {
+    /// POSTs from now on are refused (`401`) instead of queued where the
+    /// session would no longer read them; the frames already taken stay
+    /// readable.
+    fn stop_input(&mut self) {
+        self.inbound.close();
+    }
+}
+
 impl Stream for SseSocket {
     type Item = Result<Message, axum::Error>;
 
@@ -483,7 +492,7 @@ pub fn feed(
                 return Err(PostError {
                     status: StatusCode::UNAUTHORIZED,
                     code: "unauthorized",
-                    message: "the session has ended".into(),
+                    message: "the session's event stream has closed (the session ended, or waits for a resume)".into(),
                     index: at(i),
                 })
             }
@@ -650,5 +659,29 @@ mod tests {
             Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, 1000),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A session leaving its socket reads what was taken (`202`), and a
+    /// POST after that is refused rather than queued where nobody reads.
+    #[tokio::test]
+    async fn a_socket_that_stops_input_keeps_what_it_took_and_refuses_the_rest() {
+        use crate::session::Socket;
+        let registry = Arc::new(SseRegistry::default());
+        let (mut socket, _body) = connect(registry.clone(), "s1", None);
+        let up = registry.upstream("s1").unwrap();
+        assert_eq!(up.post(None, br#"{"type":"taken"}"#, 1000).ok(), Some(1));
+        socket.stop_input();
+        let e = up.post(None, br#"{"type":"late"}"#, 1000).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        match socket.next().await {
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["type"], "taken")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            socket.next().await.is_none(),
+            "nothing after what was taken"
+        );
     }
 }

@@ -9,7 +9,7 @@
 use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use axum::extract::ws::Message;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::{
     sync::watch,
     time::{Instant, Sleep},
@@ -37,6 +37,10 @@ use crate::{
 
 /// How long a resume waits for the session's other connection to yield.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// At most this many frames that a socket took before its session left it
+/// are still read (the HTTP fallback's queue holds fewer).
+const LEFT_BEHIND: usize = 512;
 
 /// How long a socket closed for bad input stays open after its close frame.
 const ERROR_CLOSE_LINGER: Duration = Duration::from_millis(300);
@@ -66,7 +70,10 @@ where
             // make every idle session's future as large as the largest.
             Box::pin(session.env.bridge.send(*connect)).await;
         }
-        let outcome = session.serve(&mut socket).await;
+        let mut outcome = session.serve(&mut socket).await;
+        if matches!(outcome, Outcome::Lost(_)) && session.parkable() {
+            outcome = session.read_what_was_taken(&mut socket, outcome);
+        }
         session.finish(outcome);
     }
     .instrument(span)
@@ -489,15 +496,62 @@ impl<B: Bridge> Session<B> {
         }
     }
 
+    /// Whether a lost connection leaves the session parked for a resume.
+    fn parkable(&self) -> bool {
+        self.token.is_some()
+            && resumable(self.state.inbound.route())
+            && !self.env.draining.is_cancelled()
+            && !self.state.shared.kill.is_cancelled()
+            && !self.state.inbound.is_closing()
+    }
+
+    /// The session is about to park, its connection lost or taken over by
+    /// its owner's resume: the frames its socket has already taken are
+    /// read first, so that they become requests of the session (in the
+    /// resume's `in_flight`, or answered in its replay) instead of being
+    /// dropped with the socket. The HTTP fallback answered each of them
+    /// `202`; a WebSocket's are those already received. Nothing is waited
+    /// for: the socket stops taking input, and reading ends at the first
+    /// frame not already there (or a close, an error, the end).
+    fn read_what_was_taken<S: Socket>(&mut self, socket: &mut S, lost: Outcome) -> Outcome {
+        socket.stop_input();
+        for _ in 0..LEFT_BEHIND {
+            // Unconstrained: a spent task budget would read as "nothing there".
+            let next = tokio::task::unconstrained(socket.next()).now_or_never();
+            let mut actions = match next {
+                Some(Some(Ok(Message::Text(text)))) => {
+                    self.state
+                        .inbound
+                        .on_text(text.as_str(), Instant::now(), &self.env.bridge)
+                }
+                Some(Some(Ok(Message::Binary(data)))) => {
+                    self.state.inbound.on_binary(data, &self.env.bridge)
+                }
+                Some(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                _ => break,
+            };
+            if let Some(req) = actions.resume.take() {
+                // This connection's session lives on elsewhere now.
+                let why = Refusal::Attached;
+                actions
+                    .frames
+                    .push(OutFrame::resume_failed(req.id, why.as_str(), why.message()));
+            }
+            let close = actions.close.take();
+            self.apply_now(actions);
+            if let Some(close) = close {
+                // A policy closes the session (a rate limit): it ends.
+                return Outcome::Ended(Ending::new(close.code, close.reason));
+            }
+        }
+        lost
+    }
+
     /// After the socket: a lost session on a resumable route is parked;
     /// anything else ends.
     fn finish(self, outcome: Outcome) {
         let policy = self.state.inbound.route().resume;
-        let parkable = self.token.is_some()
-            && resumable(self.state.inbound.route())
-            && !self.env.draining.is_cancelled()
-            && !self.state.shared.kill.is_cancelled()
-            && !self.state.inbound.is_closing();
+        let parkable = self.parkable();
         match outcome {
             Outcome::Lost(_) if parkable => parking::park(&self.env, self.state, policy),
             Outcome::Lost(ending) | Outcome::Ended(ending) => {
@@ -754,6 +808,8 @@ mod tests {
         }
     }
 
+    impl crate::session::Socket for Boom {}
+
     #[tokio::test(start_paused = true)]
     async fn a_panicking_session_leaves_nothing_behind() {
         let route = testkit::route("/ws", "svc");
@@ -851,6 +907,44 @@ mod tests {
             drop(client);
             session.await.unwrap();
         }
+    }
+
+    /// A resume takes the session over from a connection whose frames were
+    /// taken but not yet read (the fallback answered their POSTs `202`):
+    /// they become the session's requests before it parks, not lost with
+    /// the socket. The takeover and the frame are both ready before the
+    /// old session runs again, and the takeover is served first.
+    #[tokio::test(start_paused = true)]
+    async fn frames_taken_before_a_takeover_are_read_before_the_session_parks() {
+        let mut route = testkit::route("/ws", "svc");
+        route.resume = crate::routes::ResumePolicy::DEFAULT;
+        let (env, mut rx) = testkit::env(table(&[&route]), 16);
+        let lot = env.lot.clone();
+        let runtimes = Runtimes::default();
+        let start = testkit::start(&runtimes, Arc::new(route));
+        let (socket, mut client) = testkit::socket();
+        let session = tokio::spawn(run(socket, env, start));
+        let welcome = client.next_json().await;
+        let id = welcome["data"]["session_id"].as_str().unwrap().to_owned();
+        let token = welcome["data"]["resume_token"].as_str().unwrap().to_owned();
+        let scope = "/ws\n/ws\n";
+
+        client.send_text(r#"{"type":"echo","id":"taken"}"#);
+        assert_eq!(
+            lot.claim(&id, &token, scope).err(),
+            Some(Refusal::Attached),
+            "the claim asks the live connection to yield"
+        );
+        session.await.unwrap();
+        let claimed = lot.claim(&id, &token, scope).expect("parked");
+        assert_eq!(claimed.value.shared.inflight_ids(), vec![json!("taken")]);
+        let cmds = commands(&mut rx);
+        assert!(
+            cmds.iter()
+                .any(|c| matches!(c, Command::Request(r) if r.msg_type == "echo")),
+            "the request reached the bridge: {cmds:?}"
+        );
+        claimed.value.end(Ending::new(1000, "test over"));
     }
 }
 

@@ -73,10 +73,17 @@ where
     driver::run(socket, Env::of(&app), start)
 }
 
-/// A client's WebSocket, as the session reads and writes it.
-pub trait Socket: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin {}
+/// A client's connection as the session reads and writes it: a WebSocket,
+/// or the HTTP fallback's [`SseSocket`](crate::sse::SseSocket).
+pub trait Socket: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin {
+    /// The session leaves the socket (its connection was lost, or its owner
+    /// resumed it elsewhere) and reads only what the socket has already
+    /// taken: a socket that accepts input on the client's behalf (the
+    /// fallback answers each POST `202`) stops accepting it here.
+    fn stop_input(&mut self) {}
+}
 
-impl<T> Socket for T where T: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin {}
+impl Socket for axum::extract::ws::WebSocket {}
 
 /// The bounded command channel to the bridge, as the inbound state machine
 /// sees it: a send that never waits.

@@ -133,6 +133,8 @@ impl TestClient {
     }
 }
 
+impl super::Socket for TestSocket {}
+
 impl Stream for TestSocket {
     type Item = Result<Message, axum::Error>;
 
