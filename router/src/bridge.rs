@@ -355,18 +355,13 @@ async fn owner_loop(owner: Owner) {
                     if outbox.out.len() >= 256 { break; }
                 }
             }
-            msg = recv.recv() => match msg {
-                Ok(msg) => {
-                    if !on_frame(&mut broker, msg, &mut outbox) {
-                        metrics.bridge_invalid();
-                    }
+            // A stream, not `recv()`: its future would be boxed every turn.
+            // It never ends (a ROUTER waits for peers).
+            Some(msg) = recv.next() => {
+                if !on_frame(&mut broker, msg, &mut outbox) {
+                    metrics.bridge_invalid();
                 }
-                Err(e) => {
-                    warn!(error = %e, "bridge receive failed");
-                    // Do not spin if the socket keeps failing.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
+            }
             Some(expired) = broker.deadlines.next() => {
                 let cid = expired.into_inner();
                 broker.on_deadline(cid, &mut outbox);

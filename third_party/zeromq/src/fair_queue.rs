@@ -7,7 +7,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::atomic;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 pub(crate) struct QueueInner<S, K: Clone> {
@@ -15,6 +15,9 @@ pub(crate) struct QueueInner<S, K: Clone> {
     ready_queue: BinaryHeap<ReadyEvent<K>>,
     queued: HashSet<K>,
     streams: HashMap<K, Pin<Box<S>>>,
+    /// The waker each stream is polled with, made on its first poll and
+    /// kept while the stream is (one allocation per stream, not per poll).
+    wakers: HashMap<K, Arc<StreamWaker<S, K>>>,
     waker: Option<Waker>,
     /// Callback invoked when a stream ends (peer disconnected).
     /// Wrapped in Arc so it can be cloned and called outside the lock.
@@ -32,6 +35,7 @@ impl<S, K: Clone + Eq + Hash> QueueInner<S, K> {
 
     pub fn remove(&mut self, k: &K) {
         self.streams.remove(k);
+        self.wakers.remove(k);
         self.queued.remove(k);
     }
 
@@ -41,6 +45,7 @@ impl<S, K: Clone + Eq + Hash> QueueInner<S, K> {
     /// other components (like reconnect tasks) hold Arc references to the inner.
     pub fn clear(&mut self) {
         self.streams.clear();
+        self.wakers.clear();
         self.ready_queue.clear();
         self.queued.clear();
         // Wake the waker so any pending poll_next returns
@@ -89,8 +94,9 @@ impl<K: Clone> Ord for ReadyEvent<K> {
 }
 
 struct StreamWaker<S, K: Clone> {
-    inner: Arc<Mutex<QueueInner<S, K>>>,
-    event: ReadyEvent<K>,
+    /// Weak: the queue holds its streams' wakers.
+    inner: Weak<Mutex<QueueInner<S, K>>>,
+    key: K,
 }
 
 impl<S, K> ArcWake for StreamWaker<S, K>
@@ -99,8 +105,11 @@ where
     K: Clone + Eq + Hash + Send + Sync,
 {
     fn wake_by_ref(arc_self: &Arc<Self>) {
-        let mut inner = arc_self.inner.lock();
-        inner.push_ready(arc_self.event.key.clone());
+        let Some(inner) = arc_self.inner.upgrade() else {
+            return;
+        };
+        let mut inner = inner.lock();
+        inner.push_ready(arc_self.key.clone());
         if let Some(waker) = inner.waker.take() {
             waker.wake_by_ref();
         }
@@ -126,7 +135,7 @@ where
 
         while remaining_ready > 0 {
             remaining_ready -= 1;
-            let (event, mut io_stream) = {
+            let (event, mut io_stream, waker) = {
                 let mut inner = fair_queue.inner.lock();
                 inner.waker = Some(cx.waker().clone());
                 let event = match inner.ready_queue.pop() {
@@ -140,16 +149,22 @@ where
                     }
                 };
                 inner.queued.remove(&event.key);
-                match inner.streams.remove(&event.key) {
-                    Some(stream) => (event, stream),
-                    None => continue,
-                }
+                let Some(stream) = inner.streams.remove(&event.key) else {
+                    continue;
+                };
+                let waker = inner
+                    .wakers
+                    .entry(event.key.clone())
+                    .or_insert_with(|| {
+                        Arc::new(StreamWaker {
+                            inner: Arc::downgrade(&fair_queue.inner),
+                            key: event.key.clone(),
+                        })
+                    })
+                    .clone();
+                (event, stream, waker)
             };
 
-            let waker = Arc::new(StreamWaker {
-                inner: fair_queue.inner.clone(),
-                event: event.clone(),
-            });
             let waker_ref = waker_ref(&waker);
             let mut cx = Context::from_waker(&waker_ref);
             match io_stream.as_mut().poll_next(&mut cx) {
@@ -166,7 +181,8 @@ where
                     // Clone the callback Arc so we can call it outside the lock
                     // (to avoid deadlock if callback accesses inner)
                     let callback = {
-                        let inner = fair_queue.inner.lock();
+                        let mut inner = fair_queue.inner.lock();
+                        inner.wakers.remove(&event.key);
                         inner.on_disconnect.clone()
                     };
                     // Call callback outside the lock
@@ -210,6 +226,7 @@ impl<S, K: Clone> FairQueue<S, K> {
                 ready_queue: BinaryHeap::new(),
                 queued: HashSet::new(),
                 streams: HashMap::new(),
+                wakers: HashMap::new(),
                 waker: None,
                 on_disconnect: None,
             })),
@@ -627,5 +644,68 @@ mod test {
             stream.poll_count, 1,
             "FairQueue should not consume same-poll wake events immediately"
         );
+    }
+
+    /// Records the waker of every poll; always pending until it is told to end.
+    struct WakerRecorder {
+        wakers: std::sync::Arc<std::sync::Mutex<Vec<std::task::Waker>>>,
+        end: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Stream for WakerRecorder {
+        type Item = &'static str;
+
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.wakers.lock().unwrap().push(cx.waker().clone());
+            if self.end.load(std::sync::atomic::Ordering::SeqCst) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        }
+    }
+
+    /// A stream is polled with the same waker every time (made once, not
+    /// per poll), and its waker goes when it ends: peers that come and go
+    /// leave nothing behind.
+    #[test]
+    fn test_fair_queue_keeps_one_waker_per_stream_while_it_lives() {
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let end = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut fair_queue: FairQueue<WakerRecorder, &str> = FairQueue::new(false);
+        let inner = fair_queue.inner();
+        inner.lock().insert(
+            "peer",
+            WakerRecorder {
+                wakers: seen.clone(),
+                end: end.clone(),
+            },
+        );
+        for _ in 0..3 {
+            assert!(Pin::new(&mut fair_queue).poll_next(&mut cx).is_pending());
+            // What the stream's I/O does when data arrives.
+            let last = seen.lock().unwrap().last().unwrap().clone();
+            last.wake();
+        }
+        {
+            let wakers = seen.lock().unwrap();
+            assert_eq!(wakers.len(), 3);
+            assert!(wakers[1].will_wake(&wakers[0]) && wakers[2].will_wake(&wakers[0]));
+        }
+        assert_eq!(inner.lock().wakers.len(), 1);
+
+        end.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(
+            Pin::new(&mut fair_queue).poll_next(&mut cx),
+            Poll::Ready(None)
+        ));
+        assert!(
+            inner.lock().wakers.is_empty(),
+            "an ended stream's waker goes"
+        );
+        assert!(inner.lock().streams.is_empty());
+        // A waker the stream's I/O still holds wakes nothing, harmlessly.
+        seen.lock().unwrap().pop().unwrap().wake();
     }
 }

@@ -100,9 +100,11 @@ impl From<Vec<u8>> for ZmqMessage {
 impl From<Bytes> for ZmqMessage {
     #[inline]
     fn from(b: Bytes) -> Self {
-        Self {
-            frames: vec![b].into(),
-        }
+        // Room for a second frame: a ROUTER puts the routing id in front of
+        // every message it receives, which would otherwise grow the queue.
+        let mut frames = VecDeque::with_capacity(2);
+        frames.push_back(b);
+        Self { frames }
     }
 }
 

@@ -186,20 +186,37 @@ impl SocketSend for RouterSendHalf {
 #[async_trait]
 impl SocketRecv for RouterRecvHalf {
     async fn recv(&mut self) -> ZmqResult<ZmqMessage> {
+        match self.next().await {
+            Some(message) => Ok(message),
+            None => Err(ZmqError::NoMessage),
+        }
+    }
+}
+
+/// The messages of every peer, fairly queued, each with its routing id in
+/// front: what [`SocketRecv::recv`] returns, without a future per call (a
+/// receive loop that `select!`s on `recv()` allocates one per turn).
+impl futures::Stream for RouterRecvHalf {
+    type Item = ZmqMessage;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ZmqMessage>> {
+        use std::task::Poll;
         loop {
-            match self.fair_queue.next().await {
-                Some((peer_id, Ok(Message::Message(mut message)))) => {
+            match self.fair_queue.poll_next_unpin(cx) {
+                Poll::Ready(Some((peer_id, Ok(Message::Message(mut message))))) => {
                     message.push_front(peer_id.into());
-                    return Ok(message);
+                    return Poll::Ready(Some(message));
                 }
-                Some((_peer_id, Ok(_))) => {}
-                Some((peer_id, Err(_e))) => {
+                Poll::Ready(Some((_peer_id, Ok(_)))) => {}
+                Poll::Ready(Some((peer_id, Err(_e)))) => {
                     self.inner.backend.peer_disconnected(&peer_id);
                 }
-                None => {
-                    return Err(ZmqError::NoMessage);
-                }
-            };
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
