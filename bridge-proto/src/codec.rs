@@ -67,7 +67,7 @@ const MAX_KIND_LEN: usize = 16;
 
 /// Bytes reserved for a message body before encoding it: a small reply or
 /// request (an id, a correlation id, a short payload) fits without growing.
-const SMALL_BODY: usize = 192;
+const SMALL_BODY: usize = 384;
 
 /// The entry count and header length of a MessagePack map at the start of `b`.
 fn map_len(b: &[u8]) -> Option<(u32, usize)> {

@@ -350,12 +350,28 @@ impl OutFrame {
         }
     }
 
-    /// Serializes the frame with its sequence number.
+    /// Serializes the frame with its sequence number, into a buffer sized
+    /// from [`Self::estimate`] (so that it does not grow on the way).
     pub fn to_json(&mut self, seq: u64) -> String {
         self.seq = seq;
+        let mut out = Vec::with_capacity(self.estimate() + 64);
         // Invariant: the frame holds only strings, numbers, booleans and JSON
-        // values, which serde_json always serializes.
-        serde_json::to_string(self).expect("client frames are always serializable")
+        // values, which serde_json always serializes (as UTF-8).
+        serde_json::to_writer(&mut out, self).expect("client frames are always serializable");
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
+
+    /// Roughly the frame's bytes as JSON (see [`json_size_hint`]).
+    fn estimate(&self) -> usize {
+        64 + self.msg_type.len()
+            + self.id.as_ref().map_or(0, json_size_hint)
+            + self.correlation_id.as_ref().map_or(0, String::len)
+            + self.topic.as_ref().map_or(0, String::len)
+            + self.data.as_ref().map_or(0, json_size_hint)
+            + self
+                .error
+                .as_ref()
+                .map_or(0, |e| e.code.len() + e.message.len() + 32)
     }
 }
 
@@ -404,15 +420,7 @@ impl Outbound {
         match self {
             Outbound::Frame(f) => {
                 if f.cost == 0 {
-                    f.cost = 64
-                        + f.msg_type.len()
-                        + f.id.as_ref().map_or(0, json_size_hint)
-                        + f.correlation_id.as_ref().map_or(0, String::len)
-                        + f.topic.as_ref().map_or(0, String::len)
-                        + f.data.as_ref().map_or(0, json_size_hint)
-                        + f.error
-                            .as_ref()
-                            .map_or(0, |e| e.code.len() + e.message.len() + 32);
+                    f.cost = f.estimate();
                 }
                 f.cost
             }

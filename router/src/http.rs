@@ -692,7 +692,7 @@ async fn upgrade(
     };
     let conn = ConnId::new();
     let connect = proto::Connect {
-        conn: conn.0.clone(),
+        conn: conn.0.to_string(),
         route: route.path.clone(),
         service: route.service.clone(),
         path: path.to_owned(),

@@ -226,7 +226,7 @@ impl ConnShared {
     }
 
     /// Records a request as in flight; `false` if that client id already is.
-    pub fn begin_request(&self, client_key: String, cid: Cid) -> bool {
+    pub fn begin_request(&self, client_key: Arc<str>, cid: Cid) -> bool {
         let mut requests = lock(&self.requests);
         if requests.by_key.contains_key(&client_key) {
             return false;
@@ -286,7 +286,7 @@ impl ConnShared {
 #[derive(Debug, Default)]
 struct Requests {
     /// In flight: client id (as JSON text) → correlation id.
-    by_key: HashMap<String, Cid>,
+    by_key: HashMap<Arc<str>, Cid>,
     /// Ended ([`ConnShared::end_request`]) but their terminal frame not yet
     /// queued; a few at most, for the moment between the two steps.
     finishing: Vec<Cid>,
@@ -633,7 +633,7 @@ impl Hub {
     /// A subscriber as presence shows it.
     fn entry(&self, id: &ConnId, m: &Member) -> Present {
         Present {
-            session_id: id.0.clone(),
+            session_id: id.0.to_string(),
             user: m.user.clone(),
             router_id: self.router_id().to_owned(),
         }

@@ -5,7 +5,7 @@
 //! across routers without coordination, so logs of several routers and of the
 //! workers can be joined and ordered on them.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 /// The length of a ULID's text.
 const ULID_LEN: usize = ulid::ULID_LEN;
@@ -16,9 +16,10 @@ const ULID_LEN: usize = ulid::ULID_LEN;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cid([u8; ULID_LEN]);
 
-/// A connection (session) id.
+/// A connection (session) id. Shared text: it goes with every command
+/// and request of its session, and a clone is a count, not a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub String);
+pub struct ConnId(pub Arc<str>);
 
 impl Cid {
     pub fn new() -> Self {
@@ -47,7 +48,7 @@ impl fmt::Debug for Cid {
 
 impl ConnId {
     pub fn new() -> Self {
-        Self(ulid::Ulid::new().to_string())
+        Self(ulid::Ulid::new().to_string().into())
     }
 }
 

@@ -119,7 +119,7 @@ pub async fn run(
         .router_id
         .clone()
         .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| ConnId::new().0);
+        .unwrap_or_else(|| ConnId::new().0.to_string());
     hub.set_router_id(&router_id);
     // A bad CLUSTER_URL stops the start; an unreachable Redis does not.
     let cluster = match settings.cluster_url.as_deref() {

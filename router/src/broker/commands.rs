@@ -31,8 +31,9 @@ pub struct BreakerTicket {
 pub struct RequestCmd {
     pub cid: Cid,
     pub conn: ConnId,
-    /// The client's id as JSON text (the key of the connection's in-flight map).
-    pub client_key: String,
+    /// The client's id as JSON text (the key of the connection's in-flight
+    /// map, which holds the same text).
+    pub client_key: std::sync::Arc<str>,
     pub client_id: Value,
     /// The route the session followed when it sent the request (its
     /// pattern, and the service it names).

@@ -47,7 +47,7 @@ impl ConnEntry {
     /// The `connect` again, for a new home worker.
     fn connect(&self, conn: &ConnId) -> proto::Connect {
         rmp_serde::from_slice(&self.connect).unwrap_or_else(|_| proto::Connect {
-            conn: conn.0.clone(),
+            conn: conn.0.to_string(),
             route: self.route.clone(),
             service: self.service.clone(),
             path: self.route.clone(),
@@ -68,7 +68,7 @@ impl Broker {
         now: Instant,
         out: &mut dyn Outbox,
     ) {
-        let conn = ConnId(connect.conn.clone());
+        let conn = ConnId(connect.conn.as_str().into());
         self.conns.insert(conn.clone(), ConnEntry::new(&connect));
         // Choose the home now so the worker learns of the client at once.
         self.choose_home(&conn, now, out, Some(*connect));
@@ -95,7 +95,7 @@ impl Broker {
             out.send(
                 &home,
                 ToWorker::Disconnect(proto::Disconnect {
-                    conn: conn.0,
+                    conn: conn.0.to_string(),
                     route: entry.route,
                     service: entry.service,
                     code,
@@ -140,7 +140,7 @@ impl Broker {
             Some((peer, route, service)) => out.send(
                 &peer,
                 ToWorker::Event(proto::Event {
-                    conn: conn.0,
+                    conn: conn.0.to_string(),
                     route,
                     service,
                     msg_type,
@@ -172,7 +172,7 @@ impl Broker {
             Some((peer, route, service)) => out.send(
                 &peer,
                 ToWorker::Binary(proto::Binary {
-                    conn: conn.0,
+                    conn: conn.0.to_string(),
                     route,
                     service,
                     data: data.to_vec(),
@@ -204,7 +204,7 @@ impl Broker {
             out.send(
                 &peer,
                 ToWorker::Raw(proto::RawFrame {
-                    conn: conn.0,
+                    conn: conn.0.to_string(),
                     binary,
                     payload: payload.to_vec(),
                 }),
@@ -328,7 +328,7 @@ mod tests {
         let (conn, _shared, mut rx) = f.connected_client();
         let push = |msg_type: &str, data: Value| {
             FromWorker::Push(Push {
-                conn: conn.0.clone(),
+                conn: conn.0.to_string(),
                 msg_type: msg_type.into(),
                 data,
             })

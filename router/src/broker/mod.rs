@@ -296,15 +296,17 @@ impl Broker {
                     let worker = self.workers.get(&peer).map(|w| w.name.as_str());
                     info!(session.id = %p.conn, worker, code, "a worker answered a message without request id with an error");
                 }
-                self.hub.send(&ConnId(p.conn), frame.into());
+                self.hub.send(&ConnId(p.conn.into()), frame.into());
             }
             FromWorker::PushBinary(p) => {
-                self.hub
-                    .send(&ConnId(p.conn), Outbound::Binary(Bytes::from(p.data)));
+                self.hub.send(
+                    &ConnId(p.conn.into()),
+                    Outbound::Binary(Bytes::from(p.data)),
+                );
             }
             FromWorker::Raw(r) => {
                 self.hub.send(
-                    &ConnId(r.conn),
+                    &ConnId(r.conn.into()),
                     Outbound::Raw {
                         binary: r.binary,
                         payload: Bytes::from(r.payload),
@@ -317,16 +319,19 @@ impl Broker {
                 } else {
                     1000
                 };
-                if let Some(conn) = self.hub.get(&ConnId(c.conn)) {
+                if let Some(conn) = self.hub.get(&ConnId(c.conn.into())) {
                     conn.close(code, &c.reason);
                 }
             }
             FromWorker::Subscribe(t) => {
-                if let Err(e) = self.hub.subscribe(&ConnId(t.conn.clone()), &t.topic) {
+                if let Err(e) = self
+                    .hub
+                    .subscribe(&ConnId(t.conn.as_str().into()), &t.topic)
+                {
                     debug!(session.id = %t.conn, error = %e, "worker subscription refused");
                 }
             }
-            FromWorker::Unsubscribe(t) => self.hub.unsubscribe(&ConnId(t.conn), &t.topic),
+            FromWorker::Unsubscribe(t) => self.hub.unsubscribe(&ConnId(t.conn.into()), &t.topic),
             FromWorker::Publish(p) => {
                 self.hub.publish(&p.topic, &p.msg_type, p.data);
             }

@@ -178,7 +178,7 @@ impl Fixture {
         let (id, c, rx) = self.client();
         self.broker.on_command(
             Command::Connect(Box::new(proto::Connect {
-                conn: id.0.clone(),
+                conn: id.0.to_string(),
                 route: "/ws".into(),
                 service: "svc".into(),
                 path: "/ws".into(),
@@ -199,7 +199,7 @@ impl Fixture {
         RequestCmd {
             cid: Cid::new(),
             conn: conn.clone(),
-            client_key: json!(client_id).to_string(),
+            client_key: json!(client_id).to_string().into(),
             client_id: json!(client_id),
             route: ws_route(),
             msg_type: "echo".into(),

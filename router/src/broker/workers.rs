@@ -832,7 +832,7 @@ mod tests {
             let n = if siblings { 4 } else { 3 };
             for i in 0..n {
                 let cid = Cid::new();
-                let key = json!(i).to_string();
+                let key: std::sync::Arc<str> = json!(i).to_string().into();
                 assert!(shared.begin_request(key.clone(), cid));
                 let admit = breaker.admit(Instant::now(), &policy).unwrap();
                 f.broker.on_command(

@@ -475,7 +475,7 @@ impl<B: Bridge> Session<B> {
             "id": req.id,
             "done": true,
             "data": {
-                "session_id": st.shared.id.0,
+                "session_id": &*st.shared.id.0,
                 // Invariant: set just above.
                 "resume_token": self.token.as_ref().map(Token::as_str),
                 "replayed": replay.len(),
@@ -663,7 +663,7 @@ mod tests {
             (welcome["type"].clone(), welcome["seq"].clone()),
             (json!("welcome"), json!(0))
         );
-        assert_eq!(welcome["data"]["session_id"], json!(conn.0));
+        assert_eq!(welcome["data"]["session_id"], json!(&*conn.0));
         assert_eq!(welcome["data"]["heartbeat_ms"], 20_000);
         assert!(exchange(&mut client, r#"{"type":"note"}"#).await.is_empty());
         let _ = client.to_session.send(Ok(Message::Close(Some(CloseFrame {
@@ -675,7 +675,7 @@ mod tests {
         assert!(hub.is_empty());
         assert_eq!(runtimes.get("/ws").connections(), 0, "the slot is free");
         let cmds = commands(&mut rx);
-        assert!(matches!(cmds.first(), Some(Command::Connect(c)) if c.conn == conn.0));
+        assert!(matches!(cmds.first(), Some(Command::Connect(c)) if *c.conn == *conn.0));
         assert!(matches!(cmds.get(1), Some(Command::Event { msg_type, .. }) if msg_type == "note"));
         assert_eq!(disconnect_of(&cmds), (conn, 1000, vec![]));
     }

@@ -229,7 +229,7 @@ impl Inbound {
     /// when the session may be resumed.
     pub fn welcome(&self, heartbeat_ms: u64, resume: Option<(&str, Duration)>) -> OutFrame {
         let mut data = json!({
-            "session_id": self.shared.id.0,
+            "session_id": &*self.shared.id.0,
             "route": self.route.path,
             "path": self.path,
             "heartbeat_ms": heartbeat_ms,

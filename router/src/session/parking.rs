@@ -53,7 +53,7 @@ pub(crate) type Lot<B> = ParkingLot<SessionState<B>>;
 /// Parks `state` (its socket dropped) for `policy.ttl`, or ends it when the
 /// budget cannot take it.
 pub(crate) fn park<B: Bridge>(env: &Env<B>, mut state: SessionState<B>, policy: ResumePolicy) {
-    let id = state.shared.id.0.clone();
+    let id = state.shared.id.0.to_string();
     let route = state.inbound.route().path.clone();
     // A parked session holds no connection: its places under the route's
     // cap and MAX_CONNECTIONS go back (the connection that resumes it

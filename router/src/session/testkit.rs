@@ -198,7 +198,7 @@ pub(crate) fn start(runtimes: &Runtimes, route: Arc<Route>) -> SessionStart {
         .expect("no connection limit");
     SessionStart {
         connect: bridge_proto::Connect {
-            conn: conn.0.clone(),
+            conn: conn.0.to_string(),
             route: route.path.clone(),
             service: route.service.clone(),
             path: route.path.clone(),

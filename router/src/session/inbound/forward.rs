@@ -142,7 +142,7 @@ impl Inbound {
             ));
             return;
         }
-        let key = id.to_string();
+        let key: std::sync::Arc<str> = id.to_string().into();
         let cid = Cid::new();
         if !self.shared.begin_request(key.clone(), cid) {
             out.frames.push(OutFrame::error(

@@ -157,7 +157,7 @@ fn requests_events_and_bad_frames() {
         panic!("{sent:?}")
     };
     assert_eq!(
-        (req.client_key.as_str(), req.msg_type.as_str(), &req.data),
+        (&*req.client_key, req.msg_type.as_str(), &req.data),
         ("\"1\"", "echo", &json!(7))
     );
     assert_eq!(f.shared.cid_of("\"1\""), Some(req.cid));
