@@ -331,7 +331,15 @@ impl<B: Bridge> Session<B> {
                 }
                 Some(out) = self.state.outbound.recv() => {
                     let st = &mut self.state;
-                    if let Err(Gone) = Box::pin(st.writer.write_batch(&mut *socket, out, &mut st.outbound)).await {
+                    // Written at once in the common case; only a wait for
+                    // the socket is boxed (its state would make every idle
+                    // session's future larger).
+                    let written = match st.writer.write_batch(&mut *socket, out, &mut st.outbound) {
+                        Ok(None) => Ok(()),
+                        Ok(Some(rest)) => Box::pin(st.writer.write_rest(&mut *socket, rest)).await,
+                        Err(Gone) => Err(Gone),
+                    };
+                    if let Err(Gone) = written {
                         return self.gone();
                     }
                 }

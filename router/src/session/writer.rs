@@ -8,7 +8,12 @@
 //! Every write gives up on a peer that stops reading, so a client that never
 //! reads costs a bounded wait, not a stuck task.
 
-use std::{sync::Arc, task::Poll, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, StreamExt};
@@ -194,26 +199,55 @@ impl Writer {
     /// Writes `first` and whatever else is already queued (up to a batch),
     /// with one flush: a stream of small frames costs one syscall per batch
     /// rather than per frame, so a reading client keeps up with a fast
-    /// worker.
-    pub async fn write_batch<S>(
+    /// worker. It never waits: it writes as far as the socket takes frames
+    /// at once, which is the common case, with no allocation of its own.
+    /// `Ok(Some(rest))`: the socket has no room now, and
+    /// [`Self::write_rest`] waits to write `rest` (empty: only the flush);
+    /// the rest of the queue stays queued.
+    ///
+    /// The socket is polled with a waker that does nothing: a socket that
+    /// is not ready is polled again by `write_rest`, with the task's waker,
+    /// before the task waits.
+    pub fn write_batch<S>(
         &mut self,
         socket: &mut S,
         first: Outbound,
         outbound: &mut crate::outbox::OutboxRx,
-    ) -> Result<(), Gone>
+    ) -> Result<Option<Vec<Message>>, Gone>
     where
         S: Sink<Message> + Unpin,
     {
-        let mut msgs = Vec::new();
+        let cx = &mut Context::from_waker(Waker::noop());
+        let mut socket = Pin::new(socket);
         let mut next = Some(first);
+        let mut written = 0;
         while let Some(mut out) = next.take() {
             self.shared.dequeued(&mut out);
-            msgs.push(self.encode(out));
-            if msgs.len() < WRITE_BATCH {
+            let msg = self.encode(out);
+            match socket.as_mut().poll_ready(cx) {
+                Poll::Ready(Ok(())) => socket.as_mut().start_send(msg).map_err(|_| Gone)?,
+                Poll::Ready(Err(_)) => return Err(Gone),
+                Poll::Pending => return Ok(Some(vec![msg])),
+            }
+            written += 1;
+            if written < WRITE_BATCH {
                 next = outbound.try_recv().ok();
             }
         }
-        self.send_or_give_up(socket, msgs).await
+        match socket.poll_flush(cx) {
+            Poll::Ready(Ok(())) => Ok(None),
+            Poll::Ready(Err(_)) => Err(Gone),
+            Poll::Pending => Ok(Some(Vec::new())),
+        }
+    }
+
+    /// What [`Self::write_batch`] could not write at once: written, and
+    /// flushed, unless the peer stops reading.
+    pub async fn write_rest<S>(&self, socket: &mut S, rest: Vec<Message>) -> Result<(), Gone>
+    where
+        S: Sink<Message> + Unpin,
+    {
+        self.send_or_give_up(socket, rest).await
     }
 
     /// Writes what is queued right now (before a close that is not the
@@ -390,7 +424,8 @@ mod tests {
         }
         let mut sink: Vec<Message> = Vec::new();
         let first = rx.try_recv().unwrap();
-        w.write_batch(&mut sink, first, &mut rx).await.unwrap();
+        let rest = w.write_batch(&mut sink, first, &mut rx).unwrap();
+        assert!(rest.is_none(), "a Vec always has room");
         assert_eq!(sink.len(), WRITE_BATCH);
         let seqs: Vec<u64> = sink.iter().filter_map(seq_of).collect();
         assert_eq!(seqs, (0..WRITE_BATCH as u64).collect::<Vec<_>>());
