@@ -230,7 +230,9 @@ impl<B: Bridge> Session<B> {
         }
         let ping_every = self.env.client_ping;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-        let mut last_heard = Instant::now();
+        // Ping ticks since the client was last heard from (counted rather
+        // than timed: no clock read per message).
+        let mut silent_ticks = 0u32;
         let draining = self.env.draining.clone();
         // The closing deadline's timer, made once closing starts (idle
         // sessions carry no timer for it).
@@ -240,7 +242,12 @@ impl<B: Bridge> Session<B> {
             // While closing, close once no request is in flight (or the
             // time is up), after writing what is queued: the terminal frame
             // of the last request may still be there.
-            if let Some(close) = self.state.inbound.close_due(Instant::now()) {
+            let close_due = if self.state.inbound.is_closing() {
+                self.state.inbound.close_due(Instant::now())
+            } else {
+                None
+            };
+            if let Some(close) = close_due {
                 let st = &mut self.state;
                 Box::pin(st.writer.flush_queue(&mut *socket, &mut st.outbound)).await;
                 return Outcome::Ended(
@@ -283,7 +290,10 @@ impl<B: Bridge> Session<B> {
                 // queue busy must not starve the client's frames (a `cancel`) or
                 // the keep-alive; reads are bounded by the rate limits.
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > ping_every * 3 {
+                    // The first tick comes one interval after the start;
+                    // more than three intervals without a word: gone.
+                    silent_ticks += 1;
+                    if silent_ticks > 3 {
                         return Outcome::Lost(Box::pin(self.state.writer.close(&mut *socket, 1001, "no answer to pings")).await);
                     }
                     if Box::pin(self.state.writer.ping(&mut *socket)).await.is_err() {
@@ -291,7 +301,7 @@ impl<B: Bridge> Session<B> {
                     }
                 }
                 incoming = socket.next() => {
-                    last_heard = Instant::now();
+                    silent_ticks = 0;
                     let actions = match incoming {
                         None => return Outcome::Lost(Ending::new(1006, "connection dropped")),
                         Some(Err(e)) => {
@@ -913,6 +923,43 @@ mod tests {
             );
             assert_eq!(close_frame(&mut client).await.0, 1001);
             drop(client);
+            session.await.unwrap();
+        }
+    }
+
+    /// Keep-alive: a client that answers no ping for more than three ping
+    /// intervals is closed (1001) at the fourth tick; one that answers (a
+    /// pong is a word) stays.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_no_ping_is_closed_and_one_that_answers_stays() {
+        let route = testkit::route("/ws", "svc");
+        for answers in [false, true] {
+            let (env, _rx) = testkit::env(table(&[&route]), 16);
+            let every = env.client_ping;
+            let runtimes = Runtimes::default();
+            let start = testkit::start(&runtimes, Arc::new(route.clone()));
+            let (socket, mut client) = testkit::socket();
+            let session = tokio::spawn(run(socket, env, start));
+            client.next_json().await;
+            let t0 = Instant::now();
+            if answers {
+                for _ in 0..6 {
+                    match client.next().await {
+                        Message::Ping(_) => {
+                            let _ = client
+                                .to_session
+                                .send(Ok(Message::Pong(Default::default())));
+                        }
+                        other => panic!("expected a ping, got {other:?}"),
+                    }
+                }
+                assert_eq!(t0.elapsed(), every * 6, "six pings answered, still open");
+                drop(client);
+            } else {
+                let (code, reason) = close_frame(&mut client).await;
+                assert_eq!((code, reason.as_str()), (1001, "no answer to pings"));
+                assert_eq!(t0.elapsed(), every * 4);
+            }
             session.await.unwrap();
         }
     }
