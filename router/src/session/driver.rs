@@ -261,16 +261,14 @@ impl<B: Bridge> Session<B> {
                 (None, Some(_)) => closing = None,
                 _ => {}
             }
-            let kill = self.state.shared.kill.clone();
-            let takeover = self.takeover.clone();
             tokio::select! {
                 biased;
-                _ = takeover.cancelled() => {
+                _ = self.takeover.cancelled() => {
                     info!("the session's owner resumed it on another connection: yielding");
                     let ending = Box::pin(self.state.writer.close_now(&mut *socket, 1001, "session resumed on another connection")).await;
                     return Outcome::Lost(ending);
                 }
-                _ = kill.cancelled() => {
+                _ = self.state.shared.kill.cancelled() => {
                     let st = &mut self.state;
                     let kill = st.shared.kill_reason().unwrap_or(Kill { code: 1011, reason: "closed".into(), flush: false });
                     if kill.flush {
