@@ -10,6 +10,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::ids::Cid;
+
 /// A well-formed client message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientMessage {
@@ -207,7 +209,7 @@ pub struct OutFrame {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Cid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -243,13 +245,13 @@ impl OutFrame {
     pub fn reply(
         msg_type: impl Into<String>,
         id: Option<Value>,
-        cid: Option<&str>,
+        cid: Option<Cid>,
         data: Value,
         done: bool,
     ) -> Self {
         Self {
             id,
-            correlation_id: cid.map(str::to_owned),
+            correlation_id: cid,
             data: Some(data),
             done: Some(done),
             ..Self::new(msg_type)
@@ -259,14 +261,14 @@ impl OutFrame {
     /// A terminal error frame.
     pub fn error(
         id: Option<Value>,
-        cid: Option<&str>,
+        cid: Option<Cid>,
         code: &str,
         message: impl Into<String>,
         retry_after_ms: Option<u64>,
     ) -> Self {
         Self {
             id,
-            correlation_id: cid.map(str::to_owned),
+            correlation_id: cid,
             done: Some(true),
             error: Some(ErrorBody {
                 code: code.to_owned(),
@@ -365,7 +367,7 @@ impl OutFrame {
     fn estimate(&self) -> usize {
         64 + self.msg_type.len()
             + self.id.as_ref().map_or(0, json_size_hint)
-            + self.correlation_id.as_ref().map_or(0, String::len)
+            + self.correlation_id.map_or(0, |c| c.as_str().len())
             + self.topic.as_ref().map_or(0, String::len)
             + self.data.as_ref().map_or(0, json_size_hint)
             + self
@@ -556,11 +558,12 @@ mod tests {
 
     #[test]
     fn frames_serialize_to_the_documented_shape() {
-        let mut reply = OutFrame::reply("echo", Some(json!("1")), Some("C1"), json!({"x":1}), true);
+        let cid = Cid::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        let mut reply = OutFrame::reply("echo", Some(json!("1")), Some(cid), json!({"x":1}), true);
         let v: Value = serde_json::from_str(&reply.to_json(4)).unwrap();
         assert_eq!(
             v,
-            json!({"type":"echo","id":"1","correlation_id":"C1","data":{"x":1},"done":true,"seq":4})
+            json!({"type":"echo","id":"1","correlation_id":"01ARZ3NDEKTSV4RRFFQ69G5FAV","data":{"x":1},"done":true,"seq":4})
         );
         let mut err = OutFrame::error(None, None, "bad_request", "nope", Some(10));
         let v: Value = serde_json::from_str(&err.to_json(0)).unwrap();

@@ -125,12 +125,10 @@ impl ConnShared {
         // then), so [`ConnShared::is_idle`] never sees it gone while its
         // frame is not yet in the queue.
         let _finishing = match &out {
-            Outbound::Frame(f) if f.done == Some(true) => {
-                f.correlation_id.as_deref().and_then(|cid| {
-                    let mut requests = lock(&self.requests);
-                    requests.finished(cid).then_some(requests)
-                })
-            }
+            Outbound::Frame(f) if f.done == Some(true) => f.correlation_id.and_then(|cid| {
+                let mut requests = lock(&self.requests);
+                requests.finished(&cid).then_some(requests)
+            }),
             _ => None,
         };
         let max_frames = self.max_frames.load(Ordering::Relaxed);
@@ -295,8 +293,8 @@ struct Requests {
 impl Requests {
     /// The terminal frame of `cid` is being queued; `true` if it was
     /// finishing.
-    fn finished(&mut self, cid: &str) -> bool {
-        match self.finishing.iter().position(|c| c.as_str() == cid) {
+    fn finished(&mut self, cid: &Cid) -> bool {
+        match self.finishing.iter().position(|c| c == cid) {
             Some(i) => {
                 self.finishing.swap_remove(i);
                 true
@@ -779,10 +777,10 @@ mod tests {
         assert_eq!(c.inflight_count(), 0, "both ids are free");
         assert!(!c.is_idle(), "a's terminal frame is not queued yet");
         // Partial replies and other requests' frames do not end it.
-        assert!(c.send(OutFrame::reply("r", None, Some(a.as_str()), json!(1), false).into()));
-        assert!(c.send(OutFrame::error(None, Some(b.as_str()), "x", "y", None).into()));
+        assert!(c.send(OutFrame::reply("r", None, Some(a), json!(1), false).into()));
+        assert!(c.send(OutFrame::error(None, Some(b), "x", "y", None).into()));
         assert!(!c.is_idle());
-        assert!(c.send(OutFrame::reply("r", None, Some(a.as_str()), json!(2), true).into()));
+        assert!(c.send(OutFrame::reply("r", None, Some(a), json!(2), true).into()));
         assert!(c.is_idle());
         assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 3);
     }

@@ -314,7 +314,7 @@ impl Broker {
         let frame = OutFrame::reply(
             r.msg_type.unwrap_or_else(|| cmd.msg_type.clone()),
             Some(cmd.client_id.clone()),
-            Some(cid.as_str()),
+            Some(cid),
             r.data,
             r.done,
         );
@@ -367,7 +367,7 @@ impl Broker {
         let cmd = &p.req.cmd;
         let frame = OutFrame::error(
             Some(cmd.client_id.clone()),
-            Some(cid.as_str()),
+            Some(cid),
             &code,
             e.message,
             e.retry_after_ms,
@@ -442,13 +442,7 @@ impl Broker {
         free_client_id(&self.hub, &cmd);
         self.deliver(
             &cmd.conn,
-            OutFrame::error(
-                Some(cmd.client_id),
-                Some(cmd.cid.as_str()),
-                code,
-                message,
-                None,
-            ),
+            OutFrame::error(Some(cmd.client_id), Some(cmd.cid), code, message, None),
         );
     }
 }

@@ -897,8 +897,7 @@ mod tests {
             exchange(&mut client, r#"{"type":"echo","id":"r"}"#).await;
             let shared = hub.get(&conn).unwrap();
             let cid = shared.cid_of("\"r\"").unwrap();
-            let terminal =
-                OutFrame::reply("echo", Some(json!("r")), Some(cid.as_str()), json!(1), true);
+            let terminal = OutFrame::reply("echo", Some(json!("r")), Some(cid), json!(1), true);
 
             // What the broker does, in its order: free the id, queue the frame.
             shared.end_request("\"r\"", &cid);

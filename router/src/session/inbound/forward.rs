@@ -189,7 +189,7 @@ impl Inbound {
             self.shared.abort_request(&key, &cid);
             out.frames.push(OutFrame::error(
                 Some(id),
-                Some(cid.as_str()),
+                Some(cid),
                 codes::OVERLOADED,
                 "router overloaded: request not accepted",
                 Some(100),

@@ -293,7 +293,7 @@ fn a_closing_session_refuses_requests_and_closes_when_idle_or_at_its_deadline() 
     );
     f.shared.end_request("\"1\"", &cid);
     f.shared
-        .send(OutFrame::error(None, Some(cid.as_str()), "x", "y", None).into());
+        .send(OutFrame::error(None, Some(cid), "x", "y", None).into());
     assert_eq!(f.inbound.close_due(t0).map(|c| c.code), Some(1001));
 }
 
