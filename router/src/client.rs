@@ -356,7 +356,12 @@ impl OutFrame {
     /// from [`Self::estimate`] (so that it does not grow on the way).
     pub fn to_json(&mut self, seq: u64) -> String {
         self.seq = seq;
-        let mut out = Vec::with_capacity(self.estimate() + 64);
+        let estimate = if self.cost != 0 {
+            self.cost
+        } else {
+            self.estimate()
+        };
+        let mut out = Vec::with_capacity(estimate + 64);
         // Invariant: the frame holds only strings, numbers, booleans and JSON
         // values, which serde_json always serializes (as UTF-8).
         serde_json::to_writer(&mut out, self).expect("client frames are always serializable");

@@ -140,6 +140,9 @@ pub struct SseSocket {
     pending: VecDeque<Message>,
     outbound: PollSender<Bytes>,
     closed: bool,
+    /// The session left the socket ([`crate::session::Socket::stop_input`]): what was
+    /// taken is still read after a close.
+    input_stopped: bool,
     /// The `close` event answering a client's close (`DELETE`), written by
     /// the next flush, as a WebSocket answers a close frame.
     close_reply: Option<Bytes>,
@@ -174,6 +177,7 @@ pub fn connect(
         pending,
         outbound: PollSender::new(tx),
         closed: false,
+        input_stopped: false,
         close_reply: None,
         registry,
         upstream,
@@ -347,6 +351,7 @@ impl crate::session::Socket for SseSocket {
     /// readable.
     fn stop_input(&mut self) {
         self.inbound.close();
+        self.input_stopped = true;
     }
 }
 
@@ -357,7 +362,7 @@ impl Stream for SseSocket {
         if let Some(m) = self.pending.pop_front() {
             return Poll::Ready(Some(Ok(m)));
         }
-        if self.closed {
+        if self.closed && !self.input_stopped {
             return Poll::Ready(None);
         }
         let m = std::task::ready!(self.inbound.poll_recv(cx));
@@ -683,5 +688,25 @@ mod tests {
             socket.next().await.is_none(),
             "nothing after what was taken"
         );
+
+        // The same after the session wrote its close (a takeover's 1001).
+        let (mut socket, _body) = connect(registry.clone(), "s2", None);
+        let up = registry.upstream("s2").unwrap();
+        assert_eq!(up.post(None, br#"{"type":"taken"}"#, 1000).ok(), Some(1));
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code: 1001,
+                reason: "session resumed on another connection".into(),
+            })))
+            .await
+            .unwrap();
+        socket.stop_input();
+        match socket.next().await {
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["type"], "taken")
+            }
+            other => panic!("a closed socket still gives what it took: {other:?}"),
+        }
+        assert!(socket.next().await.is_none());
     }
 }

@@ -531,10 +531,15 @@ impl<B: Bridge> Session<B> {
     /// frame not already there (or a close, an error, the end).
     fn read_what_was_taken<S: Socket>(&mut self, socket: &mut S, lost: Outcome) -> Outcome {
         socket.stop_input();
+        // A frame read now does not prove that the client got this
+        // connection's `resumed` and its token (it may have been sent
+        // before, or the `resumed` lost): the token it resumed with stays
+        // good for its next resume.
+        self.confirm_pending = false;
         for _ in 0..LEFT_BEHIND {
             // Unconstrained: a spent task budget would read as "nothing there".
             let next = tokio::task::unconstrained(socket.next()).now_or_never();
-            let mut actions = match next {
+            let actions = match next {
                 Some(Some(Ok(Message::Text(text)))) => {
                     self.state
                         .inbound
@@ -546,19 +551,19 @@ impl<B: Bridge> Session<B> {
                 Some(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
                 _ => break,
             };
-            if let Some(req) = actions.resume.take() {
-                // This connection's session lives on elsewhere now.
-                let why = Refusal::Attached;
-                actions
-                    .frames
-                    .push(OutFrame::resume_failed(req.id, why.as_str(), why.message()));
+            if actions.resume.is_some() || actions.close.is_some() {
+                // A `resume`, or a frame a policy answers with a close (a
+                // rate limit): neither can be carried out on a connection
+                // that is gone, and neither frame was taken. The reading
+                // stops here; `in_flight` shows the client what was taken.
+                debug!("a frame left on a lost connection asks for a resume or a close: not read further");
+                break;
             }
-            let close = actions.close.take();
             self.apply_now(actions);
-            if let Some(close) = close {
-                // A policy closes the session (a rate limit): it ends.
-                return Outcome::Ended(Ending::new(close.code, close.reason));
-            }
+        }
+        if self.state.shared.kill.is_cancelled() {
+            // Killed while reading (its queue overflowed): it ends as killed.
+            return self.gone();
         }
         lost
     }
