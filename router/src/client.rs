@@ -9,6 +9,7 @@ use bridge_proto::codes;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
+use std::{fmt::Write as _, sync::Arc};
 
 use crate::ids::Cid;
 
@@ -410,6 +411,8 @@ pub fn json_size_hint(v: &Value) -> usize {
 #[derive(Debug, Clone)]
 pub enum Outbound {
     Frame(Box<OutFrame>),
+    /// A publication's frame, serialized once for all its subscribers.
+    Shared(Arc<SharedFrame>),
     Binary(Bytes),
     /// A frame of a raw route, passed unchanged.
     Raw {
@@ -431,9 +434,49 @@ impl Outbound {
                 }
                 f.cost
             }
+            Outbound::Shared(f) => f.cost,
             Outbound::Binary(b) => b.len(),
             Outbound::Raw { payload, .. } => payload.len(),
         }
+    }
+}
+
+/// A frame that many connections send alike (a publication): its JSON up
+/// to the `seq` that each connection gives it, serialized once. The text a
+/// connection sends is exactly what [`OutFrame::to_json`] makes of the
+/// frame: `seq` is its last field.
+#[derive(Debug)]
+pub struct SharedFrame {
+    pub msg_type: String,
+    /// The frame's JSON without its `,"seq":N}` end.
+    head: String,
+    /// What the frame counts for in an outbound queue ([`Outbound::cost`]).
+    cost: usize,
+}
+
+impl SharedFrame {
+    pub fn new(mut frame: OutFrame) -> Self {
+        const END: &str = ",\"seq\":0}";
+        let cost = frame.estimate();
+        frame.cost = cost;
+        let mut head = frame.to_json(0);
+        // Invariant: `seq` is the frame's last field and always written.
+        debug_assert!(head.ends_with(END), "{head}");
+        head.truncate(head.len() - END.len());
+        Self {
+            msg_type: frame.msg_type,
+            head,
+            cost,
+        }
+    }
+
+    /// The frame's text with `seq`.
+    pub fn to_json(&self, seq: u64) -> String {
+        let mut text = String::with_capacity(self.head.len() + 28);
+        text.push_str(&self.head);
+        // Writing to a String cannot fail.
+        let _ = write!(text, ",\"seq\":{seq}}}");
+        text
     }
 }
 
@@ -559,6 +602,30 @@ mod tests {
                 None => assert_eq!(v, json!({"type":msg_type,"data":data,"seq":3})),
             }
         }
+    }
+
+    /// A publication serialized once for all its subscribers reads, with
+    /// each `seq`, exactly as the frame serialized for one would: numbers,
+    /// escapes and nesting included.
+    #[test]
+    fn a_shared_frame_is_the_frame_byte_for_byte() {
+        let data: Value = serde_json::from_str(
+            r#"{"f":0.1,"e":1e300,"i":-9007199254740993,"u":18446744073709551615,"s":"a\"b\u00e9\n","n":[null,true,{"x":[]}]}"#,
+        )
+        .unwrap();
+        for seq in [1, 9, 10, 12345, u64::MAX] {
+            let mut own = OutFrame::push("news", Some("room:1".into()), data.clone());
+            let shared =
+                SharedFrame::new(OutFrame::push("news", Some("room:1".into()), data.clone()));
+            assert_eq!(shared.to_json(seq), own.to_json(seq));
+        }
+        let mut frame = Outbound::from(OutFrame::push("news", Some("room:1".into()), data.clone()));
+        let mut shared = Outbound::Shared(Arc::new(SharedFrame::new(OutFrame::push(
+            "news",
+            Some("room:1".into()),
+            data,
+        ))));
+        assert_eq!(shared.cost(), frame.cost(), "the queue charges both alike");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    client::{OutFrame, Outbound},
+    client::{OutFrame, Outbound, SharedFrame},
     ids::{Cid, ConnId},
     sync::lock,
 };
@@ -657,8 +657,12 @@ impl Hub {
             Some(set) => set.keys().cloned().collect(),
             None => return 0,
         };
-        let mut frame = Outbound::from(OutFrame::push(msg_type, Some(topic.to_owned()), data));
-        frame.cost(); // once, carried by every clone
+        // Serialized once; each connection adds its `seq`.
+        let frame = Outbound::Shared(Arc::new(SharedFrame::new(OutFrame::push(
+            msg_type,
+            Some(topic.to_owned()),
+            data,
+        ))));
         subscribers
             .iter()
             .filter(|id| self.send(id, frame.clone()))
@@ -689,9 +693,13 @@ mod tests {
         let (_b, mut rb) = conn(&hub);
         hub.subscribe(&a, "room:1").unwrap();
         assert_eq!(hub.publish("room:1", "say", json!("hi")), 1);
-        assert!(
-            matches!(ra.try_recv(), Ok(Outbound::Frame(f)) if f.topic.as_deref() == Some("room:1"))
-        );
+        match ra.try_recv() {
+            Ok(Outbound::Shared(f)) => assert_eq!(
+                f.to_json(7),
+                r#"{"type":"say","topic":"room:1","data":"hi","seq":7}"#
+            ),
+            other => panic!("expected the publication, got {other:?}"),
+        }
         assert!(rb.try_recv().is_err());
         hub.unsubscribe(&a, "room:1");
         assert_eq!(hub.publish("room:1", "say", json!("hi")), 0);

@@ -159,6 +159,21 @@ impl Writer {
                 }
                 Message::Text(text)
             }
+            Outbound::Shared(frame) => {
+                // As a frame of its own would be (above).
+                let seq = self.seq;
+                if seq == 0 {
+                    meter.once_out(&frame.msg_type, None);
+                } else {
+                    meter.message_out(&frame.msg_type, None);
+                }
+                let text: Utf8Bytes = frame.to_json(seq).into();
+                self.seq += 1;
+                if let (Some(r), true) = (&mut self.replay, seq > 0) {
+                    r.push(seq, text.clone());
+                }
+                Message::Text(text)
+            }
             Outbound::Binary(b) => {
                 meter.message_out("binary", None);
                 Message::Binary(b)
