@@ -455,19 +455,23 @@ pub struct SharedFrame {
 }
 
 impl SharedFrame {
-    pub fn new(mut frame: OutFrame) -> Self {
+    /// The shared form of `frame`, or `frame` back if its JSON does not end
+    /// with its `seq` (it always does: `seq` is the last field and always
+    /// written; the check keeps a later field from being cut off).
+    pub fn new(mut frame: Box<OutFrame>) -> Result<Self, Box<OutFrame>> {
         const END: &str = ",\"seq\":0}";
         let cost = frame.estimate();
         frame.cost = cost;
         let mut head = frame.to_json(0);
-        // Invariant: `seq` is the frame's last field and always written.
-        debug_assert!(head.ends_with(END), "{head}");
-        head.truncate(head.len() - END.len());
-        Self {
-            msg_type: frame.msg_type,
+        let Some(len) = head.strip_suffix(END).map(str::len) else {
+            return Err(frame);
+        };
+        head.truncate(len);
+        Ok(Self {
+            msg_type: std::mem::take(&mut frame.msg_type),
             head,
             cost,
-        }
+        })
     }
 
     /// The frame's text with `seq`.
@@ -477,6 +481,17 @@ impl SharedFrame {
         // Writing to a String cannot fail.
         let _ = write!(text, ",\"seq\":{seq}}}");
         text
+    }
+}
+
+impl Outbound {
+    /// One frame for many connections (a publication): shared, serialized
+    /// once ([`SharedFrame`]).
+    pub fn shared(frame: OutFrame) -> Self {
+        match SharedFrame::new(Box::new(frame)) {
+            Ok(shared) => Outbound::Shared(Arc::new(shared)),
+            Err(frame) => Outbound::Frame(frame),
+        }
     }
 }
 
@@ -615,16 +630,17 @@ mod tests {
         .unwrap();
         for seq in [1, 9, 10, 12345, u64::MAX] {
             let mut own = OutFrame::push("news", Some("room:1".into()), data.clone());
-            let shared =
-                SharedFrame::new(OutFrame::push("news", Some("room:1".into()), data.clone()));
+            let shared = SharedFrame::new(Box::new(OutFrame::push(
+                "news",
+                Some("room:1".into()),
+                data.clone(),
+            )))
+            .unwrap();
             assert_eq!(shared.to_json(seq), own.to_json(seq));
         }
         let mut frame = Outbound::from(OutFrame::push("news", Some("room:1".into()), data.clone()));
-        let mut shared = Outbound::Shared(Arc::new(SharedFrame::new(OutFrame::push(
-            "news",
-            Some("room:1".into()),
-            data,
-        ))));
+        let mut shared = Outbound::shared(OutFrame::push("news", Some("room:1".into()), data));
+        assert!(matches!(shared, Outbound::Shared(_)));
         assert_eq!(shared.cost(), frame.cost(), "the queue charges both alike");
     }
 

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    client::{OutFrame, Outbound, SharedFrame},
+    client::{OutFrame, Outbound},
     ids::{Cid, ConnId},
     sync::lock,
 };
@@ -658,11 +658,7 @@ impl Hub {
             None => return 0,
         };
         // Serialized once; each connection adds its `seq`.
-        let frame = Outbound::Shared(Arc::new(SharedFrame::new(OutFrame::push(
-            msg_type,
-            Some(topic.to_owned()),
-            data,
-        ))));
+        let frame = Outbound::shared(OutFrame::push(msg_type, Some(topic.to_owned()), data));
         subscribers
             .iter()
             .filter(|id| self.send(id, frame.clone()))

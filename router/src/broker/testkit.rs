@@ -108,8 +108,12 @@ pub fn with_secret(f: &mut Fixture) {
 /// The frames queued for a client so far.
 pub fn frames(rx: &mut crate::outbox::OutboxRx) -> Vec<OutFrame> {
     let mut v = Vec::new();
-    while let Ok(Outbound::Frame(f)) = rx.try_recv() {
-        v.push(*f);
+    while let Ok(out) = rx.try_recv() {
+        match out {
+            Outbound::Frame(f) => v.push(*f),
+            // Not silently dropped: a test that needs these reads them itself.
+            other => panic!("expected a client frame of its own, got {other:?}"),
+        }
     }
     v
 }
