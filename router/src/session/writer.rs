@@ -141,55 +141,32 @@ impl Writer {
     /// next `seq`. Items taken off the queue are `dequeued` by the caller
     /// first.
     pub fn encode(&mut self, out: Outbound) -> Message {
-        let meter = &mut self.meter;
         match out {
             Outbound::Frame(mut frame) => {
-                let seq = self.seq;
+                let text = frame.to_json(self.seq);
                 let error = frame.error.as_ref().map(|e| e.code.as_str());
-                if seq == 0 {
-                    meter.once_out(&frame.msg_type, error);
-                } else {
-                    meter.message_out(&frame.msg_type, error);
-                }
-                let text: Utf8Bytes = frame.to_json(seq).into();
-                self.seq += 1;
-                // The welcome (seq 0) is a frame of the connection: not kept.
-                if let (Some(r), true) = (&mut self.replay, seq > 0) {
-                    r.push(seq, text.clone());
-                }
-                Message::Text(text)
+                self.sequenced(text, &frame.msg_type, error)
             }
             Outbound::Shared(frame) => {
-                // As a frame of its own would be (above).
-                let seq = self.seq;
-                if seq == 0 {
-                    meter.once_out(&frame.msg_type, None);
-                } else {
-                    meter.message_out(&frame.msg_type, None);
-                }
-                let text: Utf8Bytes = frame.to_json(seq).into();
-                self.seq += 1;
-                if let (Some(r), true) = (&mut self.replay, seq > 0) {
-                    r.push(seq, text.clone());
-                }
-                Message::Text(text)
+                let text = frame.to_json(self.seq);
+                self.sequenced(text, &frame.msg_type, None)
             }
             Outbound::Binary(b) => {
-                meter.message_out("binary", None);
+                self.meter.message_out("binary", None);
                 Message::Binary(b)
             }
             Outbound::Raw {
                 binary: true,
                 payload,
             } => {
-                meter.message_out("raw", None);
+                self.meter.message_out("raw", None);
                 Message::Binary(payload)
             }
             Outbound::Raw {
                 binary: false,
                 payload,
             } => {
-                meter.message_out("raw", None);
+                self.meter.message_out("raw", None);
                 // Checked in place; the bytes are shared, not copied.
                 match Utf8Bytes::try_from(payload.clone()) {
                     Ok(text) => Message::Text(text),
@@ -200,6 +177,24 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// A JSON frame's message, `text` made with the current `seq`: the
+    /// frame counted, `seq` taken, the frame kept for a resume.
+    fn sequenced(&mut self, text: String, msg_type: &str, error: Option<&str>) -> Message {
+        let seq = self.seq;
+        if seq == 0 {
+            self.meter.once_out(msg_type, error);
+        } else {
+            self.meter.message_out(msg_type, error);
+        }
+        let text: Utf8Bytes = text.into();
+        self.seq += 1;
+        // The welcome (seq 0) is a frame of the connection: not kept.
+        if let (Some(r), true) = (&mut self.replay, seq > 0) {
+            r.push(seq, text.clone());
+        }
+        Message::Text(text)
     }
 
     /// Writes one item that did not come through the queue (the welcome).
