@@ -601,8 +601,7 @@ impl Hub {
         if let Some(u) = user {
             data["user"] = u.into();
         }
-        let mut frame = Outbound::from(OutFrame::push("presence", Some(topic.to_owned()), data));
-        frame.cost();
+        let frame = Outbound::shared(OutFrame::push("presence", Some(topic.to_owned()), data));
         watchers
             .iter()
             .filter(|id| self.send(id, frame.clone()))
